@@ -1,0 +1,531 @@
+"""One typed config for a training run, assembled from layered sources.
+
+Sources, later wins:  preset (``--config d20``)  ->  TOML file (``--config FILE.toml`` /
+``--config-file``, flat keys or ``[model]`` / ``[training]`` sections as in the seeds)  ->
+explicit CLI flags  ->  ``--set key=value``.
+
+Every field has a default and a public name taken from the earlier (Rust) trainer's configs, so
+their TOML files load here. A few of their spellings are accepted as aliases (``hidden_dim`` for
+``dim``, ``learning_rate`` for ``lr``...). An unknown key is an error that names the closest valid
+key; a wrong type or out-of-range value is an error naming the field, the value and what is
+allowed. A field that belongs to a feature that is not built yet is accepted only at its off value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad configuration value or source; its message is one line meant for the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT. ``ffn_hidden`` is derived from ``ffn_mult`` unless set explicitly."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_mult: float = 2.0
+    ffn_hidden: int = 0  # 0: round_up(dim * ffn_mult, 128)
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    weight_tied: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    quantization: str = "ternary"  # "ternary" | "none"
+    group_size: int = 128  # BitLinear weight-scale group size
+    # multi-token prediction heads (issue: training features)
+    use_mtp: bool = False
+    mtp_n_tokens: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden width actually used."""
+        if self.ffn_hidden > 0:
+            return self.ffn_hidden
+        return 128 * math.ceil(self.dim * self.ffn_mult / 128)
+
+
+# --------------------------------------------------------------------------------------------
+# Training (optimizer, schedule, data, run control)
+
+
+@dataclass
+class TrainConfig:
+    # batch shape and length
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    total_steps: int = 0  # 0: derive from epochs (or the preset default)
+    epochs: float = 0.0  # passes over train.bin; used when total_steps == 0
+    # optimizer
+    lr: float = 0.02  # Muon learning rate (hidden matrices)
+    adam_lr: float = 0.003  # AdamW learning rate (embeddings, head, norms)
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    ns_steps: int = 5
+    grad_clip: float = 1.0  # 0 disables clipping
+    # schedule: linear warmup, flat, linear decay over the last (1 - decay_start_frac)
+    warmup_steps: int = 20
+    decay_start_frac: float = 0.8
+    min_lr_ratio: float = 0.0
+    # memory-efficient optimizer variants (issue: memory-efficient Muon)
+    use_8bit_optim: bool = False
+    quant_block_size: int = 128
+    stochastic_rounding: bool = False
+    use_galore: bool = False
+    galore_rank: int = 128
+    galore_update_freq: int = 200
+    galore_min_dim: int = 256
+    galore_scale: float = 1.0
+    # data-efficiency and systems features (issue: training features)
+    mtp_weight: float = 0.2
+    use_collider: bool = False
+    collider_threshold: float = 0.3
+    collider_sparsity: float = 0.35
+    use_async_loader: bool = False
+    num_workers: int = 2
+    prefetch_batches: int = 4
+    gradient_checkpointing: bool = False
+    # data
+    dataset: str = "stdlib"  # synthetic | tokens | text | stdlib
+    data_path: str = ""
+    n_samples: int = 2000  # synthetic dataset: number of sequences
+    tokenizer_vocab_size: int = 4096  # for datasets tokenized on the fly (text, stdlib)
+    val_fraction: float = 0.01
+    # evaluation and logging
+    eval_interval: int = 100
+    eval_batches: int = 8
+    log_interval: int = 10
+    log_file: str = ""
+    tensorboard: str = ""
+    sample_tokens: int = 0  # > 0: print a sample of this many tokens at the end of training
+    # checkpoints
+    checkpoint_dir: str = ""
+    checkpoint_interval: int = 0  # 0: only the final checkpoint
+    keep_last_checkpoints: int = 3  # 0: keep all
+    resume: str = ""
+    # run
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # 0: leave torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "model": dataclasses.asdict(self.model),
+            "training": dataclasses.asdict(self.training),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild a config stored in a checkpoint (validated like any other source)."""
+        cfg = cls(preset=d.get("preset", ""))
+        apply_mapping(cfg, {"model": d.get("model", {}), "training": d.get("training", {})}, "checkpoint")
+        validate(cfg)
+        return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Presets. Counts in the comments are for the ternary models with the stated vocab.
+
+
+def _preset(model: dict[str, Any], training: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    return {"model": model, "training": training or {}}
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # ~3.7M: the CPU default; trains visibly in minutes on 2 cores
+    "tiny-cpu": _preset(
+        dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_mult=2.0, vocab_size=4096, max_seq_len=256),
+        dict(batch_size=16, seq_len=128, total_steps=300, warmup_steps=20, eval_interval=100),
+    ),
+    # ~18M
+    "d20": _preset(
+        dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=4, ffn_mult=3.0, vocab_size=50257, max_seq_len=512),
+        dict(batch_size=8, seq_len=256),
+    ),
+    "d20-mtp": _preset(
+        dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=4, ffn_mult=3.0, vocab_size=50257, max_seq_len=512,
+             use_mtp=True, mtp_n_tokens=4),
+        dict(batch_size=8, seq_len=256),
+    ),
+    # ~28M, untied head
+    "test-8bit": _preset(
+        dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_mult=2.0, vocab_size=50257, max_seq_len=512,
+             weight_tied=False),
+        dict(batch_size=4, seq_len=128),
+    ),
+    # ~127M
+    "nano-125m": _preset(
+        dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_mult=2.6875, vocab_size=50257,
+             max_seq_len=1024),
+        dict(batch_size=8, seq_len=512),
+    ),
+    # ~282M, untied head
+    "d20-e3-full": _preset(
+        dict(dim=768, n_layers=24, n_heads=12, n_kv_heads=12, ffn_mult=3.5, vocab_size=50257,
+             max_seq_len=2048, weight_tied=False),
+        dict(batch_size=8, seq_len=1024),
+    ),
+    # ~1.1B
+    "nano-1b": _preset(
+        dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=16, ffn_mult=2.6875, vocab_size=50257,
+             max_seq_len=2048),
+        dict(batch_size=4, seq_len=2048),
+    ),
+    # ~1.6B, grouped-query attention
+    "medium-3b": _preset(
+        dict(dim=2048, n_layers=28, n_heads=32, n_kv_heads=8, ffn_mult=3.5, vocab_size=50257,
+             max_seq_len=4096),
+        dict(batch_size=4, seq_len=2048),
+    ),
+    # ~6B
+    "large-7b": _preset(
+        dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_mult=2.6875, vocab_size=128000,
+             max_seq_len=4096),
+        dict(batch_size=2, seq_len=4096),
+    ),
+}
+
+DEFAULT_PRESET = "tiny-cpu"
+
+# The earlier trainer's spellings that mean the same thing as one of our fields.
+ALIASES: dict[str, str] = {
+    "hidden_dim": "dim",
+    "num_layers": "n_layers",
+    "num_heads": "n_heads",
+    "num_kv_heads": "n_kv_heads",
+    "seq_length": "seq_len",
+    "learning_rate": "lr",
+    "tie_embeddings": "weight_tied",
+    "max_steps": "total_steps",
+}
+
+# TOML sections are only grouping: a key is resolved by its name wherever it appears.
+KNOWN_SECTIONS = ("model", "training", "optimizer", "data", "hardware", "run")
+
+# Fields of features that are not built yet: accepted only at the off value shown.
+# A feature's issue removes its entries here when it lands.
+NOT_AVAILABLE_YET: dict[str, Any] = {
+    "use_8bit_optim": False,
+    "stochastic_rounding": False,
+    "use_galore": False,
+    "use_mtp": False,
+    "use_collider": False,
+    "use_async_loader": False,
+    "gradient_checkpointing": False,
+}
+
+_MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
+_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+ALL_KEYS = sorted(set(_MODEL_FIELDS) | set(_TRAIN_FIELDS))
+
+
+def _section_of(key: str) -> str:
+    return "model" if key in _MODEL_FIELDS else "training"
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, ALL_KEYS + list(ALIASES), n=1, cutoff=0.0)
+    return ALIASES.get(match[0], match[0]) if match else ""
+
+
+def canonical_key(key: str, source: str) -> str:
+    key = key.strip().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in _MODEL_FIELDS and key not in _TRAIN_FIELDS:
+        raise ConfigError(f"{source}: unknown config key '{key}' (did you mean '{_closest(key)}'?)")
+    return key
+
+
+def _field_type(key: str) -> Any:
+    f = _MODEL_FIELDS.get(key) or _TRAIN_FIELDS[key]
+    return f.type
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """Convert a TOML value or a ``--set`` string to the field's type, or raise ConfigError."""
+    typ = _field_type(key)
+    from_str = isinstance(value, str)
+
+    def bad(allowed: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} = {value!r} is not valid ({allowed})")
+
+    if typ in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if from_str and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if from_str and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise bad("expected true or false")
+    if typ in ("int", int):
+        if isinstance(value, bool):
+            raise bad("expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if from_str:
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise bad("expected an integer") from None
+                if f.is_integer():
+                    return int(f)
+        raise bad("expected an integer")
+    if typ in ("float", float):
+        if isinstance(value, bool):
+            raise bad("expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_str:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("expected a number")
+    if typ in ("str", str):
+        if isinstance(value, str):
+            return value
+        raise bad("expected a string")
+    if typ in ("tuple[float, float]",):
+        seq = value
+        if from_str:
+            seq = [s for s in value.strip("()[] ").split(",") if s.strip()]
+        try:
+            pair = tuple(float(v) for v in seq)
+        except (TypeError, ValueError):
+            raise bad("expected two numbers, e.g. 0.9,0.95") from None
+        if len(pair) != 2:
+            raise bad("expected two numbers, e.g. 0.9,0.95")
+        return pair
+    raise ConfigError(f"{source}: {key} has an unsupported type {typ}")  # programming error
+
+
+def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
+    key = canonical_key(key, source)
+    value = coerce(key, value, source)
+    setattr(cfg.model if _section_of(key) == "model" else cfg.training, key, value)
+
+
+def apply_mapping(cfg: Config, data: dict[str, Any], source: str) -> None:
+    """Apply a (possibly sectioned) mapping such as a parsed TOML file."""
+    for k, v in data.items():
+        if isinstance(v, dict):
+            if k not in KNOWN_SECTIONS:
+                raise ConfigError(
+                    f"{source}: unknown section [{k}] (sections allowed: {', '.join(KNOWN_SECTIONS)})"
+                )
+            for kk, vv in v.items():
+                if isinstance(vv, dict):
+                    raise ConfigError(f"{source}: nested section [{k}.{kk}] is not supported")
+                set_value(cfg, kk, vv, source)
+        else:
+            set_value(cfg, k, v, source)
+
+
+def apply_preset(cfg: Config, name: str) -> None:
+    if name not in PRESETS:
+        match = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.0)
+        raise ConfigError(
+            f"unknown preset '{name}' (did you mean '{match[0]}'? presets: {', '.join(PRESETS)})"
+        )
+    apply_mapping(cfg, PRESETS[name], f"preset {name}")
+    cfg.preset = name
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
+def packaged_config_dir() -> Path:
+    """The configs shipped inside the package (presets as TOML, the E3 suite)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path | None:
+    """A TOML path as given, or relative to the packaged configs dir (``e3/full.toml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for base in (packaged_config_dir(), packaged_config_dir().parent.parent.parent / "configs"):
+        q = base / name
+        if q.is_file():
+            return q
+        if q.with_suffix(".toml").is_file():
+            return q.with_suffix(".toml")
+    return None
+
+
+def build_config(
+    config: str | None = None,
+    config_file: str | None = None,
+    cli: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Resolve a config from its sources. ``config`` is a preset name or a TOML path.
+
+    A TOML file may name a base preset with ``preset = "d20"`` at top level; otherwise it applies
+    on top of the default preset.
+    """
+    cfg = Config()
+    sources: list[tuple[str, dict[str, Any]]] = []
+    preset = DEFAULT_PRESET
+    for spec in (config, config_file):
+        if not spec:
+            continue
+        if spec in PRESETS:
+            preset = spec
+            continue
+        path = resolve_config_path(spec)
+        if path is None:
+            if spec.endswith(".toml") or "/" in spec:
+                raise ConfigError(f"config file not found: {spec}")
+            apply_preset(cfg, spec)  # raises with a suggestion
+        data = load_toml(path)
+        base = data.pop("preset", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError(f"{path}: preset must be a string")
+            preset = base
+        sources.append((str(path), data))
+    apply_preset(cfg, preset)
+    for src, data in sources:
+        apply_mapping(cfg, data, src)
+    for k, v in (cli or {}).items():
+        if v is not None:
+            set_value(cfg, k, v, f"--{k.replace('_', '-')}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        set_value(cfg, k, v.strip(), f"--set {k.strip()}")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key} = {value!r} is not valid ({allowed})")
+
+
+def validate(cfg: Config) -> None:
+    m, t = cfg.model, cfg.training
+    for key, off in NOT_AVAILABLE_YET.items():
+        val = getattr(m, key) if hasattr(m, key) else getattr(t, key)
+        if val != off:
+            raise ConfigError(
+                f"{key} = {val!r}: this feature is not available yet in this version "
+                f"(only {off!r} is accepted)"
+            )
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "group_size"):
+        _require(getattr(m, key) >= 1, key, getattr(m, key), "must be >= 1")
+    _require(m.dim % m.n_heads == 0, "dim", m.dim, f"must be divisible by n_heads = {m.n_heads}")
+    _require(m.head_dim % 2 == 0, "dim", m.dim, "dim / n_heads must be even for RoPE")
+    _require(m.n_heads % m.n_kv_heads == 0, "n_kv_heads", m.n_kv_heads,
+             f"must divide n_heads = {m.n_heads}")
+    _require(m.ffn_mult > 0, "ffn_mult", m.ffn_mult, "must be > 0")
+    _require(m.ffn_hidden >= 0, "ffn_hidden", m.ffn_hidden, "must be >= 0 (0 derives it from ffn_mult)")
+    _require(m.quantization in ("ternary", "none"), "quantization", m.quantization,
+             "allowed: 'ternary', 'none'")
+    _require(m.rope_theta > 0, "rope_theta", m.rope_theta, "must be > 0")
+    _require(m.norm_eps > 0, "norm_eps", m.norm_eps, "must be > 0")
+    _require(m.mtp_n_tokens >= 1, "mtp_n_tokens", m.mtp_n_tokens, "must be >= 1")
+
+    for key in ("batch_size", "seq_len", "grad_accum_steps", "ns_steps", "eval_batches", "log_interval",
+                "quant_block_size", "galore_rank", "galore_update_freq", "n_samples", "num_workers",
+                "prefetch_batches"):
+        _require(getattr(t, key) >= 1, key, getattr(t, key), "must be >= 1")
+    for key in ("total_steps", "warmup_steps", "eval_interval", "checkpoint_interval",
+                "keep_last_checkpoints", "threads", "galore_min_dim", "sample_tokens", "seed"):
+        _require(getattr(t, key) >= 0, key, getattr(t, key), "must be >= 0")
+    _require(t.seq_len <= m.max_seq_len, "seq_len", t.seq_len,
+             f"the model's context is max_seq_len = {m.max_seq_len}")
+    _require(t.epochs >= 0, "epochs", t.epochs, "must be >= 0")
+    for key in ("lr", "adam_lr"):
+        _require(t.__dict__[key] > 0, key, t.__dict__[key], "must be > 0")
+    _require(t.weight_decay >= 0, "weight_decay", t.weight_decay, "must be >= 0")
+    _require(0 <= t.muon_momentum < 1, "muon_momentum", t.muon_momentum, "must be in [0, 1)")
+    _require(all(0 <= b < 1 for b in t.adam_betas), "adam_betas", t.adam_betas, "each must be in [0, 1)")
+    _require(t.adam_eps > 0, "adam_eps", t.adam_eps, "must be > 0")
+    _require(t.grad_clip >= 0, "grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
+    _require(0 <= t.decay_start_frac <= 1, "decay_start_frac", t.decay_start_frac, "must be in [0, 1]")
+    _require(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _require(0 <= t.collider_sparsity < 1, "collider_sparsity", t.collider_sparsity, "must be in [0, 1)")
+    _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")
+    _require(t.galore_scale > 0, "galore_scale", t.galore_scale, "must be > 0")
+    _require(0 < t.val_fraction < 0.5, "val_fraction", t.val_fraction, "must be in (0, 0.5)")
+    _require(t.tokenizer_vocab_size >= 260, "tokenizer_vocab_size", t.tokenizer_vocab_size,
+             "must be >= 260 (256 bytes + special tokens)")
+    _require(t.dataset in ("synthetic", "tokens", "text", "stdlib"), "dataset", t.dataset,
+             "allowed: synthetic, tokens, text, stdlib")
+    if t.dataset in ("tokens", "text"):
+        _require(bool(t.data_path), "data_path", t.data_path, f"--dataset {t.dataset} needs --data-path")
+    dev = t.device
+    _require(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "device",
+             dev, "allowed: auto, cpu, cuda, cuda:N")
+
+
+def format_config(cfg: Config) -> str:
+    """The resolved config as TOML-ish text, printed at the start of a run."""
+    lines = [f"# preset: {cfg.preset or '-'}", "[model]"]
+    for k, v in dataclasses.asdict(cfg.model).items():
+        lines.append(f"{k} = {_fmt(v)}")
+    lines.append("[training]")
+    for k, v in dataclasses.asdict(cfg.training).items():
+        lines.append(f"{k} = {_fmt(v)}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v)
