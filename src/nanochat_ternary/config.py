@@ -120,7 +120,8 @@ class TrainConfig:
     log_interval: int = 10
     log_file: str = ""
     tensorboard: str = ""
-    sample_tokens: int = 0  # > 0: print a sample of this many tokens at the end of training
+    sample_tokens: int = 200  # > 0: print a sample of this many tokens at the end of training
+    sample_prompt: str = "def "
     # checkpoints
     checkpoint_dir: str = ""
     checkpoint_interval: int = 0  # 0: only the final checkpoint
@@ -402,11 +403,13 @@ def build_config(
     config_file: str | None = None,
     cli: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    base: Config | None = None,
 ) -> Config:
     """Resolve a config from its sources. ``config`` is a preset name or a TOML path.
 
     A TOML file may name a base preset with ``preset = "d20"`` at top level; otherwise it applies
-    on top of the default preset.
+    on top of the default preset. ``base`` (a checkpoint's config, when resuming) replaces the
+    preset layer.
     """
     cfg = Config()
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -423,13 +426,17 @@ def build_config(
                 raise ConfigError(f"config file not found: {spec}")
             apply_preset(cfg, spec)  # raises with a suggestion
         data = load_toml(path)
-        base = data.pop("preset", None)
-        if base is not None:
-            if not isinstance(base, str):
+        named = data.pop("preset", None)
+        if named is not None:
+            if not isinstance(named, str):
                 raise ConfigError(f"{path}: preset must be a string")
-            preset = base
+            preset = named
         sources.append((str(path), data))
-    apply_preset(cfg, preset)
+    if base is not None:
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model),
+                                  training=dataclasses.replace(base.training))
+    else:
+        apply_preset(cfg, preset)
     for src, data in sources:
         apply_mapping(cfg, data, src)
     for k, v in (cli or {}).items():

@@ -1,0 +1,213 @@
+"""``nanochat-train``: train, prepare data, generate, inspect.
+
+Every user mistake (bad config, missing data, corrupt checkpoint...) surfaces as a ``UserError``:
+one line on stderr, exit status 1, no traceback. Run under ``torchrun`` for data parallel training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+
+# CLI flag -> config field, for the flags that are plain config fields
+TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "dataset": (str, "synthetic | tokens | text | stdlib (default: stdlib, the Python standard library)"),
+    "data_path": (str, "prepared data dir, .bin file, or text file/dir (for --dataset tokens/text)"),
+    "epochs": (float, "passes over the training tokens (when --total-steps is not given)"),
+    "total_steps": (int, "optimizer steps to train for"),
+    "batch_size": (int, "sequences per micro-batch (per process)"),
+    "seq_len": (int, "tokens per sequence (<= the model's max_seq_len)"),
+    "grad_accum_steps": (int, "micro-batches per optimizer step"),
+    "checkpoint_dir": (str, "run dir for step_NNNNNN/ checkpoints (default: runs/<preset>-<dataset>-<time>)"),
+    "checkpoint_interval": (int, "save every N steps (0: only the final checkpoint)"),
+    "keep_last_checkpoints": (int, "keep only the newest N checkpoints (0: keep all)"),
+    "resume": (str, "checkpoint dir, or a run dir (its latest checkpoint), to continue from"),
+    "log_interval": (int, "log every N steps"),
+    "eval_interval": (int, "validate every N steps (0: only at the end)"),
+    "device": (str, "auto | cpu | cuda | cuda:N"),
+    "threads": (int, "CPU threads for torch (0: torch's default)"),
+    "n_samples": (int, "--dataset synthetic: number of sequences"),
+    "seed": (int, "seed for init and batch order"),
+    "log_file": (str, "append JSONL metrics (one object per logged step)"),
+    "tensorboard": (str, "write TensorBoard scalars to this dir"),
+    "sample_tokens": (int, "tokens of generated text to print at the end (0: none)"),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="preset name (tiny-cpu, d20, nano-125m, ...) or a TOML file")
+    p.add_argument("--config-file", help="TOML file applied on top of --config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field (repeatable); applied last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanochat-train",
+        description="Train small GPT models with ternary (1.58-bit) weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"nanochat-ternary {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (default: tiny-cpu on the Python stdlib, ~5 min on 2 cores)")
+    _add_config_args(p)
+    for name, (typ, help_text) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
+
+    p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write tokenizer.json, train.bin, val.bin")
+    p.add_argument("inputs", nargs="+", help="text files, directories, or .parquet files")
+    p.add_argument("--out", "-o", required=True, help="output dir (must not exist or be empty)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--glob", default="**/*", help="files to take from directories (default: all text files)")
+    p.add_argument("--parquet-column", default="text")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("info", help="parameter counts and memory of a config (no big allocations)")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name, None) is not None}
+    # --epochs asks for a length in passes: a preset's default step count must not win over it
+    if "epochs" in out and "total_steps" not in out:
+        out["total_steps"] = 0
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import Config, build_config
+    from .train.checkpoint import read_meta, resolve_checkpoint
+    from .train.runtime import setup_runtime
+    from .train.trainer import Trainer
+
+    base = None
+    if args.resume and not (args.config or args.config_file):
+        base = Config.from_dict(read_meta(resolve_checkpoint(args.resume))["config"])
+    cfg = build_config(args.config, args.config_file, _cli_overrides(args), args.set, base=base)
+    rt = setup_runtime(cfg.training.device, cfg.training.threads)
+    try:
+        result = Trainer(cfg, rt).fit()
+    finally:
+        rt.shutdown()
+    if rt.is_main and result.final_checkpoint is not None:
+        print(f"done: step {result.step}, val_loss {result.val_loss:.4f}"
+              + (f", val_bpb {result.val_bpb:.3f}" if result.val_bpb is not None else ""))
+        print(f"next: nanochat-train generate --checkpoint {result.final_checkpoint} --prompt 'def '")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_data
+
+    out = prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
+                       val_fraction=args.val_fraction, glob=args.glob, parquet_column=args.parquet_column,
+                       seed=args.seed)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"wrote {out}: vocab {meta['vocab_size']}, {meta['train_tokens']:,} train / "
+          f"{meta['val_tokens']:,} val tokens from {meta['n_docs']:,} documents")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import Config
+    from .data.tokenizer import load_tokenizer
+    from .generate import generate
+    from .model.gpt import GPT
+    from .train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+    from .train.runtime import resolve_device
+
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    cfg = Config.from_dict(read_meta(ckpt)["config"])
+    tok_path = ckpt / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"checkpoint {ckpt} has no tokenizer.json (it was trained on token ids without a tokenizer)")
+    tok = load_tokenizer(tok_path)
+    device = resolve_device(args.device)
+    model = GPT(cfg.model)
+    load_model_weights(model, ckpt)
+    model.to(device)
+    ids = tok.encode(args.prompt) if args.prompt else []
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    out: list[int] = []
+    printed = 0
+    with torch.inference_mode():
+        for tid in generate(model, ids, max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+            out.append(tid)
+            text = tok.decode(out)
+            if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+    sys.stdout.write(tok.decode(out)[printed:] + "\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import build_config, format_config
+    from .model.info import model_info
+
+    cfg = build_config(args.config, args.config_file, None, args.set)
+    info = model_info(cfg)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(format_config(cfg))
+    print(f"\nparameters: {info['params']:,} total, {info['non_embedding_params']:,} non-embedding "
+          f"({info['params'] / 1e6:.1f}M / {info['non_embedding_params'] / 1e6:.1f}M)")
+    print(f"  Muon (hidden matrices): {info['muon_params']:,}   AdamW (rest): {info['adamw_params']:,}")
+    print(f"weights: {info['fp32_weight_bytes'] / 2**20:,.1f} MiB fp32 shadow weights; "
+          f"{info['ternary_packed_bytes'] / 2**20:,.1f} MiB packed ternary (2 bits/weight + scales)")
+    print(f"optimizer state at fp32 (momentum 4 B + AdamW 8 B per param): "
+          f"{info['fp32_optimizer_state_bytes'] / 2**20:,.1f} MiB (size arithmetic; measure it with training)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

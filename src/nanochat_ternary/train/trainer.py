@@ -1,0 +1,331 @@
+"""The training loop: one optimizer step reads like the algorithm.
+
+    for step in range(start, total):
+        set lr from the schedule
+        for each micro-batch:  loss = CE(model(x), y) / accum;  loss.backward()   (DDP all-reduces)
+        clip the global grad norm;  Muon.step() on hidden matrices;  AdamW.step() on the rest
+        log · evaluate · checkpoint
+
+Everything a resumed run needs is either in the checkpoint (weights, optimizer states, RNG) or a
+pure function of (seed, step, rank) (the batches), so N steps + resume + N steps reproduces 2N
+straight steps exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config, format_config
+from ..data.batches import TokenBatches, val_batches
+from ..errors import CheckpointError, UserError
+from ..model.gpt import GPT
+from ..optim.factory import build_optimizers, memory_report
+from . import checkpoint as ckpt_io
+from .dataset import LoadedData, load_training_data
+from .metrics import MetricsLogger
+from .runtime import Runtime
+from .schedule import lr_factor, set_lr
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_checkpoint: Path | None
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, every step
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    sample: str | None = None
+
+
+def round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, runtime: Runtime, echo: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.rt = runtime
+        self.echo = echo if runtime.is_main else (lambda _msg: None)
+        t = cfg.training
+
+        # ---- resume target (read first: it fixes the run dir and the model shape)
+        self.resume_ckpt: Path | None = None
+        resume_meta: dict[str, Any] | None = None
+        if t.resume:
+            self.resume_ckpt = ckpt_io.resolve_checkpoint(t.resume)
+            resume_meta = ckpt_io.read_meta(self.resume_ckpt)
+
+        # ---- data (the main rank prepares and caches; the others wait, then read the cache)
+        self.data: LoadedData = load_training_data(cfg, runtime)
+        m = cfg.model
+        if self.data.tokenizer_path is not None:
+            want = round_up(self.data.vocab_size, 64)
+            if m.vocab_size != want:
+                self.echo(f"note: vocab_size {m.vocab_size} -> {want} (the data's tokenizer has "
+                          f"{self.data.vocab_size} tokens, rounded up to a multiple of 64)")
+                m.vocab_size = want
+        elif self.data.vocab_size > m.vocab_size:
+            raise UserError(f"the data has token ids up to {self.data.vocab_size - 1} but the model's "
+                            f"vocab_size is {m.vocab_size} (use --set vocab_size={self.data.vocab_size})")
+        if resume_meta is not None:
+            saved_model = resume_meta["config"].get("model", {})
+            diffs = [f"{k}={saved_model.get(k)!r} (config {v!r})" for k, v in vars(m).items()
+                     if k in saved_model and saved_model[k] != v]
+            if diffs:
+                raise CheckpointError(f"checkpoint {self.resume_ckpt} does not match the config: "
+                                      + ", ".join(diffs[:4]))
+
+        # ---- batches: a pure function of (seed, step, micro, rank)
+        self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
+                                    rank=runtime.rank, world_size=runtime.world_size,
+                                    grad_accum_steps=t.grad_accum_steps)
+        self.val = val_batches(self.data.val, t.batch_size, t.seq_len, t.eval_batches)
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps * runtime.world_size
+        if t.total_steps > 0:
+            self.total_steps = t.total_steps
+        else:
+            epochs = t.epochs if t.epochs > 0 else 1.0
+            self.total_steps = max(1, math.ceil(epochs * self.batches.steps_per_epoch))
+
+        # ---- model and optimizers
+        torch.manual_seed(t.seed)
+        self.model = GPT(m).to(runtime.device)
+        self.optimizers = build_optimizers(self.model, t, runtime.device)
+        self.ddp: torch.nn.Module = self.model
+        if runtime.distributed:
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+
+        # ---- run dir
+        self.run_dir = self._choose_run_dir()
+        self.start_step = 0
+        self.tokens_seen = 0
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt, resume_meta)
+
+    # ------------------------------------------------------------------------------------------
+    def _choose_run_dir(self) -> Path:
+        t = self.cfg.training
+        if t.checkpoint_dir:
+            run_dir = Path(t.checkpoint_dir)
+        elif self.resume_ckpt is not None:
+            run_dir = self.resume_ckpt.parent
+        else:
+            name = f"{self.cfg.preset or 'custom'}-{t.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if self.rt.distributed:  # every rank must agree on the name
+                box = [name]
+                dist.broadcast_object_list(box, src=0)
+                name = box[0]
+            run_dir = Path("runs") / name
+        if self.rt.is_main:
+            ckpt_io.ensure_writable_dir(run_dir)
+            existing = ckpt_io.list_checkpoints(run_dir)
+            resuming_here = self.resume_ckpt is not None and self.resume_ckpt.parent.resolve() == run_dir.resolve()
+            if existing and not resuming_here:
+                raise UserError(f"checkpoint dir {run_dir} already holds checkpoints (latest {existing[-1].name}); "
+                                f"continue it with --resume {run_dir} or choose another --checkpoint-dir")
+        return run_dir
+
+    def _restore(self, ckpt: Path, meta: dict[str, Any]) -> None:
+        ckpt_io.load_model_weights(self.model, ckpt)
+        state = ckpt_io.load_trainer_state(ckpt)
+        saved = state.get("optimizers", [])
+        if len(saved) != len(self.optimizers):
+            raise CheckpointError(f"checkpoint {ckpt} holds {len(saved)} optimizer states, expected "
+                                  f"{len(self.optimizers)} (was it saved with another optimizer setup?)")
+        for opt, sd in zip(self.optimizers, saved):
+            try:
+                opt.load_state_dict(sd)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({e})") from None
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        self.start_step = int(meta["step"])
+        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
+        self.echo(f"resumed from {ckpt} at step {self.start_step}")
+
+    def _save(self, step: int, metrics: dict[str, Any]) -> Path | None:
+        if self.rt.is_main:
+            rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+            if self.rt.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng}
+            meta = {
+                "config": self.cfg.to_dict(),
+                "tokens_seen": self.tokens_seen,
+                "data_position": {"step": step, "epoch": self.batches.epoch_of(step),
+                                  "seed": self.cfg.training.seed, "world_size": self.rt.world_size},
+                "total_steps": self.total_steps,
+                "data": self.data.describe(),
+                "metrics": metrics,
+                "torch_version": torch.__version__,
+            }
+            path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
+                                           tokenizer_path=self.data.tokenizer_path,
+                                           keep_last=self.cfg.training.keep_last_checkpoints)
+        else:
+            path = None
+        self.rt.barrier()
+        return path
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float | None]:
+        """Mean next-token CE over the fixed validation batches, and bits per byte if known."""
+        self.model.eval()
+        mine = self.val[self.rt.rank::self.rt.world_size]
+        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        for x, y in mine:
+            x, y = x.to(self.rt.device), y.to(self.rt.device)
+            with self.rt.autocast():
+                loss = self.model(x, targets=y)
+            total[0] += loss.double() * y.numel()
+            total[1] += y.numel()
+        if self.rt.distributed:
+            dist.all_reduce(total)
+        self.model.train()
+        val_loss = (total[0] / total[1].clamp(min=1)).item()
+        tpb = self.data.val_tokens_per_byte
+        return val_loss, (val_loss * tpb / math.log(2) if tpb else None)
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.cfg.training
+        set_lr(self.optimizers, lr_factor(step, self.total_steps, t.warmup_steps, t.decay_start_frac,
+                                          t.min_lr_ratio))
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro in range(t.grad_accum_steps):
+            x, y = self.batches.get(step, micro)
+            x = x.to(self.rt.device, non_blocking=True)
+            y = y.to(self.rt.device, non_blocking=True)
+            last = micro == t.grad_accum_steps - 1
+            sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
+            with sync, self.rt.autocast():
+                loss = self.ddp(x, targets=y)
+            with sync:
+                (loss / t.grad_accum_steps).backward()
+            loss_sum += loss.detach().float()
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss_sum / t.grad_accum_steps, grad_norm
+
+    def fit(self) -> TrainResult:
+        cfg, t, rt = self.cfg, self.cfg.training, self.rt
+        self.echo(format_config(cfg))
+        n_params = self.model.num_params()
+        self.echo(f"model: {n_params / 1e6:.2f}M params ({self.model.num_params(non_embedding=True) / 1e6:.2f}M "
+                  f"non-embedding), quantization={cfg.model.quantization}, device={rt.device}, "
+                  f"world_size={rt.world_size}")
+        self.echo(f"data: {self.data.describe()['name']}: {len(self.data.train):,} train tokens, "
+                  f"{len(self.data.val):,} val tokens; {self.tokens_per_step:,} tokens/step, "
+                  f"{self.total_steps} steps ({self.total_steps / self.batches.steps_per_epoch:.2f} epochs)")
+        self.echo(f"run dir: {self.run_dir}")
+        result = TrainResult(run_dir=self.run_dir, final_checkpoint=None, step=self.start_step)
+        if self.start_step >= self.total_steps:
+            self.echo(f"nothing to do: already at step {self.start_step} of {self.total_steps}")
+            return result
+
+        logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not rt.is_main, unit="step",
+                   dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        self.model.train()
+        t0 = time.perf_counter()
+        interval_t0, interval_steps = t0, 0
+        last_metrics: dict[str, Any] = {}
+        step = self.start_step
+        opt_report_done = False
+        try:
+            for step in range(self.start_step, self.total_steps):
+                loss_t, grad_norm_t = self._train_step(step)
+                self.tokens_seen += self.tokens_per_step
+                interval_steps += 1
+                done = step + 1
+                if not opt_report_done:
+                    self._report_optimizer_memory()
+                    opt_report_done = True
+                is_log = done % t.log_interval == 0 or done == self.total_steps or done == self.start_step + 1
+                is_eval = (t.eval_interval > 0 and done % t.eval_interval == 0) or done == self.total_steps
+                loss = rt.all_reduce_mean(loss_t.item())
+                result.losses[done] = loss
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged: loss is {loss} at step {done} "
+                                    f"(try a lower --set lr=... or --set adam_lr=...)")
+                if is_log or is_eval:
+                    now = time.perf_counter()
+                    rec: dict[str, Any] = {
+                        "step": done,
+                        "loss": loss,
+                        "lr": self.optimizers[0].param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm_t),
+                        "tok_per_s": interval_steps * self.tokens_per_step / max(now - interval_t0, 1e-9),
+                        "elapsed_s": now - t0,
+                        "tokens_seen": self.tokens_seen,
+                    }
+                    interval_t0, interval_steps = now, 0
+                    if is_eval:
+                        rec["val_loss"], rec["val_bpb"] = self.evaluate()
+                        result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
+                        bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
+                        bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")
+                    logger.log(rec)
+                    last_metrics = rec
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                                    refresh=False)
+                bar.update(1)
+                if t.checkpoint_interval > 0 and done % t.checkpoint_interval == 0 and done != self.total_steps:
+                    self._save(done, last_metrics)
+        except KeyboardInterrupt:
+            bar.close()
+            done = step  # the step in flight did not finish
+            if done > self.start_step:
+                path = self._save(done, last_metrics)
+                self.echo(f"interrupted: checkpoint saved at step {done} in {path}")
+            logger.close()
+            raise
+        bar.close()
+        logger.close()
+        result.step = self.total_steps
+        result.final_checkpoint = self._save(self.total_steps, last_metrics)
+        if result.final_checkpoint is not None:
+            self.echo(f"checkpoint: {result.final_checkpoint}")
+        if t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
+            result.sample = self._sample()
+        return result
+
+    def _report_optimizer_memory(self) -> None:
+        rep = memory_report(self.optimizers)
+        self.echo(f"optimizer state (measured): Muon {rep['muon_state_bytes'] / 2**20:.2f} MiB for "
+                  f"{rep['muon_params'] / 1e6:.2f}M params ({rep['bytes_per_muon_param']:.2f} B/param), "
+                  f"AdamW {rep['adamw_state_bytes'] / 2**20:.2f} MiB for {rep['adamw_params'] / 1e6:.2f}M params")
+
+    def _sample(self) -> str:
+        from ..data.tokenizer import load_tokenizer
+        from ..generate import generate
+
+        t = self.cfg.training
+        tok = load_tokenizer(self.data.tokenizer_path)
+        prompt = t.sample_prompt
+        ids = tok.encode(prompt) if prompt else []
+        out = list(generate(self.model, ids, max_tokens=t.sample_tokens, temperature=0.8, top_k=50,
+                            top_p=0.95, seed=t.seed))
+        text = tok.decode(ids + out)
+        self.echo(f"--- sample ({t.sample_tokens} tokens, prompt {prompt!r}) ---\n{text}\n---")
+        return text
+

@@ -1,0 +1,106 @@
+"""Config layering, TOML forms, and the one-line errors for bad keys and values."""
+
+import pytest
+
+from nanochat_ternary.config import (
+    NOT_AVAILABLE_YET,
+    PRESETS,
+    Config,
+    ConfigError,
+    build_config,
+)
+
+
+def test_defaults_are_tiny_cpu():
+    cfg = build_config()
+    assert cfg.preset == "tiny-cpu"
+    assert cfg.model.dim == 256 and cfg.model.n_layers == 4 and cfg.model.vocab_size == 4096
+    assert cfg.training.dataset == "stdlib"
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if p != "d20-mtp"])
+def test_every_preset_resolves(name):
+    cfg = build_config(name)
+    assert cfg.preset == name
+    assert cfg.training.seq_len <= cfg.model.max_seq_len
+
+
+def test_ffn_hidden_matches_design_table():
+    expect = {"tiny-cpu": 512, "d20": 768, "test-8bit": 512, "nano-125m": 2176, "d20-e3-full": 2688,
+              "nano-1b": 5504, "medium-3b": 7168, "large-7b": 11008}
+    for name, hidden in expect.items():
+        assert build_config(name).model.hidden_dim == hidden, name
+
+
+def test_layering_order_preset_toml_cli_set(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "d20"\n[model]\nn_layers = 3\n[training]\nbatch_size = 5\nlr = 0.01\n')
+    cfg = build_config(str(f), cli={"batch_size": 6}, overrides=["lr=0.03", "n_layers=2"])
+    assert cfg.preset == "d20" and cfg.model.dim == 256  # from the preset
+    assert cfg.training.batch_size == 6  # CLI beats TOML
+    assert cfg.training.lr == 0.03 and cfg.model.n_layers == 2  # --set beats everything
+
+
+def test_flat_toml_and_seed_aliases(tmp_path):
+    f = tmp_path / "flat.toml"
+    f.write_text("hidden_dim = 128\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\n"
+                 "seq_length = 64\nlearning_rate = 0.01\nweight_tied = false\n")
+    cfg = build_config(config_file=str(f))
+    m, t = cfg.model, cfg.training
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.weight_tied) == (128, 2, 4, 2, False)
+    assert t.seq_len == 64 and t.lr == 0.01
+
+
+def test_unknown_key_names_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'leraning_rate'.*'lr'"):
+        build_config(overrides=["leraning_rate=0.1"])
+    f = tmp_path / "bad.toml"
+    f.write_text("[training]\nbatch_sise = 4\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown config key 'batch_sise' \(did you mean 'batch_size'"):
+        build_config(str(f))
+
+
+def test_unknown_section_and_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'd21'.*did you mean 'd20'"):
+        build_config("d21")
+
+
+@pytest.mark.parametrize("item, pattern", [
+    ("batch_size=0", r"batch_size = 0 is not valid \(must be >= 1\)"),
+    ("batch_size=abc", r"batch_size = 'abc' is not valid \(expected an integer\)"),
+    ("lr=-1", r"lr = -1.0 is not valid"),
+    ("quantization=binary", r"quantization = 'binary' is not valid \(allowed: 'ternary', 'none'\)"),
+    ("seq_len=100000", r"seq_len = 100000 is not valid \(the model's context is max_seq_len = 256\)"),
+    ("n_kv_heads=3", r"n_kv_heads = 3 is not valid \(must divide n_heads = 4\)"),
+    ("weight_tied=maybe", r"expected true or false"),
+    ("device=tpu", r"device = 'tpu' is not valid"),
+])
+def test_bad_values_name_field_value_and_rule(item, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config(overrides=[item])
+
+
+def test_wrong_type_in_toml(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('batch_size = "eight"\n')
+    with pytest.raises(ConfigError, match="batch_size = 'eight' is not valid"):
+        build_config(str(f))
+
+
+@pytest.mark.parametrize("key", sorted(NOT_AVAILABLE_YET))
+def test_unbuilt_features_refuse_to_turn_on(key):
+    with pytest.raises(ConfigError, match="not available yet"):
+        build_config(overrides=[f"{key}=true"])
+    build_config(overrides=[f"{key}=false"])  # the off value is accepted
+
+
+def test_dict_round_trip():
+    cfg = build_config("d20", overrides=["lr=0.01", "adam_betas=0.8,0.9"])
+    back = Config.from_dict(cfg.to_dict())
+    assert back == cfg
+    assert back.training.adam_betas == (0.8, 0.9)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_config("nope/missing.toml")
