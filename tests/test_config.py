@@ -15,7 +15,7 @@ def test_defaults_are_tiny_cpu():
     cfg = build_config()
     assert cfg.preset == "tiny-cpu"
     assert cfg.model.dim == 256 and cfg.model.n_layers == 4 and cfg.model.vocab_size == 4096
-    assert cfg.training.dataset == "stdlib"
+    assert cfg.training.dataset == ""  # auto: the stdlib corpus when no data path is given
 
 
 @pytest.mark.parametrize("name", [p for p in PRESETS if p != "d20-mtp"])

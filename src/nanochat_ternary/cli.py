@@ -37,6 +37,7 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "log_file": (str, "append JSONL metrics (one object per logged step)"),
     "tensorboard": (str, "write TensorBoard scalars to this dir"),
     "sample_tokens": (int, "tokens of generated text to print at the end (0: none)"),
+    "sample_prompt": (str, "prompt for that sample"),
 }
 
 
@@ -116,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare_data
+    from .data.corpus import prepare_data
 
     out = prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
                        val_fraction=args.val_fraction, glob=args.glob, parquet_column=args.parquet_column,

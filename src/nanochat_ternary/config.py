@@ -109,7 +109,7 @@ class TrainConfig:
     prefetch_batches: int = 4
     gradient_checkpointing: bool = False
     # data
-    dataset: str = "stdlib"  # synthetic | tokens | text | stdlib
+    dataset: str = ""  # "" = auto: stdlib without data_path, else tokens/text by the path | synthetic
     data_path: str = ""
     n_samples: int = 2000  # synthetic dataset: number of sequences
     tokenizer_vocab_size: int = 4096  # for datasets tokenized on the fly (text, stdlib)
@@ -508,8 +508,8 @@ def validate(cfg: Config) -> None:
     _require(0 < t.val_fraction < 0.5, "val_fraction", t.val_fraction, "must be in (0, 0.5)")
     _require(t.tokenizer_vocab_size >= 260, "tokenizer_vocab_size", t.tokenizer_vocab_size,
              "must be >= 260 (256 bytes + special tokens)")
-    _require(t.dataset in ("synthetic", "tokens", "text", "stdlib"), "dataset", t.dataset,
-             "allowed: synthetic, tokens, text, stdlib")
+    _require(t.dataset in ("", "synthetic", "tokens", "text", "stdlib"), "dataset", t.dataset,
+             "allowed: synthetic, tokens, text, stdlib, or empty for auto")
     if t.dataset in ("tokens", "text"):
         _require(bool(t.data_path), "data_path", t.data_path, f"--dataset {t.dataset} needs --data-path")
     dev = t.device

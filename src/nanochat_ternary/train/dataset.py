@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..data import prepare
+from ..data.corpus import PreparedData
+from ..data.datasets import default_cache_dir, load_dataset
 from ..data.tokenfile import check_token_range
 from ..errors import DataError
 from .runtime import Runtime
@@ -39,33 +40,28 @@ class LoadedData:
                 "vocab_size": self.vocab_size, "source": self.meta.get("source")}
 
 
-def _prepare(cfg: Config) -> prepare.PreparedData:
+def _prepare(cfg: Config, show_progress: bool) -> PreparedData:
     t = cfg.training
-    cache = prepare.default_cache_dir()
-    if t.dataset == "stdlib":
-        return prepare.stdlib_dataset(cache, t.tokenizer_vocab_size)
-    if t.dataset == "text":
-        return prepare.text_dataset(Path(t.data_path), cache, t.tokenizer_vocab_size)
-    if t.dataset == "synthetic":
-        return prepare.synthetic_dataset(t.n_samples, t.seq_len, t.seed, cache)
-    if t.dataset == "tokens":
-        return prepare.load_prepared(Path(t.data_path))
-    raise DataError(f"unknown dataset '{t.dataset}'")
+    return load_dataset(t.dataset or None, t.data_path or None, cache_dir=default_cache_dir(),
+                        vocab_size=t.tokenizer_vocab_size, n_samples=t.n_samples, seq_len=t.seq_len,
+                        seed=t.seed, show_progress=show_progress)
 
 
 def load_training_data(cfg: Config, runtime: Runtime) -> LoadedData:
     if runtime.is_main:
-        pd = _prepare(cfg)
+        pd = _prepare(cfg, show_progress=True)
     runtime.barrier()
     if not runtime.is_main:
-        pd = _prepare(cfg)  # now a cache hit
-    name = cfg.training.dataset + (f":{cfg.training.data_path}" if cfg.training.data_path else "")
+        pd = _prepare(cfg, show_progress=False)  # now a cache hit
+    t = cfg.training
+    name = (t.dataset or ("stdlib" if not t.data_path else "auto")) + (f":{t.data_path}" if t.data_path else "")
     data = LoadedData(name=name, train=pd.train, val=pd.val, vocab_size=pd.vocab_size,
-                      tokenizer_path=pd.tokenizer, meta=pd.meta)
+                      tokenizer_path=pd.tokenizer_path, meta=pd.meta)
     if len(data.train) == 0:
         raise DataError(f"dataset {name} has no training tokens")
     if len(data.val) == 0:
         raise DataError(f"dataset {name} has no validation tokens")
-    check_token_range(data.train, cfg.model.vocab_size if pd.tokenizer is None else max(pd.vocab_size, 1))
-    check_token_range(data.val, cfg.model.vocab_size if pd.tokenizer is None else max(pd.vocab_size, 1))
+    limit = pd.vocab_size if pd.tokenizer_path is not None else cfg.model.vocab_size
+    check_token_range(data.train, limit)
+    check_token_range(data.val, limit)
     return data

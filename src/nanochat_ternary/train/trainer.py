@@ -123,7 +123,8 @@ class Trainer:
         elif self.resume_ckpt is not None:
             run_dir = self.resume_ckpt.parent
         else:
-            name = f"{self.cfg.preset or 'custom'}-{t.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            data_name = t.dataset or (Path(t.data_path).stem if t.data_path else "stdlib")
+            name = f"{self.cfg.preset or 'custom'}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
             if self.rt.distributed:  # every rank must agree on the name
                 box = [name]
                 dist.broadcast_object_list(box, src=0)

@@ -1,0 +1,244 @@
+"""BitLinear: a Linear layer trained for ternary (1.58-bit) weights, BitNet b1.58 style.
+
+Why
+---
+A ternary model stores each weight as one of {-1, 0, +1} times a shared scale, so inference needs
+no multiplications inside a group and ~1.58 bits per weight. Training such a model directly with
+ternary weights is impossible (rounding has zero gradient almost everywhere), so we do
+quantization-aware training (QAT): keep a full-precision *shadow* weight that the optimizer
+updates, quantize it on the fly in every forward, and let gradients pass "straight through" the
+quantizer. The forward then computes exactly what the exported ternary model will compute.
+
+The maths
+---------
+Weights (absmean, per group). Flatten the ``[out, in]`` weight row-major and cut it into groups
+of ``group_size`` consecutive values (when ``in_features`` is a multiple of ``group_size`` -- true
+for every preset -- each group is simply a slice of one row). For a group ``g``::
+
+    s_g = max(mean(|w_i|, i in g), eps)
+    t_i = clip(round(w_i / s_g), -1, +1)          in {-1, 0, +1}
+    w_i ~= t_i * s_g                               (the weight the forward uses)
+
+If ``numel`` is not a multiple of ``group_size`` the last group is shorter; its mean is taken over
+its real values only (no padding enters any statistic).
+
+Activations (absmax, per token, 8 bits). For each token vector ``x`` (last dimension)::
+
+    a   = max(max_i |x_i|, eps)
+    q_i = clip(round(x_i * 127 / a), -128, 127)    integers
+    x_i ~= q_i * a / 127
+
+Straight-through estimator (STE). Both quantizers are treated as the identity in the backward:
+``d quant(w) / d w := I`` and ``d quant(x) / d x := I``. So for ``y = quant(x) @ quant(W).T``::
+
+    dL/dx = dL/dy @ quant(W)          dL/dW = dL/dy.T @ quant(x)
+
+which is the gradient of ``F.linear`` with the quantized tensors, routed unchanged to the
+full-precision inputs.
+
+Performance
+-----------
+The quantizers are ``torch.autograd.Function``s whose backward returns ``grad_output`` as is, so
+they add no graph nodes or saved tensors beyond what ``F.linear`` saves anyway (the quantized
+input and weight, which replace the unquantized ones). Each forward makes exactly one large
+allocation (its output) and works in place on it; reductions avoid ``|x|`` temporaries, because
+on CPU a fresh allocation costs more than the arithmetic. Layers that share an input (attention
+q/k/v, SwiGLU w1/w3) quantize it once: call :func:`quantize_activations` (or
+:meth:`BitLinear.quantize_input`) and pass ``x_is_quantized=True`` to each layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHT_EPS = 1e-5  # floor for a group's mean |w| (an all-zero group quantizes to zeros, not NaN)
+ACT_EPS = 1e-5  # floor for a token's absmax
+ACT_QMAX = 127.0  # int8: values in [-128, 127]; absmax scaling only ever reaches +-127
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions (tests, export)
+
+
+def _group_view(w: Tensor, group_size: int) -> tuple[Tensor, int]:
+    """``w`` flattened row-major and zero-padded to ``[n_groups, group_size]``; returns the pad."""
+    flat = w.reshape(-1)
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return flat.view(-1, group_size), pad
+
+
+def _group_scales(w: Tensor, group_size: int) -> Tensor:
+    """Per-group mean |w| (over real values only), floored at WEIGHT_EPS: ``[n_groups]``."""
+    groups, pad = _group_view(w, group_size)  # [G, gs]
+    sums = groups.abs().sum(dim=1)  # padding zeros add nothing to the sum
+    counts = torch.full_like(sums, float(group_size))
+    if pad:
+        counts[-1] = group_size - pad
+    return (sums / counts).clamp_(min=WEIGHT_EPS)
+
+
+def ternary_quantize_weight(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Ternary values and group scales of a weight: ``w ~= t * scales[group]``.
+
+    Returns ``(t, scales)``: ``t`` has ``w``'s shape and float dtype with values in {-1, 0, 1};
+    ``scales`` is ``[ceil(numel / group_size)]`` (group ``g`` covers flat indices
+    ``g*group_size .. (g+1)*group_size - 1`` of ``w`` in row-major order).
+    """
+    w = w.detach()
+    scales = _group_scales(w, group_size)  # [G]
+    groups, pad = _group_view(w, group_size)  # [G, gs]
+    t = (groups / scales[:, None]).round_().clamp_(-1.0, 1.0).reshape(-1)
+    if pad:
+        t = t[: w.numel()]
+    return t.reshape(w.shape), scales
+
+
+def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token (last dim) absmax int8 quantization: ``x ~= q * scale``.
+
+    Returns ``(q, scale)``: ``q`` has ``x``'s shape, integer values in [-128, 127] stored as float;
+    ``scale = absmax / 127`` with shape ``x.shape[:-1] + (1,)``.
+    """
+    x = x.detach()
+    absmax = x.abs().amax(dim=-1, keepdim=True).clamp_(min=ACT_EPS)
+    q = (x * (ACT_QMAX / absmax)).round_().clamp_(-128.0, 127.0)
+    return q, absmax / ACT_QMAX
+
+
+# --------------------------------------------------------------------------------------------
+# Fake quantizers with straight-through gradients
+
+
+def _fake_quant_weight(w: Tensor, group_size: int) -> Tensor:
+    """``t * s`` for every group, as a fresh tensor shaped like ``w`` (no autograd)."""
+    if w.numel() % group_size == 0 and w.is_contiguous():
+        g = w.view(-1, group_size)  # [G, gs]
+        # mean |w| as an L1 norm: one read of w and no |w| temporary
+        s = torch.linalg.vector_norm(g, 1, dim=1, keepdim=True).div_(group_size).clamp_(min=WEIGHT_EPS)
+        out = torch.div(g, s).round_().clamp_(-1.0, 1.0).mul_(s)  # [G, gs], the only big allocation
+        return out.view(w.shape)
+    t, scales = ternary_quantize_weight(w, group_size)
+    groups, pad = _group_view(t, group_size)
+    out = groups.mul_(scales[:, None]).reshape(-1)
+    if pad:
+        out = out[: w.numel()]
+    return out.reshape(w.shape)
+
+
+def _fake_quant_act(x: Tensor) -> Tensor:
+    """``q * absmax / 127`` per token, as a fresh tensor (no autograd)."""
+    # absmax = max(max x, -min x): two vectorised reductions, no |x| temporary
+    # (torch.aminmax over the last dim is much slower than amax + amin on CPU).
+    absmax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    absmax = absmax.clamp_(min=ACT_EPS)  # [..., 1]
+    # |x * 127 / absmax| <= 127 (up to one ulp, which rounds back to 127), so the int8 clamp to
+    # [-128, 127] can never bind and is skipped here: it would be one more pass over x.
+    out = torch.mul(x, absmax.reciprocal().mul_(ACT_QMAX)).round_()  # q, the only big allocation
+    return out.mul_(absmax.div_(ACT_QMAX))
+
+
+class _WeightQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, group_size: int) -> Tensor:  # type: ignore[override]
+        return _fake_quant_weight(w, group_size)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad_output, None
+
+
+class _ActQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return _fake_quant_act(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
+        return grad_output
+
+
+def quantize_weight(w: Tensor, group_size: int) -> Tensor:
+    """Fake-quantized (ternary * group scale) weight with straight-through gradient."""
+    return _WeightQuantSTE.apply(w, group_size)
+
+
+def quantize_activations(x: Tensor) -> Tensor:
+    """Fake-quantized (per-token int8 absmax) activations with straight-through gradient.
+
+    Use it once on an input shared by several BitLinears, then call each with
+    ``x_is_quantized=True``.
+    """
+    return _ActQuantSTE.apply(x)
+
+
+# --------------------------------------------------------------------------------------------
+# The layer
+
+
+class BitLinear(nn.Module):
+    """``y = quant8(x) @ ternary(W).T (+ b)`` with full-precision shadow weight ``W: [out, in]``.
+
+    ``quantize=False`` makes it a plain ``F.linear`` (the full-precision baseline), so the same
+    model code serves both. The bias (off by default, never used by the GPT) stays full precision.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 128,
+        quantize: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.quantize = quantize
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init (the GPT overrides it in ``init_weights``)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The input as this layer would see it (fake-quantized if ``quantize``), STE gradient."""
+        return quantize_activations(x) if self.quantize else x
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the forward uses (ternary * group scale when ``quantize``), detached."""
+        w = self.weight.detach()
+        return _fake_quant_weight(w, self.group_size) if self.quantize else w
+
+    def forward(self, x: Tensor, x_is_quantized: bool = False) -> Tensor:
+        """``x: [..., in] -> [..., out]``. ``x_is_quantized``: ``x`` came from ``quantize_input``."""
+        if not self.quantize:
+            return F.linear(x, self.weight, self.bias)
+        if not x_is_quantized:
+            x = quantize_activations(x)
+        return F.linear(x, quantize_weight(self.weight, self.group_size), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, quantize={self.quantize}"
+        )

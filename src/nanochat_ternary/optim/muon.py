@@ -1,0 +1,259 @@
+"""Muon: MomentUm Orthogonalized by Newton–Schulz (after Keller Jordan's Muon).
+
+Why
+---
+For a hidden weight matrix ``W`` (``rows x cols``) the gradient-momentum matrix ``M = U S V^T`` is
+usually dominated by a few directions: its singular values span orders of magnitude, so an SGD or
+Adam step mostly moves ``W`` along those few directions. Muon replaces the step by the nearest
+semi-orthogonal matrix, ``O = U V^T`` (every singular value set to 1). That is the steepest-descent
+direction under the spectral norm: it changes every direction of ``W`` that the momentum points
+along by the same amount, which in practice trains transformers' hidden matrices faster than AdamW
+at the same cost, with one fp32 buffer per parameter (AdamW keeps two).
+
+The maths
+---------
+An SVD per step is too slow, so ``U V^T`` is approximated by an odd matrix polynomial applied to
+``X_0 = M / (||M||_F + 1e-7)`` (the Frobenius norm bounds the spectral norm, so all singular values
+start in (0, 1]). One quintic Newton–Schulz step is
+
+    A = X X^T,   B = b A + c A A,   X <- a X + B X     (a, b, c) = (3.4445, -4.7750, 2.0315)
+
+which maps each singular value independently, ``s -> a s + b s^3 + c s^5``, and keeps the singular
+vectors. The coefficients make the slope at zero large (``a``) so that tiny singular values grow fast,
+at the price of not converging to exactly 1: after 5 steps singular values that started
+non-negligible sit in roughly [0.7, 1.2], which is as good as exact for optimisation. ``X`` is
+transposed first so that ``rows <= cols``: the Gram matrix ``X X^T`` is then the smaller one. The
+iteration is stable in bf16, which is what it runs in on CUDA; on CPUs bf16 matmul is ~100x slower
+than fp32, so there it runs in fp32.
+
+The step, per 2-D parameter ``p`` with gradient ``g`` (momentum ``mu``, learning rate ``lr``):
+
+    buf    <- mu * buf + (1 - mu) * g                  (EMA momentum, fp32)
+    u      <- (1 - mu) * g + mu * buf  if nesterov else buf
+    O      <- NewtonSchulz5(u)
+    p      <- p * (1 - lr * weight_decay)              (decoupled weight decay)
+    p      <- p - lr * sqrt(max(1, rows / cols)) * O
+
+The ``sqrt(max(1, rows/cols))`` factor keeps the per-element RMS of the update similar for tall
+matrices, whose orthogonalised update has smaller entries.
+
+Distributed
+-----------
+When ``torch.distributed`` is initialised with more than one process, gradients are assumed already
+averaged (DDP). Every rank updates the momentum of every parameter (cheap, identical everywhere, so
+``state_dict()`` is identical on all ranks), but only one rank runs Newton–Schulz for a parameter:
+parameter ``i`` of the optimizer's flattened parameter list (all groups, in order) belongs to rank
+``i % world_size``. Parameters are processed in rounds of ``world_size`` consecutive ones; in each
+round every rank updates the parameter it owns, copies it into a flat buffer padded to the round's
+largest parameter and starts an asynchronous ``all_gather``; while the next round computes, the
+previous round's gathered buffers are copied into the other ranks' parameters. Extra memory is two
+rounds of padded buffers. Parameters without a gradient are still sent (unchanged, so identical).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+
+
+def default_ns_dtype(device: torch.device) -> torch.dtype:
+    """The dtype Newton–Schulz runs in by default: bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
+    """Approximate ``U V^T`` for ``G = U S V^T`` (over the last two dims; leading dims are a batch).
+
+    Runs in ``dtype`` (None: bf16 on CUDA, fp32 otherwise) and returns a tensor in ``G``'s dtype.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"Newton–Schulz needs a matrix, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype or default_ns_dtype(G.device))
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 2 else X  # one batch dim (or none) for the BLAS forms
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + NS_EPS)
+    mm, addmm = (torch.bmm, torch.baddbmm) if X.ndim == 3 else (torch.mm, torch.addmm)
+    for _ in range(steps):
+        A = mm(X, X.mT)
+        B = addmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = addmm(X, B, X, beta=a)  # a*X + B@X
+    X = X.reshape(*batch_shape, *X.shape[-2:])
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+def _dist_world_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters (hidden weight matrices). See the module docstring.
+
+    Args:
+        params: 2-D parameters or param groups.
+        lr: learning rate (scaled per matrix by ``sqrt(max(1, rows/cols))``).
+        momentum: EMA coefficient of the momentum buffer.
+        nesterov: use the Nesterov-style ``lerp(grad, buf, momentum)`` as the update.
+        ns_steps: Newton–Schulz iterations.
+        weight_decay: decoupled weight decay (``p *= 1 - lr * weight_decay``).
+        ns_dtype: dtype of the Newton–Schulz iteration: a torch dtype or its name ("float32",
+            "bfloat16"); None picks bf16 on CUDA and fp32 otherwise. Stored by name in the param
+            groups so that ``state_dict()`` holds only plain values.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+        ns_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"Muon: lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon: momentum must be in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
+        if weight_decay < 0:
+            raise ValueError(f"Muon: weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, ns_dtype=_dtype_name(ns_dtype))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["ns_dtype"] = _dtype_name(group["ns_dtype"])
+        for p in group["params"]:
+            if p.ndim != 2:
+                self.param_groups.pop()
+                raise ValueError(f"Muon only takes 2-D parameters, got one of shape {tuple(p.shape)} "
+                                 "(give embeddings, norms and scalars to AdamW)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but momentum buffers stay exact fp32.
+
+        (The base class casts floating state to each parameter's dtype, which would round the
+        momentum of a bf16 parameter.)
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            buf = state_dict["state"].get(i, {}).get("momentum_buffer")
+            if isinstance(buf, Tensor):
+                self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=torch.float32, copy=True)
+
+    # --- the update, in pieces a subclass can replace (8-bit momentum, GaLore projection) ------
+
+    def _momentum_update(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> Tensor:
+        """Advance the momentum with ``grad``; return the matrix to orthogonalise (fp32)."""
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                        memory_format=torch.contiguous_format)
+        buf = state["momentum_buffer"]
+        mu = group["momentum"]
+        grad = grad.float()
+        buf.lerp_(grad, 1 - mu)
+        return grad.lerp(buf, mu) if group["nesterov"] else buf
+
+    def _orthogonalize(self, update: Tensor, group: dict[str, Any]) -> Tensor:
+        dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else None
+        return zeropower_via_newtonschulz5(update, steps=group["ns_steps"], dtype=dtype)
+
+    def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.add_(direction.to(p.dtype), alpha=-lr * scale)
+
+    def _update_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        update = self._momentum_update(p, p.grad, self.state[p], group)
+        self._apply_update(p, self._orthogonalize(update, group), group)
+
+    # --- step ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world, rank = _dist_world_rank()
+        if world == 1:
+            self._step_local()
+        else:
+            self._step_distributed(world, rank)
+        return loss
+
+    def _step_local(self) -> None:
+        # One matrix at a time: on CPU a single 768-wide fp32 matmul already runs near the cores'
+        # peak, and stacking same-shape matrices into one batched chain measured no faster.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update_param(p, group)
+
+    def _step_distributed(self, world: int, rank: int) -> None:
+        entries = [(p, group) for group in self.param_groups for p in group["params"]]
+        pending: tuple[Any, list[Tensor], list[Tensor]] | None = None
+        for base in range(0, len(entries), world):
+            round_ = entries[base:base + world]
+            for i, (p, group) in enumerate(round_):
+                if p.grad is None:
+                    continue
+                if i == rank:
+                    self._update_param(p, group)
+                else:  # not ours: keep the momentum in step, skip Newton–Schulz
+                    self._momentum_update(p, p.grad, self.state[p], group)
+            params = [p for p, _ in round_]
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+            size = max(p.numel() for p in params)
+            send = torch.zeros(size, dtype=dtype, device=params[0].device)
+            if rank < len(params):
+                mine = params[rank]
+                send[:mine.numel()].copy_(mine.reshape(-1))
+            recv = [torch.empty_like(send) for _ in range(world)]
+            work = dist.all_gather(recv, send, async_op=True)
+            if pending is not None:
+                _finish_round(*pending, rank)
+            pending = (work, params, recv)
+        if pending is not None:
+            _finish_round(*pending, rank)
+
+
+def _finish_round(work: Any, params: list[Tensor], recv: list[Tensor], rank: int) -> None:
+    work.wait()
+    for owner, p in enumerate(params):
+        if owner != rank:
+            p.copy_(recv[owner][:p.numel()].view(p.shape))
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+        raise ValueError(f"Muon: ns_dtype must be a floating torch dtype or its name, got {dtype!r}")
+    return name

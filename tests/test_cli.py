@@ -1,0 +1,221 @@
+"""End-to-end CLI tests: train, resume exactly, generate, and one-line errors for bad input.
+
+Runs use the real ``nanochat-train`` entry point (in-process for speed; a few in a subprocess to see
+the exit status and that no traceback escapes) on tiny models so the whole file stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanochat_ternary.cli import main
+from nanochat_ternary.data.tokenfile import write_tokens
+
+# A small model shape so each run takes seconds on 2 cores (tiny-cpu layout, narrower).
+SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+         "--batch-size", "8", "--seq-len", "32", "--sample-tokens", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "nanochat-cache"
+    monkeypatch.setenv("NANOCHAT_CACHE", str(cache))
+
+
+def _losses(log: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines())}
+
+
+def _records(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    return subprocess.run([sys.executable, "-m", "nanochat_ternary.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def _write_corpus(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "class", "self", "import", "for", "in", "if", "else", "print", "value"]
+    for i in range(12):
+        lines = [" ".join(rng.choice(words, size=8)) + f"  # {i}" for _ in range(60)]
+        (d / f"f{i}.py").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_train_synthetic_loss_falls_and_log_fields(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rc = main(["train", "--dataset", "synthetic", "--n-samples", "400", "--total-steps", "40", *SMALL,
+               "--checkpoint-dir", str(tmp_path / "run"), "--log-file", str(log), "--log-interval", "1",
+               "--eval-interval", "20"])
+    assert rc == 0
+    recs = _records(log)
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    for key in ("step", "loss", "lr", "grad_norm", "tok_per_s", "elapsed_s"):
+        assert all(key in r for r in recs), key
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40] and all(r["val_bpb"] > 0 for r in evals)
+    first, last = np.mean([r["loss"] for r in recs[:5]]), np.mean([r["loss"] for r in recs[-5:]])
+    assert last < first - 1.0, (first, last)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    ckpt = tmp_path / "run" / "step_000040"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["config"]["model"]["dim"] == 64
+
+
+def test_train_on_text_dir_and_generate(tmp_path, capsys):
+    corpus = _write_corpus(tmp_path / "corpus")
+    log = tmp_path / "log.jsonl"
+    rc = main(["train", "--dataset", "text", "--data-path", str(corpus), "--set", "tokenizer_vocab_size=300",
+               "--total-steps", "30", *SMALL, "--checkpoint-dir", str(tmp_path / "run"),
+               "--log-file", str(log), "--log-interval", "1", "--eval-interval", "0"])
+    assert rc == 0
+    losses = list(_losses(log).values())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    capsys.readouterr()
+    rc = main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-tokens", "20",
+               "--seed", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("def") and len(out) > len("def") + 5
+    # same seed, same text
+    main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-tokens", "20",
+          "--seed", "1"])
+    assert capsys.readouterr().out == out
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    common = ["--dataset", "synthetic", "--n-samples", "300", "--total-steps", "16", *SMALL,
+              "--log-interval", "1", "--eval-interval", "0", "--set", "warmup_steps=4"]
+    straight = tmp_path / "straight.jsonl"
+    assert main(["train", *common, "--checkpoint-dir", str(tmp_path / "a"), "--log-file", str(straight)]) == 0
+    # first half: same config, stopped at step 8 by its checkpoint interval then killed... emulate with
+    # a run to 16 that saves at 8, resumed from the step-8 checkpoint into a fresh dir
+    part = tmp_path / "part.jsonl"
+    assert main(["train", *common, "--checkpoint-dir", str(tmp_path / "b"), "--checkpoint-interval", "8",
+                 "--log-file", str(part), "--keep-last-checkpoints", "0"]) == 0
+    resumed = tmp_path / "resumed.jsonl"
+    assert main(["train", "--resume", str(tmp_path / "b" / "step_000008"), "--checkpoint-dir",
+                 str(tmp_path / "c"), "--log-file", str(resumed), "--sample-tokens", "0"]) == 0
+    a, r = _losses(straight), _losses(resumed)
+    assert sorted(r) == list(range(9, 17))
+    for step in r:
+        assert abs(a[step] - r[step]) <= 1e-6, (step, a[step], r[step])
+
+
+def test_resume_of_a_run_dir_continues_from_latest(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--n-samples", "200", *SMALL, "--eval-interval", "0"]
+    assert main([*args, "--total-steps", "4", "--checkpoint-dir", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--total-steps", "6", "--sample-tokens", "0"]) == 0
+    assert (run / "step_000006").is_dir() and (run / "step_000004").is_dir()
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_info_counts_params_on_meta(capsys):
+    assert main(["info", "--config", "nano-125m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert 120e6 < info["params"] < 135e6
+    assert main(["info", "--config", "large-7b", "--json"]) == 0  # no 24 GB allocation
+    assert json.loads(capsys.readouterr().out)["params"] > 5e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, no traceback, nothing good overwritten.
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), proc.stderr
+    assert pattern in lines[-1], (pattern, lines[-1])
+    assert sum(ln.startswith("error:") for ln in lines) == 1
+
+
+def test_missing_data_path_subprocess(tmp_path):
+    proc = _run("train", "--dataset", "tokens", "--data-path", str(tmp_path / "nope"), "--total-steps", "1")
+    _assert_one_line_error(proc, "nope")
+
+
+def test_empty_text_data_subprocess(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = _run("train", "--dataset", "text", "--data-path", str(tmp_path / "empty"), "--total-steps", "1")
+    _assert_one_line_error(proc, "empty")
+
+
+def test_truncated_bin_subprocess(tmp_path):
+    f = tmp_path / "t.bin"
+    write_tokens(f, np.arange(5000, dtype=np.int64) % 100, vocab_size=100)
+    data = f.read_bytes()
+    f.write_bytes(data[:-10])
+    proc = _run("train", "--dataset", "tokens", "--data-path", str(f), "--total-steps", "1")
+    _assert_one_line_error(proc, "truncated")
+
+
+def test_token_ids_beyond_vocab(tmp_path, capsys):
+    f = tmp_path / "big.bin"
+    write_tokens(f, np.arange(6000, dtype=np.int64) % 5000, vocab_size=5000)
+    rc = main(["train", "--dataset", "tokens", "--data-path", str(f), "--total-steps", "1",
+               "--set", "vocab_size=4096", "--checkpoint-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "vocab" in err and err.count("\n") == 1
+
+
+def test_seq_len_beyond_context(capsys):
+    assert main(["train", "--seq-len", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "max_seq_len = 256" in err and err.count("\n") == 1
+
+
+def test_unknown_key_and_unbuilt_feature(capsys):
+    assert main(["train", "--set", "leraning_rate=1"]) == 1
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    assert main(["train", "--set", "use_galore=true"]) == 1
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_and_mismatch(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--n-samples", "200", *SMALL, "--total-steps", "2",
+                 "--eval-interval", "0", "--checkpoint-dir", str(run)]) == 0
+    ckpt = run / "step_000002"
+    # a different model shape than the checkpoint's
+    assert main(["train", "--dataset", "synthetic", "--n-samples", "200", *SMALL, "--set", "dim=128",
+                 "--resume", str(ckpt), "--config", "tiny-cpu", "--checkpoint-dir", str(tmp_path / "x")]) == 1
+    assert "does not match" in capsys.readouterr().err
+    # corrupt weights
+    w = ckpt / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    proc = _run("generate", "--checkpoint", str(ckpt), "--prompt", "1")
+    _assert_one_line_error(proc, "model.safetensors")
+    proc = _run("train", "--resume", str(ckpt), "--total-steps", "4")
+    _assert_one_line_error(proc, "model.safetensors")
+
+
+def test_unwritable_checkpoint_dir(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc = main(["train", "--dataset", "synthetic", "--n-samples", "200", *SMALL, "--total-steps", "1",
+               "--checkpoint-dir", str(blocker / "sub")])
+    assert rc == 1 and "not writable" in capsys.readouterr().err
+
+
+def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--n-samples", "200", *SMALL, "--total-steps", "2",
+            "--eval-interval", "0", "--checkpoint-dir", str(run)]
+    assert main(args) == 0
+    before = (run / "step_000002" / "model.safetensors").read_bytes()
+    assert main(args) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (run / "step_000002" / "model.safetensors").read_bytes() == before

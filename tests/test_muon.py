@@ -1,0 +1,362 @@
+"""Muon, Newton–Schulz and the optimizer factory, checked against plain float64 references."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from nanochat_ternary.config import ConfigError, TrainConfig
+from nanochat_ternary.optim import (
+    Muon,
+    build_optimizers,
+    memory_report,
+    optimizer_state_bytes,
+    split_named_params,
+    split_params,
+    zeropower_via_newtonschulz5,
+)
+
+A, B, C = 3.4445, -4.7750, 2.0315
+
+
+def quintic5(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The scalar map Newton–Schulz applies to each (Frobenius-normalised) singular value."""
+    for _ in range(steps):
+        x = A * x + B * x**3 + C * x**5
+    return x
+
+
+def planted(rows: int, cols: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64))
+    return U @ torch.diag(spectrum.to(torch.float64)) @ V.T
+
+
+def _ns_cases():
+    g = torch.Generator().manual_seed(1)
+    yield "square", torch.randn(96, 96, generator=g)
+    yield "wide", torch.randn(48, 160, generator=g)
+    yield "tall", torch.randn(160, 48, generator=g)
+    yield "planted", planted(80, 120, torch.logspace(0, -4, 80)).float()
+
+
+@pytest.mark.parametrize("name,G", list(_ns_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_newton_schulz_against_svd(name, G):
+    """NS5(G) = U diag(q(s / ||G||_F)) V^T exactly, q the quintic iterated 5 times.
+
+    So in the float64 SVD basis of G, ``U^T O V`` must be diagonal and its diagonal must equal
+    ``q(s/||G||_F)``, up to fp32 rounding. The quintic does not converge to 1: ``q`` maps (0, 1]
+    into (0, 1.2024], and every x >= 2e-3 into [0.6818, 1.2024] (evaluated on a dense grid). Hence
+    the bound checked: directions with s >= 2e-3 ||G||_F get singular values in [0.6, 1.25] (margin
+    for fp32), and no singular value exceeds 1.25.
+    """
+    out = zeropower_via_newtonschulz5(G)
+    assert out.dtype == G.dtype and out.shape == G.shape
+    Gd, Od = G.double(), out.double()
+    U, s, Vh = torch.linalg.svd(Gd, full_matrices=False)
+    D = U.T @ Od @ Vh.T
+    diag = torch.diagonal(D)
+    off = D - torch.diag(diag)
+    assert off.abs().max() < 2e-5, off.abs().max()
+    expected = quintic5(s / torch.linalg.matrix_norm(Gd))
+    assert torch.allclose(diag, expected, atol=2e-5), (diag - expected).abs().max()
+    strong = s >= 2e-3 * torch.linalg.matrix_norm(Gd)
+    assert strong.sum() >= 1
+    assert diag[strong].min() >= 0.6 and diag.max() <= 1.25
+    # and O as a whole: the SVD of O itself
+    so = torch.linalg.svdvals(Od)
+    assert so.max() <= 1.25
+    # reconstruction: O equals U diag(q) V^T
+    assert torch.allclose(Od, U @ torch.diag(expected) @ Vh, atol=2e-5)
+
+
+def test_newton_schulz_batched_and_dtype():
+    G = torch.randn(3, 40, 24)
+    Ob = zeropower_via_newtonschulz5(G)
+    for i in range(3):
+        torch.testing.assert_close(Ob[i], zeropower_via_newtonschulz5(G[i]), atol=1e-5, rtol=0)
+    O16 = zeropower_via_newtonschulz5(G[0], dtype=torch.bfloat16)
+    assert O16.dtype == torch.float32
+    assert (O16 - Ob[0]).abs().max() < 0.1
+    assert zeropower_via_newtonschulz5(torch.zeros(5, 7)).abs().max() == 0  # eps: no NaN
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon step against a float64 reference
+
+
+def reference_muon(params, grads_per_step, lr, mu, nesterov, wd, steps=5):
+    params = [p.detach().double().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, buf, g in zip(params, bufs, grads):
+            g = g.double()
+            buf.mul_(mu).add_(g, alpha=1 - mu)
+            u = (1 - mu) * g + mu * buf if nesterov else buf
+            X = u.T if u.shape[0] > u.shape[1] else u
+            X = X / (torch.linalg.matrix_norm(X) + 1e-7)
+            for _ in range(steps):
+                Am = X @ X.T
+                X = A * X + (B * Am + C * Am @ Am) @ X
+            ortho = X.T if u.shape[0] > u.shape[1] else X
+            p.mul_(1 - lr * wd)
+            p.sub_(lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * ortho)
+    return params
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_reference(nesterov):
+    torch.manual_seed(0)
+    shapes = [(32, 32), (64, 24), (24, 64)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    lr, mu, wd = 0.05, 0.9, 0.1
+    opt = Muon(params, lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, gs):
+            assert torch.equal(p.grad, g)  # the gradient is not modified
+    ref = reference_muon(start, grads, lr, mu, nesterov, wd)
+    for p, r in zip(params, ref):
+        assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+        torch.testing.assert_close(p.detach().double(), r, atol=5e-6, rtol=0)  # moves ~0.08; fp32 error ~5e-7
+
+
+def test_muon_follows_external_lr_and_rejects_non_matrices():
+    p = nn.Parameter(torch.zeros(8, 8))
+    opt = Muon([p], lr=0.1)
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    assert p.abs().max() == 0
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([nn.Parameter(torch.zeros(8))])
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_state_dict_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    shapes = [(16, 16), (32, 8)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+    pa = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt_a = Muon(pa, lr=0.03, weight_decay=0.01)
+    _run(opt_a, pa, grads[:3])
+    path = tmp_path / "opt.pt"
+    torch.save(opt_a.state_dict(), path)
+    sd = torch.load(path, weights_only=True)  # plain tensors and containers only
+    pb = [nn.Parameter(p.detach().clone()) for p in pa]
+    opt_b = Muon(pb, lr=0.5)  # hyperparameters come from the state dict
+    opt_b.load_state_dict(sd)
+    _run(opt_a, pa, grads[3:])
+    _run(opt_b, pb, grads[3:])
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_loads_with_weights_only_including_ns_dtype():
+    p = nn.Parameter(torch.randn(4, 6))
+    opt = Muon([p], ns_dtype=torch.bfloat16)
+    assert opt.param_groups[0]["ns_dtype"] == "bfloat16"
+    p.grad = torch.randn(4, 6)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["param_groups"][0]["ns_dtype"] == "bfloat16"
+    assert torch.equal(sd["state"][0]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+
+def test_bf16_param_keeps_fp32_momentum_across_load():
+    p = nn.Parameter(torch.randn(8, 8, dtype=torch.bfloat16))
+    opt = Muon([p])
+    p.grad = torch.randn(8, 8, dtype=torch.bfloat16)
+    opt.step()
+    m = opt.state[p]["momentum_buffer"].clone()
+    opt2 = Muon([p])
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[p]["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(opt2.state[p]["momentum_buffer"], m)
+
+
+# ----------------------------------------------------------------------------------------------
+# factory
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.Parameter(torch.ones(d))
+        self.q = nn.Linear(d, d, bias=True)  # weight -> Muon, bias (1-D) -> AdamW
+        self.up = nn.Linear(d, 3 * d, bias=False)
+        self.gate_scale = nn.Parameter(torch.zeros(()))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, d=16, n=2):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(TinyBlock(d) for _ in range(n))
+        self.norm = nn.Parameter(torch.ones(d))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+        self.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+
+def test_split_params_tiny_model():
+    model = TinyLM()
+    muon, adamw = split_named_params(model)
+    assert [n for n, _ in muon] == ["blocks.0.q.weight", "blocks.0.up.weight",
+                                    "blocks.1.q.weight", "blocks.1.up.weight"]
+    adam_names = {n for n, _ in adamw}
+    assert adam_names == {"tok_emb.weight", "blocks.0.norm", "blocks.0.q.bias", "blocks.0.gate_scale",
+                          "blocks.1.norm", "blocks.1.q.bias", "blocks.1.gate_scale", "norm"}
+    mp, ap = split_params(model)
+    assert len({id(p) for p in mp + ap}) == len(mp) + len(ap)  # tied weight once
+
+
+def test_split_params_project_gpt():
+    try:
+        from nanochat_ternary.config import ModelConfig
+        from nanochat_ternary.model.gpt import GPT
+    except ImportError:
+        pytest.skip("model.gpt not available")
+    for tied in (True, False):
+        cfg = ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=96, max_seq_len=32,
+                          weight_tied=tied)
+        model = GPT(cfg)
+        muon, adamw = split_named_params(model)
+        expected = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+        assert {id(p) for _, p in muon} == expected and expected
+        assert all(p.ndim == 2 and n.startswith("blocks.") for n, p in muon)
+        unique = {id(p) for p in model.parameters()}
+        assert len(muon) + len(adamw) == len(unique)
+        assert id(model.tok_emb.weight) in {id(p) for _, p in adamw}
+
+
+def test_build_optimizers_and_memory_report():
+    model = TinyLM()
+    tcfg = TrainConfig(lr=0.03, adam_lr=0.004, weight_decay=0.1, muon_momentum=0.9, ns_steps=4)
+    opts = build_optimizers(model, tcfg, torch.device("cpu"))
+    muon, adamw = opts
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    g = muon.param_groups[0]
+    got = (g["lr"], g["initial_lr"], g["momentum"], g["ns_steps"], g["weight_decay"])
+    assert got == (0.03, 0.03, 0.9, 4, 0.1)
+    ga = adamw.param_groups[0]
+    assert (ga["lr"], ga["initial_lr"], ga["weight_decay"], ga["betas"]) == (0.004, 0.004, 0.0, (0.9, 0.95))
+
+    x = torch.randint(0, 50, (3, 5))
+    h = model.tok_emb(x)
+    for blk in model.blocks:
+        h = h * blk.norm + blk.q(h) + blk.up(h)[..., :16] * blk.gate_scale
+    loss = model.lm_head(h * model.norm).logsumexp(-1).mean()
+    loss.backward()
+    for o in opts:
+        o.step()
+    rep = memory_report(opts)
+    n_muon = sum(p.numel() for p in split_params(model)[0])
+    n_adam = sum(p.numel() for p in split_params(model)[1])
+    muon_bytes = sum(t.nbytes for s in muon.state.values() for t in s.values() if torch.is_tensor(t))
+    adam_bytes = sum(t.nbytes for s in adamw.state.values() for t in s.values() if torch.is_tensor(t))
+    assert muon_bytes == 4 * n_muon  # one fp32 buffer per element
+    assert optimizer_state_bytes(muon) == muon_bytes
+    assert rep == {"muon_params": n_muon, "muon_state_bytes": muon_bytes, "adamw_params": n_adam,
+                   "adamw_state_bytes": adam_bytes, "total_state_bytes": muon_bytes + adam_bytes,
+                   "bytes_per_muon_param": 4.0}
+
+    for flag in ("use_8bit_optim", "use_galore"):
+        with pytest.raises(ConfigError, match="not available yet"):
+            build_optimizers(model, TrainConfig(**{flag: True}), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed: 2 gloo processes, Newton–Schulz split by rank
+
+
+DIST_SHAPES = [(24, 24), (40, 16), (16, 40), (24, 24), (8, 56)]  # 5: uneven over 2 ranks
+
+
+def _dist_data():
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=g) for s in DIST_SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in DIST_SHAPES] for _ in range(3)]
+    grads[1][2] = None  # a parameter without a gradient this step
+    return init, grads
+
+
+def _dist_run(init, grads):
+    params = [nn.Parameter(t.clone()) for t in init]
+    opt = Muon([{"params": params[:2]}, {"params": params[2:], "lr": 0.05, "weight_decay": 0.1}],
+               lr=0.02)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params], opt.state_dict()
+
+
+def _dist_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    init, grads = _dist_data()
+    if rank == 0:
+        single, _ = _dist_run(init, grads)  # before the process group exists: the plain loop
+        torch.save(single, os.path.join(out_dir, "single.pt"))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    orig = Muon._orthogonalize
+    Muon._orthogonalize = lambda self, u, group: calls.append(u.shape) or orig(self, u, group)
+    try:
+        params, sd = _dist_run(init, grads)
+        torch.save({"params": params, "state": sd, "ns_calls": len(calls)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_split_matches_single_process(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    world = 2
+    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    single = torch.load(tmp_path / "single.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    # rank 0 owns params 0, 2, 4 and rank 1 owns 1, 3; param 2 has no gradient in step 2
+    assert [r["ns_calls"] for r in ranks] == [3 + 2 + 3, 2 + 2 + 2]
+    for r in ranks:
+        for a, b in zip(r["params"], single):
+            assert torch.equal(a, b)
+    s0, s1 = ranks[0]["state"], ranks[1]["state"]
+    assert s0["param_groups"] == s1["param_groups"]
+    assert s0["state"].keys() == s1["state"].keys() and len(s0["state"]) == len(DIST_SHAPES)
+    for k in s0["state"]:
+        assert torch.equal(s0["state"][k]["momentum_buffer"], s1["state"][k]["momentum_buffer"])
