@@ -219,3 +219,50 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
     assert main(args) == 1
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (run / "step_000002" / "model.safetensors").read_bytes() == before
+
+
+def test_torchrun_two_ranks_match_one_process_with_double_batch(tmp_path):
+    """Data parallel: 2 gloo ranks x batch 4 see the same windows as 1 process x batch 8.
+
+    Batch index g = ((step * accum + micro) * world + rank) * B + i, so the union of the two ranks'
+    samples is the single process's batch; DDP averages equal-sized per-rank means, so the losses
+    agree up to float summation order. Also checks that only rank 0 writes the checkpoint.
+    """
+    common = ["--dataset", "synthetic", "--n-samples", "300", "--total-steps", "6",
+              "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+              "--seq-len", "32", "--sample-tokens", "0", "--log-interval", "1", "--eval-interval", "0",
+              "--threads", "1"]
+    one = tmp_path / "one.jsonl"
+    assert main(["train", *common, "--batch-size", "8", "--checkpoint-dir", str(tmp_path / "one"),
+                 "--log-file", str(one)]) == 0
+    two = tmp_path / "two.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "nanochat_ternary.cli", "train", *common, "--batch-size", "4",
+         "--checkpoint-dir", str(tmp_path / "two"), "--log-file", str(two)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    assert [p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")] == ["step_000006"]
+
+
+def test_epochs_and_tensorboard(tmp_path, capsys):
+    tb = tmp_path / "tb"
+    rc = main(["train", "--dataset", "synthetic", "--n-samples", "60", *SMALL, "--epochs", "1",
+               "--eval-interval", "0", "--checkpoint-dir", str(tmp_path / "run"), "--tensorboard", str(tb)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    # --epochs 1 overrides the preset's step count: one pass over the windows of the data
+    steps = int(out.split(" steps (")[0].rsplit(", ", 1)[-1])
+    assert "(1.00 epochs)" in out or "(1.0" in out
+    assert (tmp_path / "run" / f"step_{steps:06d}").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tb))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tok_per_s", "val/loss"} <= set(tags)
+    assert ea.Scalars("train/loss")[-1].step == steps

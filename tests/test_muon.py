@@ -12,8 +12,11 @@ from torch import nn
 
 from nanochat_ternary.config import ConfigError, TrainConfig
 from nanochat_ternary.optim import (
+    GaLoreMuon,
     Muon,
+    Muon8bit,
     build_optimizers,
+    measure_optimizer_state,
     memory_report,
     optimizer_state_bytes,
     split_named_params,
@@ -22,6 +25,15 @@ from nanochat_ternary.optim import (
 )
 
 A, B, C = 3.4445, -4.7750, 2.0315
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread avoids waiting on descheduled workers on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def quintic5(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -277,13 +289,135 @@ def test_build_optimizers_and_memory_report():
     adam_bytes = sum(t.nbytes for s in adamw.state.values() for t in s.values() if torch.is_tensor(t))
     assert muon_bytes == 4 * n_muon  # one fp32 buffer per element
     assert optimizer_state_bytes(muon) == muon_bytes
-    assert rep == {"muon_params": n_muon, "muon_state_bytes": muon_bytes, "adamw_params": n_adam,
-                   "adamw_state_bytes": adam_bytes, "total_state_bytes": muon_bytes + adam_bytes,
-                   "bytes_per_muon_param": 4.0}
+    assert rep == {"variant": "muon", "muon_params": n_muon, "muon_state_bytes": muon_bytes,
+                   "adamw_params": n_adam, "adamw_state_bytes": adam_bytes,
+                   "total_state_bytes": muon_bytes + adam_bytes, "bytes_per_muon_param": 4.0,
+                   "muon_int8_tensors": 0, "galore_projected": 0}
 
-    for flag in ("use_8bit_optim", "use_galore"):
-        with pytest.raises(ConfigError, match="not available yet"):
-            build_optimizers(model, TrainConfig(**{flag: True}), torch.device("cpu"))
+
+@pytest.mark.parametrize("flags,cls,variant", [
+    (dict(), Muon, "muon"),
+    (dict(use_8bit_optim=True), Muon8bit, "muon-8bit"),
+    (dict(use_8bit_optim=True, stochastic_rounding=True), Muon8bit, "muon-8bit"),
+    (dict(use_galore=True), GaLoreMuon, "galore-muon"),
+    (dict(use_galore=True, use_8bit_optim=True), GaLoreMuon, "galore-muon-8bit"),
+])
+def test_build_optimizers_picks_the_variant(flags, cls, variant):
+    tcfg = TrainConfig(lr=0.03, seed=5, quant_block_size=64, galore_rank=32, galore_update_freq=7,
+                       galore_min_dim=100, galore_scale=0.5, galore_proj_dtype="float16", **flags)
+    muon = build_optimizers(TinyLM(), tcfg, torch.device("cpu"))[0]
+    assert type(muon) is cls and muon.variant == variant
+    g = muon.param_groups[0]
+    if cls is not Muon:
+        assert (g["quantize"], g["block_size"], g["seed"]) == (tcfg.use_8bit_optim, 64, 5)
+        assert g["stochastic_rounding"] == tcfg.stochastic_rounding
+    if cls is GaLoreMuon:
+        assert (g["rank"], g["update_freq"], g["min_dim"], g["scale"], g["proj_dtype"]) == \
+            (32, 7, 100, 0.5, "float16")
+
+
+def test_build_optimizers_rejects_bad_combinations():
+    with pytest.raises(ConfigError, match="stochastic_rounding"):
+        build_optimizers(TinyLM(), TrainConfig(stochastic_rounding=True), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="proj_dtype"):
+        build_optimizers(TinyLM(), TrainConfig(use_galore=True, galore_proj_dtype="int4"),
+                         torch.device("cpu"))
+
+
+class MatrixLM(nn.Module):
+    """Embedding -> two residual MLP blocks -> head; the block matrices are 48x80 / 80x48."""
+
+    def __init__(self, vocab=40, d=48, h=80):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, h, bias=False), nn.GELU(),
+                                                  nn.Linear(h, d, bias=False)) for _ in range(2))
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, x, y):
+        h = self.tok_emb(x)
+        for blk in self.blocks:
+            h = h + blk(h)
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+
+
+VARIANT_FLAGS = {
+    "muon": dict(),
+    "muon-8bit": dict(use_8bit_optim=True),
+    "muon-8bit-sr": dict(use_8bit_optim=True, stochastic_rounding=True),
+    "galore": dict(use_galore=True),
+    "galore-8bit-sr": dict(use_galore=True, use_8bit_optim=True, stochastic_rounding=True),
+}
+
+
+@pytest.mark.parametrize("flags", list(VARIANT_FLAGS.values()), ids=list(VARIANT_FLAGS))
+def test_resume_gives_the_same_losses(flags, tmp_path):
+    """Train 8 steps straight; and 4 steps, checkpoint (model + optimizers, weights_only), rebuild
+    everything and train 4 more: the per-step losses are identical (GaLore refreshes at 0, 3, 6)."""
+    tcfg = TrainConfig(lr=0.02, adam_lr=0.01, seed=9, galore_rank=8, galore_update_freq=3,
+                       galore_min_dim=32, **flags)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 40, (4, 12), generator=g), torch.randint(0, 40, (4, 12), generator=g))
+            for _ in range(8)]
+
+    def train(model, opts, batches):
+        losses = []
+        for x, y in batches:
+            loss = model(x, y)
+            loss.backward()
+            for o in opts:
+                o.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    def fresh():
+        torch.manual_seed(1)
+        model = MatrixLM()
+        opts = build_optimizers(model, tcfg, torch.device("cpu"))
+        for grp in opts[0].param_groups:
+            if "min_quant_numel" in grp:
+                grp["min_quant_numel"] = 0  # tiny matrices: quantise them all the same
+        return model, opts
+
+    model, opts = fresh()
+    straight = train(model, opts, data)
+    model, opts = fresh()
+    first = train(model, opts, data[:4])
+    torch.save({"model": model.state_dict(), "opts": [o.state_dict() for o in opts]}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model, opts = fresh()
+    model.load_state_dict(ck["model"])
+    for o, sd in zip(opts, ck["opts"]):
+        o.load_state_dict(sd)
+    assert first + train(model, opts, data[4:]) == straight
+    rep = memory_report(opts)
+    assert rep["variant"] == build_optimizers(MatrixLM(), tcfg, torch.device("cpu"))[0].variant
+    assert (rep["galore_projected"] > 0) == tcfg.use_galore
+    assert (rep["muon_int8_tensors"] > 0) == tcfg.use_8bit_optim
+
+
+def test_measure_optimizer_state_and_baseline():
+    model = MatrixLM(vocab=40, d=96, h=160)  # 96x160 matrices: int8 (15360 values) and projected
+    before = [p.detach().clone() for p in model.parameters()]
+    n_muon = 4 * 96 * 160
+    base = measure_optimizer_state(model, TrainConfig())
+    assert base["variant"] == "muon" and base["muon_params"] == n_muon
+    assert base["fp32_muon_state_bytes"] == base["muon_state_bytes"] == 4 * n_muon
+    assert base["muon_state_vs_fp32"] == 1.0
+    assert base["adamw_state_bytes"] == 2 * 4 * (2 * 40 * 96) + 2 * 4  # exp_avg, exp_avg_sq, steps
+    q = measure_optimizer_state(model, TrainConfig(use_8bit_optim=True))
+    assert q["variant"] == "muon-8bit" and q["fp32_muon_state_bytes"] == 4 * n_muon
+    assert q["muon_state_bytes"] == 4 * (96 * 160 + 4 * 96 * 160 // 128)
+    assert q["muon_state_vs_fp32"] == q["muon_state_bytes"] / (4 * n_muon)
+    gq = measure_optimizer_state(model, TrainConfig(use_galore=True, use_8bit_optim=True, galore_rank=32,
+                                                    galore_min_dim=64))
+    # per matrix: bf16 projector 96 x 32, int8 momentum 32 x 160 (40 blocks of 128 + 40 fp32 scales)
+    assert gq["variant"] == "galore-muon-8bit" and gq["galore_projected"] == gq["muon_int8_tensors"] == 4
+    assert gq["muon_state_bytes"] == 4 * (2 * 96 * 32 + 32 * 160 + 4 * 40)
+    assert gq["fp32_muon_state_bytes"] == 4 * n_muon
+    for p, b in zip(model.parameters(), before):  # the model itself is untouched
+        assert torch.equal(p, b) and p.grad is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class TrainConfig:
     galore_update_freq: int = 200
     galore_min_dim: int = 256
     galore_scale: float = 1.0
+    galore_proj_dtype: str = "bfloat16"  # storage dtype of the GaLore projectors (float32, bfloat16, ...)
     # data-efficiency and systems features (issue: training features)
     mtp_weight: float = 0.2
     use_collider: bool = False
@@ -237,9 +238,6 @@ KNOWN_SECTIONS = ("model", "training", "optimizer", "data", "hardware", "run")
 # Fields of features that are not built yet: accepted only at the off value shown.
 # A feature's issue removes its entries here when it lands.
 NOT_AVAILABLE_YET: dict[str, Any] = {
-    "use_8bit_optim": False,
-    "stochastic_rounding": False,
-    "use_galore": False,
     "use_mtp": False,
     "use_collider": False,
     "use_async_loader": False,

@@ -116,6 +116,8 @@ class Muon(torch.optim.Optimizer):
             groups so that ``state_dict()`` holds only plain values.
     """
 
+    variant_name = "muon"
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -126,17 +128,12 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         ns_dtype: torch.dtype | str | None = None,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"Muon: lr must be >= 0, got {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Muon: momentum must be in [0, 1), got {momentum}")
-        if ns_steps < 1:
-            raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
-        if weight_decay < 0:
-            raise ValueError(f"Muon: weight_decay must be >= 0, got {weight_decay}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, ns_dtype=_dtype_name(ns_dtype))
-        super().__init__(params, defaults)
+        super().__init__(params, muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype))
+
+    @property
+    def variant(self) -> str:
+        """Short name of the variant, as in the memory report."""
+        return self.variant_name
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -149,18 +146,24 @@ class Muon(torch.optim.Optimizer):
                                  "(give embeddings, norms and scalars to AdamW)")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``, but momentum buffers stay exact fp32.
+        """As ``Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
 
         (The base class casts floating state to each parameter's dtype, which would round the
-        momentum of a bf16 parameter.)
+        fp32 momentum of a bf16 parameter, turn int8 codes into floats and widen bf16 projectors.)
+        Tensors are moved to their parameter's device. Hyperparameters missing from the saved
+        groups (a state dict of a simpler variant, e.g. fp32 Muon loaded into 8-bit Muon) take this
+        optimizer's defaults.
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
-            buf = state_dict["state"].get(i, {}).get("momentum_buffer")
-            if isinstance(buf, Tensor):
-                self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=torch.float32, copy=True)
+            for key, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     # --- the update, in pieces a subclass can replace (8-bit momentum, GaLore projection) ------
 
@@ -250,10 +253,25 @@ def _finish_round(work: Any, params: list[Tensor], recv: list[Tensor], rank: int
             p.copy_(recv[owner][:p.numel()].view(p.shape))
 
 
-def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+def muon_defaults(lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
+                  ns_dtype: torch.dtype | str | None) -> dict[str, Any]:
+    """Validated Muon hyperparameters as a param-group defaults dict."""
+    if lr < 0:
+        raise ValueError(f"Muon: lr must be >= 0, got {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Muon: momentum must be in [0, 1), got {momentum}")
+    if ns_steps < 1:
+        raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
+    if weight_decay < 0:
+        raise ValueError(f"Muon: weight_decay must be >= 0, got {weight_decay}")
+    return dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                weight_decay=weight_decay, ns_dtype=_dtype_name(ns_dtype))
+
+
+def _dtype_name(dtype: torch.dtype | str | None, what: str = "Muon: ns_dtype") -> str | None:
     if dtype is None:
         return None
     name = str(dtype).removeprefix("torch.")
     if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
-        raise ValueError(f"Muon: ns_dtype must be a floating torch dtype or its name, got {dtype!r}")
+        raise ValueError(f"{what} must be a floating torch dtype or its name, got {dtype!r}")
     return name

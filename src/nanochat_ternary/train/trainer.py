@@ -284,7 +284,8 @@ class Trainer:
                         rec["val_loss"], rec["val_bpb"] = self.evaluate()
                         result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
                         bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
-                        bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")
+                        if rt.is_main:  # tqdm.write is a classmethod: it ignores disable=
+                            bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")
                     logger.log(rec)
                     last_metrics = rec
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
