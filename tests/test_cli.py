@@ -180,7 +180,7 @@ def test_seq_len_beyond_context(capsys):
 def test_unknown_key_and_unbuilt_feature(capsys):
     assert main(["train", "--set", "leraning_rate=1"]) == 1
     assert "did you mean 'lr'" in capsys.readouterr().err
-    assert main(["train", "--set", "use_galore=true"]) == 1
+    assert main(["train", "--set", "use_collider=true"]) == 1
     assert "not available yet" in capsys.readouterr().err
 
 
@@ -266,3 +266,16 @@ def test_epochs_and_tensorboard(tmp_path, capsys):
     tags = ea.Tags()["scalars"]
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tok_per_s", "val/loss"} <= set(tags)
     assert ea.Scalars("train/loss")[-1].step == steps
+
+
+def test_memory_command_json_and_too_big(capsys):
+    assert main(["memory", "--config", "tiny-cpu", "--set", "use_8bit_optim=true", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for key in ("variant", "muon_params", "muon_state_bytes", "adamw_params", "adamw_state_bytes",
+                "total_state_bytes", "bytes_per_muon_param", "fp32_muon_state_bytes"):
+        assert key in rep, key
+    assert rep["variant"] == "muon-8bit" and rep["bytes_per_muon_param"] <= 1.04
+    assert rep["fp32_muon_state_bytes"] == 4 * rep["muon_params"]
+    assert rep["total_state_bytes"] == rep["muon_state_bytes"] + rep["adamw_state_bytes"]
+    assert main(["memory", "--config", "large-7b"]) == 1
+    assert "Not measured" in capsys.readouterr().err

@@ -147,7 +147,7 @@ def reference_galore(p0, grads, rank, freq, lr, mu, wd, gscale):
         u = (1 - mu) * R + mu * M
         Ou = ns5_f64(u)
         D = P @ Ou if left else Ou @ P.T
-        p = p * (1 - lr * wd) - lr * max(1.0, m / n) ** 0.5 * gscale * D
+        p = p * (1 - lr * wd) - lr * max(1.0, m / n) ** 0.5 * (min(m, n) / rank) ** 0.5 * gscale * D
     return p
 
 
@@ -378,3 +378,30 @@ def test_distributed_galore_8bit_matches_single_process(tmp_path):
     for k in s0:
         for key, v in s0[k].items():
             assert torch.equal(v, s1[k][key]) if torch.is_tensor(v) else v == s1[k][key]
+
+
+def test_loading_another_variants_state_is_refused_or_converted():
+    shapes = [(48, 80)]
+    grads = _grads(shapes, 2)
+    from nanochat_ternary.optim import Muon8bit
+
+    def trained(opt_cls, **kw):
+        ps = _params(shapes)
+        opt = opt_cls(ps, **kw)
+        _run(opt, ps, grads[:1])
+        return opt.state_dict()
+
+    galore = trained(GaLoreMuon, rank=8, min_dim=16, quantize=True, min_quant_numel=0)
+    int8 = trained(Muon8bit, min_quant_numel=0)
+    fp32 = trained(Muon)
+    for sd, cls in ((galore, Muon8bit), (galore, Muon), (int8, Muon)):
+        with pytest.raises(ValueError, match="does not fit"):
+            cls(_params(shapes)).load_state_dict(sd)
+    # the other way round is a conversion: fp32 or int8 full momentum -> projected on the next step
+    for sd in (fp32, int8):
+        ps = _params(shapes)
+        opt = GaLoreMuon(ps, rank=8, min_dim=16, quantize=True, min_quant_numel=0)
+        opt.load_state_dict(sd)
+        _run(opt, ps, grads[1:])
+        st = opt.state[ps[0]]
+        assert st["projector"].shape == (48, 8) and st["momentum_codes"].numel() == 8 * 80

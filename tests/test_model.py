@@ -104,9 +104,10 @@ def test_activation_quant_matches_float64():
     torch.testing.assert_close(xq.double(), q_ref * scale_ref, rtol=0, atol=1e-5 * 4)
 
 
-def test_bitlinear_forward_and_ste_gradients():
+@pytest.mark.parametrize("bias", [False, True])
+def test_bitlinear_forward_and_ste_gradients(bias):
     torch.manual_seed(2)
-    lin = BitLinear(64, 48, group_size=32)
+    lin = BitLinear(64, 48, group_size=32, bias=bias)
     x = torch.randn(2, 7, 64, requires_grad=True)
     y = lin(x)
     g = torch.randn_like(y)
@@ -122,8 +123,11 @@ def test_bitlinear_forward_and_ste_gradients():
     w2 = lin.weight.detach().clone().requires_grad_(True)
     x_hat = x2 + (x_c - x2).detach()
     w_hat = w2 + (w_c - w2).detach()
-    y_ref = F.linear(x_hat, w_hat)
+    b2 = lin.bias.detach().clone().requires_grad_(True) if bias else None
+    y_ref = F.linear(x_hat, w_hat, b2)
     y_ref.backward(g)
+    if bias:
+        torch.testing.assert_close(lin.bias.grad, b2.grad)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lin.weight.grad, w2.grad, rtol=1e-5, atol=1e-5)

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts and memory of a config (no big allocations)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("memory", help="measured optimizer state of a config's variant vs fp32 Muon (one real step)")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -192,7 +196,56 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info}
+def _available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import build_config
+    from .model.gpt import GPT
+    from .model.info import model_info
+    from .optim.factory import measure_optimizer_state
+
+    cfg = build_config(args.config, args.config_file, None, args.set)
+    info = model_info(cfg)
+    # measuring allocates params + grads + the variant's state + the fp32 baseline's state
+    need = info["params"] * 4 * 5
+    avail = _available_memory_bytes()
+    if avail is not None and need > 0.8 * avail:
+        raise UserError(f"measuring {cfg.preset or 'this config'} ({info['params'] / 1e9:.2f}B params) needs "
+                        f"~{need / 2**30:.0f} GiB; this machine has {avail / 2**30:.0f} GiB available. "
+                        f"Not measured (run it on a bigger machine)")
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    rep = measure_optimizer_state(model, cfg.training, baseline=True, seed=cfg.training.seed)
+    rep["preset"] = cfg.preset
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    mib = 2**20
+    print(f"optimizer state after one step (measured from the state tensors), {cfg.preset or 'custom'}, "
+          f"variant {rep['variant']}")
+    print(f"  Muon : {rep['muon_params']:>13,} params  {rep['muon_state_bytes'] / mib:>10.2f} MiB  "
+          f"{rep['bytes_per_muon_param']:.3f} B/param  (int8 momenta: {rep['muon_int8_tensors']}, "
+          f"GaLore-projected: {rep['galore_projected']})")
+    print(f"  AdamW: {rep['adamw_params']:>13,} params  {rep['adamw_state_bytes'] / mib:>10.2f} MiB")
+    print(f"  total: {rep['total_state_bytes'] / mib:.2f} MiB")
+    print(f"  fp32 Muon on the same params (measured): {rep['fp32_muon_state_bytes'] / mib:.2f} MiB -> "
+          f"this variant's Muon state is {rep['muon_state_vs_fp32']:.1%} of it "
+          f"({1 - rep['muon_state_vs_fp32']:.1%} less)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
+            "memory": cmd_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,14 @@ AdamW runs without weight decay: its parameters are embeddings, the head (tied t
 default), norm gains and scalars, where decay only pulls rarely-seen token rows and gains towards
 zero (nanoGPT/nanochat practice). ``weight_decay`` in the config is Muon's (decoupled) decay.
 
+The Muon variant follows the config: ``use_8bit_optim`` -> :class:`Muon8bit` (int8 momentum),
+``use_galore`` -> :class:`GaLoreMuon` (projected momentum; int8 too with both flags), else fp32
+:class:`Muon`. AdamW keeps fp32 state.
+
+Memory is measured, never computed: :func:`memory_report` sums the bytes of every tensor in the
+optimizers' state after a step; :func:`measure_optimizer_state` does one step on fresh tensors of a
+model's shapes and can add the fp32 Muon baseline measured the same way.
+
 Every param group gets ``initial_lr`` so a schedule can set ``group["lr"] = group["initial_lr"] * f``.
 """
 

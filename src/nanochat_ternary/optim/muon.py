@@ -48,6 +48,16 @@ round every rank updates the parameter it owns, copies it into a flat buffer pad
 largest parameter and starts an asynchronous ``all_gather``; while the next round computes, the
 previous round's gathered buffers are copied into the other ranks' parameters. Extra memory is two
 rounds of padded buffers. Parameters without a gradient are still sent (unchanged, so identical).
+
+Variants
+--------
+The step is split into hooks that subclasses replace: ``_momentum_update`` (advance the momentum,
+return the matrix to orthogonalise; run on every rank), ``_orthogonalize`` and ``_apply_update``
+(only on the owning rank). :class:`~nanochat_ternary.optim.quantized.Muon8bit` keeps the momentum
+as int8 blocks; :class:`~nanochat_ternary.optim.galore.GaLoreMuon` projects momentum and
+Newton–Schulz into a rank-``r`` subspace (optionally with int8 momentum too). ``state_dict()``
+holds only tensors and plain values (``torch.load(weights_only=True)`` reads it), and
+``load_state_dict`` restores every state tensor with its saved dtype.
 """
 
 from __future__ import annotations
@@ -160,10 +170,28 @@ class Muon(torch.optim.Optimizer):
                 group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        owner = {id(p): g for g in self.param_groups for p in g["params"]}
         for i, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(i, {}).items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+            if p in self.state:
+                self._check_state(p, self.state[p], owner[id(p)])
+
+    _STATE_KEYS: frozenset[str] = frozenset({"momentum_buffer"})
+
+    def _momentum_numel(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> int:
+        """How many values the momentum of ``p`` holds (GaLore: the projected size)."""
+        return p.numel()
+
+    def _check_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Refuse state this variant cannot use (e.g. another variant's), instead of misreading it."""
+        unknown = set(state) - self._STATE_KEYS
+        buf = state.get("momentum_buffer")
+        bad = buf is not None and buf.numel() != self._momentum_numel(p, state, group)
+        if unknown or bad:
+            raise ValueError(f"{type(self).__name__}: the saved state of a {tuple(p.shape)} parameter "
+                             f"({sorted(state)}) does not fit this optimizer's variant or settings")
 
     # --- the update, in pieces a subclass can replace (8-bit momentum, GaLore projection) ------
 

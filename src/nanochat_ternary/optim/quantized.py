@@ -191,6 +191,17 @@ class Muon8bit(Muon):
         """Position of ``p`` in the flattened parameter list: the key of its random streams."""
         return self._index[id(p)]
 
+    _STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_scales", "step"})
+
+    def _check_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        super()._check_state(p, state, group)
+        codes, scales = state.get("momentum_codes"), state.get("momentum_scales")
+        if (codes is None) != (scales is None) or (codes is not None and (
+                codes.dtype != torch.int8 or codes.ndim != 2 or scales.numel() != codes.size(0)
+                or scales.numel() != n_blocks_for(self._momentum_numel(p, state, group), codes.size(1)))):
+            raise ValueError(f"{type(self).__name__}: the saved int8 momentum of a {tuple(p.shape)} "
+                             "parameter does not fit this optimizer's settings")
+
     # --- momentum storage ------------------------------------------------------------------------
 
     def _quantized(self, numel: int, group: dict[str, Any]) -> bool:

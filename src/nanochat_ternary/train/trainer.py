@@ -313,9 +313,11 @@ class Trainer:
 
     def _report_optimizer_memory(self) -> None:
         rep = memory_report(self.optimizers)
-        self.echo(f"optimizer state (measured): Muon {rep['muon_state_bytes'] / 2**20:.2f} MiB for "
-                  f"{rep['muon_params'] / 1e6:.2f}M params ({rep['bytes_per_muon_param']:.2f} B/param), "
-                  f"AdamW {rep['adamw_state_bytes'] / 2**20:.2f} MiB for {rep['adamw_params'] / 1e6:.2f}M params")
+        self.echo(f"optimizer state after step 1 (measured): {rep['variant']}: Muon "
+                  f"{rep['muon_state_bytes'] / 2**20:.2f} MiB for {rep['muon_params'] / 1e6:.2f}M params "
+                  f"({rep['bytes_per_muon_param']:.3f} B/param; int8 momenta {rep['muon_int8_tensors']}, "
+                  f"GaLore-projected {rep['galore_projected']}), AdamW {rep['adamw_state_bytes'] / 2**20:.2f} MiB "
+                  f"for {rep['adamw_params'] / 1e6:.2f}M params")
 
     def _sample(self) -> str:
         from ..data.tokenizer import load_tokenizer
