@@ -1,0 +1,104 @@
+"""Matched convergence runs of the Muon variants: same model, data, seed, steps; only the optimizer differs.
+
+Each (variant, seed) trains ``d20`` (its vocab becomes the default corpus tokenizer's) on the
+default corpus (the Python stdlib) through the real CLI in its own subprocess, and the final
+validation loss is read from its JSONL log. Reported: final val loss per seed, the mean, and each
+variant's gap to fp32 Muon per seed, so the seed-to-seed spread is visible next to the gaps.
+
+Targets (issue #3): 8-bit within 1% of fp32 Muon, GaLore within 3%, both within 3.5%.
+
+    python benchmarks/optim_convergence.py                      # 300 steps, seeds 1 2, 2 runs at a time
+    python benchmarks/optim_convergence.py --steps 600 --seeds 1 2 3 --parallel 1 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+VARIANTS: dict[str, list[str]] = {
+    "muon (fp32)": [],
+    "muon-8bit": ["use_8bit_optim=true"],
+    "galore-muon": ["use_galore=true"],
+    "galore-muon-8bit": ["use_galore=true", "use_8bit_optim=true"],
+}
+TARGETS = {"muon-8bit": 0.01, "galore-muon": 0.03, "galore-muon-8bit": 0.035}
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    log = out / f"{variant.split()[0]}-seed{seed}.jsonl"
+    log.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "nanochat_ternary.cli", "train", "--config", args.model,
+           "--total-steps", str(args.steps), "--seed", str(seed), "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--eval-interval", str(args.steps), "--log-interval", "10",
+           "--threads", str(args.threads), "--sample-tokens", "0", "--log-file", str(log),
+           "--checkpoint-dir", str(out / f"ckpt-{variant.split()[0]}-seed{seed}-{time.time_ns()}")]
+    for s in VARIANTS[variant]:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"variant": variant, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    val = [r for r in recs if r.get("val_loss") is not None]
+    return {"variant": variant, "seed": seed, "val_loss": val[-1]["val_loss"], "train_loss": recs[-1]["loss"],
+            "wall_s": wall, "curve": [(r["step"], r["loss"]) for r in recs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="d20")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parallel", type=int, default=2, help="runs at once (each with --threads threads)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default="")
+    ap.add_argument("--json", default="", help="write all results to this file")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="optim-conv-"))
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in VARIANTS if v.split()[0] in args.variants.split(",") or v in args.variants.split(",")]
+    jobs = [(v, s) for s in args.seeds for v in variants]
+    print(f"# {args.model}, {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, seeds {args.seeds}, "
+          f"default corpus; {len(jobs)} runs, {args.parallel} at a time x {args.threads} thread(s)", flush=True)
+    results: list[dict] = []
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for r in pool.map(lambda job: run_one(job[0], job[1], args, out), jobs):
+            results.append(r)
+            msg = r.get("error") or f"val_loss {r['val_loss']:.4f}  ({r['wall_s']:.0f} s)"
+            print(f"  done: {r['variant']:<18} seed {r['seed']}: {msg}", flush=True)
+
+    by = {(r["variant"], r["seed"]): r for r in results if "val_loss" in r}
+    print(f"\n{'variant':<18} " + " ".join(f"{'seed ' + str(s):>12}" for s in args.seeds)
+          + f" {'mean':>8} {'gap vs fp32 per seed':>24}  target")
+    for v in variants:
+        vals = [by[(v, s)]["val_loss"] if (v, s) in by else float("nan") for s in args.seeds]
+        base = [by[("muon (fp32)", s)]["val_loss"] if ("muon (fp32)", s) in by else float("nan")
+                for s in args.seeds]
+        gaps = [(a / b - 1) for a, b in zip(vals, base)]
+        tgt = TARGETS.get(v)
+        verdict = "" if tgt is None else (f"<= {tgt:.1%} " + ("PASS" if max(gaps) <= tgt else "MISS"))
+        print(f"{v:<18} " + " ".join(f"{x:>12.4f}" for x in vals) + f" {statistics.mean(vals):>8.4f} "
+              + f"{' '.join(f'{g:+.2%}' for g in gaps):>24}  {verdict}")
+    base_vals = [by[("muon (fp32)", s)]["val_loss"] for s in args.seeds if ("muon (fp32)", s) in by]
+    if len(base_vals) > 1:
+        spread = (max(base_vals) - min(base_vals)) / statistics.mean(base_vals)
+        print(f"seed-to-seed spread of fp32 Muon: {spread:.2%} (gaps smaller than this are noise)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
