@@ -180,8 +180,8 @@ def test_seq_len_beyond_context(capsys):
 def test_unknown_key_and_unbuilt_feature(capsys):
     assert main(["train", "--set", "leraning_rate=1"]) == 1
     assert "did you mean 'lr'" in capsys.readouterr().err
-    assert main(["train", "--set", "use_collider=true"]) == 1
-    assert "not available yet" in capsys.readouterr().err
+    assert main(["train", "--set", "use_collider=true", "--set", "collider_sparsity=1.5"]) == 1
+    assert "collider_sparsity = 1.5 is not valid" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_and_mismatch(tmp_path, capsys):

@@ -238,12 +238,7 @@ KNOWN_SECTIONS = ("model", "training", "optimizer", "data", "hardware", "run")
 
 # Fields of features that are not built yet: accepted only at the off value shown.
 # A feature's issue removes its entries here when it lands.
-NOT_AVAILABLE_YET: dict[str, Any] = {
-    "use_mtp": False,
-    "use_collider": False,
-    "use_async_loader": False,
-    "gradient_checkpointing": False,
-}
+NOT_AVAILABLE_YET: dict[str, Any] = {}
 
 _MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -481,6 +476,9 @@ def validate(cfg: Config) -> None:
     _require(m.rope_theta > 0, "rope_theta", m.rope_theta, "must be > 0")
     _require(m.norm_eps > 0, "norm_eps", m.norm_eps, "must be > 0")
     _require(m.mtp_n_tokens >= 1, "mtp_n_tokens", m.mtp_n_tokens, "must be >= 1")
+    if m.use_mtp:
+        _require(t.seq_len > m.mtp_n_tokens, "mtp_n_tokens", m.mtp_n_tokens,
+                 f"must be < seq_len = {t.seq_len} (head k needs a token k positions ahead)")
 
     for key in ("batch_size", "seq_len", "grad_accum_steps", "ns_steps", "eval_batches", "log_interval",
                 "quant_block_size", "galore_rank", "galore_update_freq", "n_samples", "num_workers",

@@ -22,10 +22,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .bitlinear import BitLinear
+from .mtp import MTPHeads
 
 # --------------------------------------------------------------------------------------------
 # KV cache
@@ -218,9 +220,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.weight_tied:
             self.lm_head.weight = self.tok_emb.weight  # one Parameter, two uses
+        # training-only multi-token prediction heads (see model/mtp.py); generation ignores them
+        self.mtp = MTPHeads(cfg) if cfg.use_mtp else None
         # RoPE tables: derived data, not state (non-persistent: never in a checkpoint).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # Recompute each block's activations in backward (set by the trainer from the config's
+        # ``gradient_checkpointing``). Only used while training with grad enabled and no KV cache.
+        self.gradient_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -246,6 +253,8 @@ class GPT(nn.Module):
             nn.init.ones_(block.attn_norm.weight)
             nn.init.ones_(block.ffn_norm.weight)
         nn.init.ones_(self.norm_f.weight)
+        if self.mtp is not None:
+            self.mtp.init_weights(std)
         self._build_rope()
 
     def _build_rope(self) -> None:
@@ -268,8 +277,14 @@ class GPT(nn.Module):
         cos = self.rope_cos[start:start + T]  # [T, hd/2]
         sin = self.rope_sin[start:start + T]
         x = self.tok_emb(idx)  # [B, T, D]
+        ckpt = self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            if ckpt:
+                # non-reentrant: keeps only the block's input; backward reruns the block's forward
+                # (BitLinear is deterministic, so the recompute is bit-identical)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm_f(x)
@@ -279,9 +294,15 @@ class GPT(nn.Module):
         return self.lm_head(h).float()
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
-                kv_cache: KVCache | None = None) -> Tensor:
+                kv_cache: KVCache | None = None, objective=None):
         """``idx: [B, T]``. With ``targets: [B, T]`` returns the mean cross-entropy (fp32 scalar,
-        positions with target -1 ignored); otherwise fp32 logits ``[B, T, V]``."""
+        positions with target -1 ignored); otherwise fp32 logits ``[B, T, V]``.
+
+        With ``objective`` (a training objective such as :class:`~..train.objective.Objective`)
+        returns ``objective(self, hidden_states(idx), targets)``: the training loss computed inside
+        the module's forward, so a DDP wrapper sees every parameter it uses (MTP heads included)."""
+        if objective is not None:
+            return objective(self, self.hidden_states(idx), targets)
         logits = self.logits(self.hidden_states(idx, kv_cache))
         if targets is None:
             return logits

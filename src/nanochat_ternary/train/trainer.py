@@ -29,12 +29,14 @@ from tqdm import tqdm
 
 from ..config import Config, format_config
 from ..data.batches import TokenBatches, val_batches
+from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report
 from . import checkpoint as ckpt_io
 from .dataset import LoadedData, load_training_data
 from .metrics import MetricsLogger
+from .objective import Objective
 from .runtime import Runtime
 from .schedule import lr_factor, set_lr
 
@@ -103,6 +105,9 @@ class Trainer:
         # ---- model and optimizers
         torch.manual_seed(t.seed)
         self.model = GPT(m).to(runtime.device)
+        self.model.gradient_checkpointing = t.gradient_checkpointing
+        self.objective = Objective(m, t)  # loss (+ MTP heads) (+ Collider filter); see objective.py
+        self.step_stats: dict[str, float] = {}
         self.optimizers = build_optimizers(self.model, t, runtime.device)
         self.ddp: torch.nn.Module = self.model
         if runtime.distributed:
@@ -205,28 +210,37 @@ class Trainer:
         tpb = self.data.val_tokens_per_byte
         return val_loss, (val_loss * tpb / math.log(2) if tpb else None)
 
-    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, step: int, source: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step. ``source`` yields the step's micro-batches in order (sync or async);
+        without one they are computed here. Time spent waiting for data goes to ``data_wait_s``."""
         t = self.cfg.training
         set_lr(self.optimizers, lr_factor(step, self.total_steps, t.warmup_steps, t.decay_start_frac,
                                           t.min_lr_ratio))
-        loss_sum = torch.zeros((), device=self.rt.device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        self.data_wait_s = 0.0
         for micro in range(t.grad_accum_steps):
-            x, y = self.batches.get(step, micro)
+            tw = time.perf_counter()
+            x, y = source.next() if source is not None else self.batches.get(step, micro)
+            self.data_wait_s += time.perf_counter() - tw
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
             last = micro == t.grad_accum_steps - 1
             sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
             with sync, self.rt.autocast():
-                loss = self.ddp(x, targets=y)
+                loss, stats = self.ddp(x, targets=y, objective=self.objective)
             with sync:
                 (loss / t.grad_accum_steps).backward()
-            loss_sum += loss.detach().float()
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
+        # logged per step: plain next-token CE as ``loss``; mtp_ce_k / kept_frac when enabled
+        means = {k: v / t.grad_accum_steps for k, v in stat_sums.items()}
+        self.step_stats = {k: float(v) for k, v in means.items() if k != "ce"}
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        return loss_sum / t.grad_accum_steps, grad_norm
+        return means["ce"], grad_norm
 
     def fit(self) -> TrainResult:
         cfg, t, rt = self.cfg, self.cfg.training, self.rt
@@ -253,9 +267,14 @@ class Trainer:
         last_metrics: dict[str, Any] = {}
         step = self.start_step
         opt_report_done = False
+        source = make_batch_source(self.batches, self.start_step, self.total_steps,
+                                   use_async=t.use_async_loader, num_workers=t.num_workers,
+                                   prefetch_batches=t.prefetch_batches, device=rt.device)
+        interval_wait = 0.0
         try:
             for step in range(self.start_step, self.total_steps):
-                loss_t, grad_norm_t = self._train_step(step)
+                loss_t, grad_norm_t = self._train_step(step, source)
+                interval_wait += self.data_wait_s
                 self.tokens_seen += self.tokens_per_step
                 interval_steps += 1
                 done = step + 1
@@ -279,8 +298,11 @@ class Trainer:
                         "tok_per_s": interval_steps * self.tokens_per_step / max(now - interval_t0, 1e-9),
                         "elapsed_s": now - t0,
                         "tokens_seen": self.tokens_seen,
+                        # mean seconds per step spent waiting for the batch (since the last record)
+                        "data_wait_s": interval_wait / interval_steps,
+                        **{k: self.rt.all_reduce_mean(v) for k, v in self.step_stats.items()},
                     }
-                    interval_t0, interval_steps = now, 0
+                    interval_t0, interval_steps, interval_wait = now, 0, 0.0
                     if is_eval:
                         rec["val_loss"], rec["val_bpb"] = self.evaluate()
                         result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
@@ -302,6 +324,8 @@ class Trainer:
                 self.echo(f"interrupted: checkpoint saved at step {done} in {path}")
             logger.close()
             raise
+        finally:
+            source.close()  # stops loader workers on normal exit, error and Ctrl-C alike
         bar.close()
         logger.close()
         result.step = self.total_steps

@@ -1,0 +1,366 @@
+"""Training features: gradient checkpointing, async loader, multi-token prediction, Collider."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanochat_ternary.config import ModelConfig
+from nanochat_ternary.model.gpt import GPT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=97, max_seq_len=32, group_size=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# gradient checkpointing
+
+
+@pytest.mark.parametrize("quant", ["ternary", "none"])
+def test_gradient_checkpointing_matches_losses_and_grads(quant):
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg(quantization=quant))
+    x = torch.randint(0, 97, (3, 16))
+    y = torch.randint(0, 97, (3, 16))
+    loss0 = model(x, targets=y)
+    loss0.backward()
+    g0 = _grads(model)
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing = True
+    loss1 = model(x, targets=y)
+    loss1.backward()
+    g1 = _grads(model)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the graph really is checkpointed: fewer tensors saved for backward
+    def n_saved(flag: bool) -> int:
+        model.gradient_checkpointing = flag
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, targets=y)
+        return count[0]
+
+    assert n_saved(True) < n_saved(False) / 2
+    # no-grad and eval paths are untouched
+    with torch.no_grad():
+        model.gradient_checkpointing = True
+        torch.testing.assert_close(model(x, targets=y), loss0.detach(), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# async loader
+
+import numpy as np  # noqa: E402
+
+from nanochat_ternary.data.batches import TokenBatches  # noqa: E402
+from nanochat_ternary.data.loader import AsyncBatches, SyncBatches  # noqa: E402
+
+
+def _token_batches(accum: int = 2) -> TokenBatches:
+    tokens = np.random.default_rng(0).integers(0, 1000, size=5000).astype(np.uint16)
+    return TokenBatches(tokens, batch_size=3, seq_len=16, seed=7, grad_accum_steps=accum)
+
+
+@pytest.mark.parametrize("workers,prefetch", [(1, 1), (2, 4)])
+def test_async_loader_yields_the_sync_sequence(workers, prefetch):
+    tb = _token_batches()
+    start, total = 5, 40  # a resumed run: starts mid-epoch, spans several epochs
+    sync = SyncBatches(tb, start, total)
+    asyn = AsyncBatches(tb, start, total, num_workers=workers, prefetch_batches=prefetch)
+    try:
+        n = 0
+        for step in range(start, total):
+            for micro in range(2):
+                xs, ys = sync.next()
+                xa, ya = asyn.next()
+                xe, ye = tb.get(step, micro)
+                assert torch.equal(xa, xs) and torch.equal(ya, ys) and torch.equal(xa, xe)
+                n += 1
+        assert n == (total - start) * 2
+        with pytest.raises(StopIteration):
+            asyn.next()
+    finally:
+        asyn.close()
+        asyn.close()  # idempotent
+
+
+class _Boom(TokenBatches):
+    def get(self, step, micro=0):
+        if step == 3:
+            raise ValueError(f"corrupt shard at step {step}")
+        return super().get(step, micro)
+
+
+def test_async_loader_propagates_worker_errors_and_shuts_down():
+    tokens = np.arange(3000, dtype=np.uint16) % 500
+    tb = _Boom(tokens, batch_size=2, seq_len=8, seed=1)
+    src = AsyncBatches(tb, 0, 10, num_workers=2, prefetch_batches=2)
+    workers = list(src._it._workers)
+    for _ in range(3):
+        src.next()
+    with pytest.raises(ValueError, match="corrupt shard at step 3"):
+        src.next()
+    src.close()
+    for w in workers:
+        w.join(timeout=10)
+        assert not w.is_alive()
+
+
+# --------------------------------------------------------------------------------------------
+# end to end through the CLI
+
+import json  # noqa: E402
+
+from nanochat_ternary.cli import main  # noqa: E402
+
+SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+         "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--dataset", "synthetic",
+         "--n-samples", "200", "--log-interval", "1", "--eval-interval", "0"]
+
+
+@pytest.fixture()
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
+
+
+def _train(tmp_path, name: str, *args: str) -> list[dict]:
+    log = tmp_path / f"{name}.jsonl"
+    rc = main(["train", *SMALL, "--checkpoint-dir", str(tmp_path / name), "--log-file", str(log), *args])
+    assert rc == 0
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_cli_async_loader_and_checkpointing_reproduce_sync_run(tmp_path, _cache):
+    base = _train(tmp_path, "sync", "--total-steps", "6", "--grad-accum-steps", "2")
+    fast = _train(tmp_path, "async", "--total-steps", "6", "--grad-accum-steps", "2",
+                  "--set", "use_async_loader=true", "--set", "num_workers=2", "--set", "prefetch_batches=3",
+                  "--set", "gradient_checkpointing=true")
+    assert [r["step"] for r in fast] == list(range(1, 7))
+    for a, b in zip(base, fast):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+        assert "data_wait_s" in a and a["data_wait_s"] >= 0 and b["data_wait_s"] >= 0
+    # resume with the async loader continues with exactly the batches of the straight run
+    _train(tmp_path, "part", "--total-steps", "3", "--grad-accum-steps", "2",
+           "--set", "use_async_loader=true")
+    rest = _train(tmp_path, "part", "--total-steps", "6", "--grad-accum-steps", "2",
+                  "--set", "use_async_loader=true", "--resume", str(tmp_path / "part"))[3:]  # log appends
+    assert [r["step"] for r in rest] == [4, 5, 6]
+    for r in rest:
+        assert abs(r["loss"] - base[r["step"] - 1]["loss"]) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# multi-token prediction
+
+import dataclasses  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from nanochat_ternary.config import TrainConfig  # noqa: E402
+from nanochat_ternary.model.mtp import mtp_targets  # noqa: E402
+from nanochat_ternary.optim.factory import split_named_params  # noqa: E402
+from nanochat_ternary.train.objective import KeptRowsCE, Objective, collider_keep  # noqa: E402
+
+
+def test_mtp_targets_are_the_right_shifted_tokens():
+    # tokens of one row: 10 11 12 13 14 15; x = 10..14, y = 11..15 (y[t] = token t+1)
+    y = torch.tensor([[11, 12, 13, 14, 15]])
+    # head k at position t predicts token t+1+k = y[t+k]
+    assert mtp_targets(y, 1).tolist() == [[12, 13, 14, 15, -1]]
+    assert mtp_targets(y, 2).tolist() == [[13, 14, 15, -1, -1]]
+    assert mtp_targets(y, 4).tolist() == [[15, -1, -1, -1, -1]]
+    assert mtp_targets(y, 5).tolist() == [[-1, -1, -1, -1, -1]]
+
+
+def _naive_mtp_loss(model, x, y, n, weight):
+    """All heads' full-vocab logits at once, no checkpointing."""
+    h = model.hidden_states(x)
+    V = model.cfg.vocab_size
+    main = F.cross_entropy(model.logits(h).view(-1, V), y.view(-1))
+    all_logits = torch.stack([model.logits(head(h)) for head in model.mtp.heads])  # [n, B, T, V]
+    ces = []
+    for k in range(1, n + 1):
+        T = y.shape[1]
+        ces.append(F.cross_entropy(all_logits[k - 1, :, : T - k].reshape(-1, V), y[:, k:].reshape(-1)))
+    return main + weight * torch.stack(ces).mean(), main, ces
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mtp_loss_and_grads_equal_naive_all_heads_computation(tied):
+    torch.manual_seed(0)
+    mcfg = tiny_cfg(use_mtp=True, mtp_n_tokens=3, weight_tied=tied)
+    model = GPT(mcfg)
+    tcfg = TrainConfig(mtp_weight=0.3)
+    x = torch.randint(0, 97, (2, 12))
+    y = torch.randint(0, 97, (2, 12))
+    loss, stats = model(x, targets=y, objective=Objective(mcfg, tcfg))
+    loss.backward()
+    g = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ref, main, ces = _naive_mtp_loss(model, x, y, 3, 0.3)
+    ref.backward()
+    g_ref = _grads(model)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats["ce"], main.detach())
+    for k in range(1, 4):
+        torch.testing.assert_close(stats[f"mtp_ce_{k}"], ces[k - 1].detach())
+    assert g.keys() == g_ref.keys() and any(k.startswith("mtp.") for k in g)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # plain forward (validation, generation) is unaffected by the heads
+    torch.testing.assert_close(model(x, targets=y), main.detach())
+
+
+def test_mtp_heads_go_to_adamw_and_keep_at_most_one_heads_logits():
+    torch.manual_seed(0)
+    mcfg = tiny_cfg(use_mtp=True, mtp_n_tokens=4, vocab_size=512)
+    model = GPT(mcfg)
+    muon, adamw = split_named_params(model)
+    assert not any(n.startswith("mtp.") for n, _ in muon)
+    assert sum(n.startswith("mtp.") for n, _ in adamw) == 4 * 3
+    x = torch.randint(0, 512, (2, 16))
+    y = torch.randint(0, 512, (2, 16))
+    logits_numel = 2 * 16 * 512
+    big = []
+
+    def pack(t):
+        if t.shape[-1:] == (512,) and t.numel() >= logits_numel:  # logits-shaped (not the [V, D] weight)
+            big.append(tuple(t.shape))
+        return t
+
+    def n_logits_saved(objective) -> int:
+        big.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, targets=y, objective=objective)
+        return len(big)
+
+    plain = n_logits_saved(Objective(dataclasses.replace(mcfg, use_mtp=False), TrainConfig()))
+    # the 4 MTP heads keep no logits for backward (recomputed there one head at a time)
+    assert plain >= 1 and n_logits_saved(Objective(mcfg, TrainConfig())) == plain
+
+
+# --------------------------------------------------------------------------------------------
+# Collider
+
+
+def test_collider_keeps_exactly_the_intended_tokens():
+    loss = torch.tensor([0.1, 5.0, 0.3, 2.0, 0.2, 0.9, 3.0, 0.4, 0.0, 7.0])
+    valid = torch.ones(10, dtype=torch.bool)
+    valid[9] = False  # ignored target: never kept even with the highest loss
+    # sparsity 0.5: ceil(0.5 * 9) = 5 highest of the valid: 5.0 3.0 2.0 0.9 0.4; threshold huge
+    keep = collider_keep(loss, valid, 0.5, 100.0)
+    assert keep.nonzero().squeeze(1).tolist() == [1, 3, 5, 6, 7]
+    # sparsity 0.8: ceil(0.2 * 9) = 2 -> 5.0, 3.0; plus loss >= 1.5 * mean (mean 11.9/9 = 1.32 -> 1.98): 2.0
+    keep = collider_keep(loss, valid, 0.8, 0.5)
+    assert keep.nonzero().squeeze(1).tolist() == [1, 3, 6]
+    assert collider_keep(loss, valid, 0.0, 100.0).tolist() == valid.tolist()
+
+
+def test_collider_gradient_equals_masked_loss_gradient():
+    torch.manual_seed(0)
+    N, D, V = 40, 16, 30
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[3] = -1
+    loss, tok_loss, keep = KeptRowsCE.apply(h, w, y, 0.35, 0.3)
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref_tok = F.cross_entropy(h @ w.t(), y, ignore_index=-1, reduction="none")
+    torch.testing.assert_close(tok_loss, ref_tok.detach())
+    expect = collider_keep(ref_tok.detach(), y >= 0, 0.35, 0.3)
+    assert torch.equal(keep, expect) and 0.6 <= keep.float().mean() < 0.9
+    ref = (ref_tok * keep).sum() / keep.sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+    assert torch.all(gh[~keep] == 0)
+
+
+def test_collider_objective_logs_plain_ce_and_kept_fraction():
+    torch.manual_seed(0)
+    mcfg = tiny_cfg(use_mtp=True, mtp_n_tokens=2)
+    model = GPT(mcfg)
+    x = torch.randint(0, 97, (2, 16))
+    y = torch.randint(0, 97, (2, 16))
+    obj = Objective(mcfg, TrainConfig(use_collider=True, collider_sparsity=0.35, collider_threshold=10.0))
+    loss, stats = model(x, targets=y, objective=obj)
+    loss.backward()
+    torch.testing.assert_close(stats["ce"], model(x, targets=y).detach())
+    assert stats["kept_frac"].item() == pytest.approx(21 / 32)  # ceil(0.65 * 32) = 21
+    assert {"mtp_ce_1", "mtp_ce_2"} <= stats.keys()
+
+
+# --------------------------------------------------------------------------------------------
+# every toggle combination x every optimizer variant
+
+import itertools  # noqa: E402
+
+OPTIMIZERS = {
+    "muon": [],
+    "8bit": ["--set", "use_8bit_optim=true", "--set", "quant_block_size=32"],
+    "galore": ["--set", "use_galore=true", "--set", "galore_min_dim=16", "--set", "galore_rank=8",
+               "--set", "galore_update_freq=2"],
+    "both": ["--set", "use_8bit_optim=true", "--set", "quant_block_size=32", "--set", "use_galore=true",
+             "--set", "galore_min_dim=16", "--set", "galore_rank=8", "--set", "galore_update_freq=2"],
+}
+TOGGLES = ("use_mtp", "use_collider", "use_async_loader", "gradient_checkpointing")
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+@pytest.mark.parametrize("combo", list(itertools.product([False, True], repeat=4)),
+                         ids=lambda c: "".join("MCAG"[i] if on else "-" for i, on in enumerate(c)))
+def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, _cache, combo, optim):
+    args = [a for key, on in zip(TOGGLES, combo) for a in ("--set", f"{key}={str(on).lower()}")]
+    recs = _train(tmp_path, "run", "--total-steps", "3", "--set", "mtp_n_tokens=2", "--set", "num_workers=1",
+                  "--set", "dim=32", *args, *OPTIMIZERS[optim])
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
+        assert ("mtp_ce_2" in r) == combo[0] and ("kept_frac" in r) == combo[1]
+        if combo[1]:
+            assert 0.6 <= r["kept_frac"] <= 1.0
+
+
+def test_torchrun_two_ranks_with_all_features(tmp_path, _cache):
+    """DDP sees every parameter it uses: MTP heads and Collider run inside the wrapped forward."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "ddp.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "nanochat_ternary.cli", "train", *SMALL, "--total-steps", "3", "--threads", "1",
+         "--set", "dim=32", "--set", "use_mtp=true", "--set", "mtp_n_tokens=2", "--set", "use_collider=true",
+         "--set", "gradient_checkpointing=true", "--set", "use_async_loader=true", "--set", "num_workers=1",
+         "--checkpoint-dir", str(tmp_path / "ddp"), "--log-file", str(log)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and "mtp_ce_2" in r and "kept_frac" in r for r in recs)
