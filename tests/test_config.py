@@ -87,11 +87,13 @@ def test_wrong_type_in_toml(tmp_path):
         build_config(str(f))
 
 
-@pytest.mark.parametrize("key", sorted(NOT_AVAILABLE_YET))
-def test_unbuilt_features_refuse_to_turn_on(key):
-    with pytest.raises(ConfigError, match="not available yet"):
-        build_config(overrides=[f"{key}=true"])
-    build_config(overrides=[f"{key}=false"])  # the off value is accepted
+def test_unbuilt_features_refuse_to_turn_on(monkeypatch):
+    """The gate for features not built yet: only the off value passes (every feature is built now,
+    so the gate is exercised with a stand-in entry)."""
+    monkeypatch.setitem(NOT_AVAILABLE_YET, "use_collider", False)
+    with pytest.raises(ConfigError, match="use_collider = True: this feature is not available yet"):
+        build_config(overrides=["use_collider=true"])
+    build_config(overrides=["use_collider=false"])  # the off value is accepted
 
 
 def test_dict_round_trip():
