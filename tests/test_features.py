@@ -69,6 +69,30 @@ def test_gradient_checkpointing_matches_losses_and_grads(quant):
         torch.testing.assert_close(model(x, targets=y), loss0.detach(), rtol=0, atol=1e-6)
 
 
+def test_gradient_checkpointing_objective_chunks_the_head_and_matches(monkeypatch):
+    from nanochat_ternary.config import TrainConfig
+    from nanochat_ternary.train import objective as obj_mod
+
+    monkeypatch.setattr(obj_mod, "CE_CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    mcfg = tiny_cfg()
+    model = GPT(mcfg)
+    x = torch.randint(0, 97, (3, 16))
+    y = torch.randint(0, 97, (3, 16))
+    y[0, 3] = -1
+    ref = model(x, targets=y)
+    ref.backward()
+    g0 = _grads(model)
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing = True
+    loss, stats = model(x, targets=y, objective=obj_mod.Objective(mcfg, TrainConfig()))
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats["ce"], ref.detach(), rtol=1e-6, atol=1e-6)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g0[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 # --------------------------------------------------------------------------------------------
 # async loader
 

@@ -129,6 +129,9 @@ class Objective:
             n_valid = valid.sum().clamp(min=1)
             stats["ce"] = (tok_loss.sum() / n_valid).detach()
             stats["kept_frac"] = (keep.sum() / n_valid).detach().float()
+        elif getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            loss = _chunked_ce(model, h, targets)
+            stats["ce"] = loss.detach()
         else:
             logits = model.logits(h)
             loss = F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1)
@@ -147,6 +150,29 @@ class Objective:
                 mtp_losses.append(ce_k)
             loss = loss + self.mtp_weight * torch.stack(mtp_losses).mean()
         return loss, stats
+
+
+CE_CHUNK_ROWS = 1024
+
+
+def _chunked_ce(model, h: Tensor, targets: Tensor) -> Tensor:
+    """Next-token CE with the LM head checkpointed in chunks of ``CE_CHUNK_ROWS`` tokens (used with
+    gradient checkpointing): nothing of the ``[B*T, V]`` logits is kept for backward, which
+    recomputes one chunk's logits at a time, so the head's activation memory is one chunk's instead
+    of all tokens' (at a 50k vocab the logits outweigh the blocks' activations). Same value as the
+    plain CE up to float summation order; costs one extra LM-head forward."""
+    h2 = h.reshape(-1, h.shape[-1])
+    y = targets.reshape(-1)
+    n_valid = (y >= 0).sum().clamp(min=1)
+    total = h2.new_zeros((), dtype=torch.float32)
+    for i in range(0, h2.shape[0], CE_CHUNK_ROWS):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _ce_sum, model, h2[i:i + CE_CHUNK_ROWS], y[i:i + CE_CHUNK_ROWS], use_reentrant=False)
+    return total / n_valid
+
+
+def _ce_sum(model, h: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model.logits(h), y, ignore_index=-1, reduction="sum")
 
 
 def _head_ce(model, head, h: Tensor, yk: Tensor) -> Tensor:
