@@ -8,13 +8,7 @@ import torch
 from nanochat_ternary.config import ModelConfig
 from nanochat_ternary.model.gpt import GPT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**kw) -> ModelConfig:

@@ -27,13 +27,7 @@ from nanochat_ternary.optim import (
 A, B, C = 3.4445, -4.7750, 2.0315
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread avoids waiting on descheduled workers on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quintic5(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
