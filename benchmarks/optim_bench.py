@@ -40,7 +40,7 @@ import torch
 from nanochat_ternary.config import ModelConfig, TrainConfig, build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim import GaLoreMuon, Muon, Muon8bit, measure_optimizer_state, split_params
-from nanochat_ternary.optim.factory import build_optimizers, tensor_nbytes
+from nanochat_ternary.optim.factory import build_optimizers, optimizer_state_bytes
 
 NANO_LAYER = [(768, 768)] * 4 + [(2176, 768)] * 2 + [(768, 2176)]
 
@@ -177,38 +177,7 @@ def markov_batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
-    """Bytes of every tensor reachable from the optimizers' state (through dicts, lists and plain
-    objects such as galore-torch's projector); each storage counted once."""
-    seen: set[int] = set()
-    total = 0
-
-    def visit(obj: Any, depth: int = 0) -> None:
-        nonlocal total
-        if depth > 6:
-            return
-        if isinstance(obj, torch.Tensor):
-            if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
-                total += tensor_nbytes(obj) if id(obj) not in seen else 0
-                seen.add(id(obj))
-                return
-            ptr = obj.untyped_storage().data_ptr()
-            if ptr not in seen or ptr == 0:
-                seen.add(ptr)
-                total += obj.untyped_storage().nbytes() if ptr else obj.nbytes
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                visit(v, depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            for v in vars(obj).values():
-                visit(v, depth + 1)
-
-    for o in opts:
-        for st in o.state.values():
-            visit(st)
-    return total
+    return sum(optimizer_state_bytes(o) for o in opts)
 
 
 def _ours(flags: dict[str, Any]) -> Callable[[torch.nn.Module], list[torch.optim.Optimizer]]:

@@ -87,6 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="measured optimizer state of a config's variant vs fp32 Muon (one real step)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="matched benchmark of configurations (default: the E3 suite) -> REPORT.md",
+                       description="Train every configuration of a suite on the same model, data, seeds, steps "
+                                   "and batch shape, each in its own process, and write REPORT.md, results.json, "
+                                   "loss.png and memory.png. Default: the five E3 configs on tiny-cpu, 200 steps, "
+                                   "2 seeds, the default corpus (~20 min on 2 cores); --quick: ~1 min.")
+    p.add_argument("--suite", default="e3", help="e3 (default) | nano-125m (its optimizer configs)")
+    p.add_argument("--configs", help="comma-separated TOML configs to compare instead of a suite (shipped "
+                                     "names like e3/full.toml, or paths); the one named baseline, else the first, "
+                                     "is what the others are compared with")
+    p.add_argument("--model", help="model preset every configuration trains (default: tiny-cpu)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200; --quick 30)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration, 1..N (default 2; --quick 1)")
+    p.add_argument("--dataset", help="synthetic | tokens | text | stdlib (default: the embedded corpus)")
+    p.add_argument("--data-path", help="data for --dataset tokens/text")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--grad-accum-steps", type=int)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: torch's default)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field in every configuration (repeatable)")
+    p.add_argument("--out", help="output dir, must be new or empty (default: bench-results/<date-time>)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size: 30 steps, 1 seed, batch 8 x 64")
+    p.add_argument("--peers", action="store_true",
+                   help="add torch AdamW/Muon, bitsandbytes and torchao AdamW8bit, galore-torch GaLoreAdamW")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     return parser
 
 
@@ -244,8 +271,36 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from .bench.runner import SUITES, BenchSettings, command_line, run_bench
+
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    elif args.suite in SUITES:
+        configs = SUITES[args.suite]
+    else:
+        raise UserError(f"bench: unknown suite '{args.suite}' (suites: {', '.join(SUITES)})")
+    for key in ("steps", "seeds"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"bench: --{key} must be >= 1")
+    kw = dict(model=args.model, steps=args.steps, seeds=args.seeds, dataset=args.dataset,
+              data_path=args.data_path, batch_size=args.batch_size, seq_len=args.seq_len,
+              grad_accum_steps=args.grad_accum_steps, threads=args.threads, device=args.device,
+              overrides=args.set, keep_checkpoints=args.keep_checkpoints)
+    if args.quick:
+        settings = BenchSettings.quick(**kw)
+    else:
+        settings = BenchSettings(**{k: v for k, v in kw.items() if v is not None})
+    out = Path(args.out) if args.out else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    run_bench(settings, configs, args.peers, out, command=command_line(argv))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
-            "memory": cmd_memory}
+            "memory": cmd_memory, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

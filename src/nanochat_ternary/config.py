@@ -379,17 +379,24 @@ def packaged_config_dir() -> Path:
 
 
 def resolve_config_path(name: str) -> Path | None:
-    """A TOML path as given, or relative to the packaged configs dir (``e3/full.toml``)."""
+    """A TOML path as given, else the shipped config of that name: ``e3/full.toml``,
+    ``configs/e3/full.toml`` (the repo path, valid from any directory after a plain install) or
+    ``e3/full`` all find the packaged file."""
     p = Path(name)
     if p.is_file():
         return p
-    for base in (packaged_config_dir(), packaged_config_dir().parent.parent.parent / "configs"):
-        q = base / name
-        if q.is_file():
-            return q
-        if q.with_suffix(".toml").is_file():
-            return q.with_suffix(".toml")
+    rel = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) and len(p.parts) > 1 else p
+    q = packaged_config_dir() / rel
+    for cand in (q, q.with_suffix(".toml")):
+        if cand.is_file():
+            return cand
     return None
+
+
+def shipped_configs() -> list[str]:
+    """Names of the TOML configs shipped with the package, relative to its configs dir."""
+    root = packaged_config_dir()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.toml"))
 
 
 def build_config(
@@ -398,16 +405,18 @@ def build_config(
     cli: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     base: Config | None = None,
+    preset: str | None = None,
 ) -> Config:
     """Resolve a config from its sources. ``config`` is a preset name or a TOML path.
 
     A TOML file may name a base preset with ``preset = "d20"`` at top level; otherwise it applies
     on top of the default preset. ``base`` (a checkpoint's config, when resuming) replaces the
-    preset layer.
+    preset layer. ``preset`` names the base preset outright, over one a TOML file names (the
+    benchmark runs every config on its suite's model).
     """
     cfg = Config()
     sources: list[tuple[str, dict[str, Any]]] = []
-    preset = DEFAULT_PRESET
+    forced, preset = preset, DEFAULT_PRESET
     for spec in (config, config_file):
         if not spec:
             continue
@@ -426,6 +435,8 @@ def build_config(
                 raise ConfigError(f"{path}: preset must be a string")
             preset = named
         sources.append((str(path), data))
+    if forced is not None:
+        preset = forced
     if base is not None:
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model),
                                   training=dataclasses.replace(base.training))

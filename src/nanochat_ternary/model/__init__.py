@@ -2,6 +2,7 @@
 
 from .bitlinear import (
     BitLinear,
+    cached_weight_quantization,
     quantize_activations,
     quantize_activations_int8,
     quantize_weight,
@@ -10,6 +11,7 @@ from .bitlinear import (
 from .gpt import GPT, KVCache
 
 __all__ = [
+    "cached_weight_quantization",
     "GPT",
     "BitLinear",
     "KVCache",

@@ -242,6 +242,8 @@ class GPT(nn.Module):
         """
         std = 0.02
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.cfg.weight_tied:  # re-tie: materialising from meta (to_empty) gives each use its own tensor
+            self.lm_head.weight = self.tok_emb.weight
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
         if not self.cfg.weight_tied:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)

@@ -130,20 +130,42 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     return t.nbytes
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+def _tensors(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    """Tensors reachable from an optimizer's per-parameter state: through dicts, lists and plain
+    objects (galore-torch keeps its projector matrix on a projector object)."""
+    if depth > 6:
+        return
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from _tensors(v, depth + 1)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from _tensors(v, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
+        for v in vars(obj).values():
+            yield from _tensors(v, depth + 1)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors in ``opt.state`` (momentum, moments, projectors, step counters...)."""
-    return sum(tensor_nbytes(t) for state in opt.state.values() for t in _tensors(state))
+    """Bytes held by the tensors in ``opt.state`` (momentum, moments, projectors, step counters...),
+    whatever optimizer it is (ours, torch's, bitsandbytes', torchao's, galore-torch's). Tensors that
+    share a storage are counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for state in opt.state.values():
+        for t in _tensors(state):
+            if type(t) is torch.Tensor or type(t) is Parameter:
+                ptr = t.untyped_storage().data_ptr()
+                key = (ptr, t.untyped_storage().nbytes()) if ptr else (id(t), 0)
+                nbytes = t.untyped_storage().nbytes() if ptr else t.nbytes
+            else:  # a wrapper subclass (torchao): measured by its inner tensors
+                key, nbytes = (id(t), 0), tensor_nbytes(t)
+            if key not in seen:
+                seen.add(key)
+                total += nbytes
+    return total
 
 
 def _numel(opt: torch.optim.Optimizer) -> int:

@@ -27,10 +27,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import Config, format_config
+from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
 from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
+from ..model.bitlinear import cached_weight_quantization
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report
 from . import checkpoint as ckpt_io
@@ -47,6 +48,10 @@ class TrainResult:
     final_checkpoint: Path | None
     step: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, every step
+    val_curve: dict[int, float] = field(default_factory=dict)  # step -> val loss, at each evaluation
+    step_times: list[float] = field(default_factory=list)  # seconds per optimizer step, data wait included
+    data_waits: list[float] = field(default_factory=list)  # seconds of each step spent waiting for data
+    step_stats: list[dict[str, float]] = field(default_factory=list)  # per step: mtp_ce_k, kept_frac
     val_loss: float | None = None
     val_bpb: float | None = None
     sample: str | None = None
@@ -56,8 +61,15 @@ def round_up(n: int, multiple: int) -> int:
     return multiple * math.ceil(n / multiple)
 
 
+OptimizerFactory = Callable[[torch.nn.Module, TrainConfig], list[torch.optim.Optimizer]]
+
+
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime, echo: Callable[[str], None] = print) -> None:
+    """``optimizer_factory`` replaces the config's optimizers (the benchmark's peers use it); every
+    param group it returns must carry ``initial_lr`` for the schedule."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, echo: Callable[[str], None] = print,
+                 optimizer_factory: OptimizerFactory | None = None) -> None:
         self.cfg = cfg
         self.rt = runtime
         self.echo = echo if runtime.is_main else (lambda _msg: None)
@@ -108,7 +120,10 @@ class Trainer:
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.objective = Objective(m, t)  # loss (+ MTP heads) (+ Collider filter); see objective.py
         self.step_stats: dict[str, float] = {}
-        self.optimizers = build_optimizers(self.model, t, runtime.device)
+        if optimizer_factory is not None:
+            self.optimizers = optimizer_factory(self.model, t)
+        else:
+            self.optimizers = build_optimizers(self.model, t, runtime.device)
         self.ddp: torch.nn.Module = self.model
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -218,20 +233,21 @@ class Trainer:
                                           t.min_lr_ratio))
         stat_sums: dict[str, torch.Tensor] = {}
         self.data_wait_s = 0.0
-        for micro in range(t.grad_accum_steps):
-            tw = time.perf_counter()
-            x, y = source.next() if source is not None else self.batches.get(step, micro)
-            self.data_wait_s += time.perf_counter() - tw
-            x = x.to(self.rt.device, non_blocking=True)
-            y = y.to(self.rt.device, non_blocking=True)
-            last = micro == t.grad_accum_steps - 1
-            sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
-            with sync, self.rt.autocast():
-                loss, stats = self.ddp(x, targets=y, objective=self.objective)
-            with sync:
-                (loss / t.grad_accum_steps).backward()
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
+        with cached_weight_quantization(self.model):  # weights are fixed until opt.step(): quantize once
+            for micro in range(t.grad_accum_steps):
+                tw = time.perf_counter()
+                x, y = source.next() if source is not None else self.batches.get(step, micro)
+                self.data_wait_s += time.perf_counter() - tw
+                x = x.to(self.rt.device, non_blocking=True)
+                y = y.to(self.rt.device, non_blocking=True)
+                last = micro == t.grad_accum_steps - 1
+                sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
+                with sync, self.rt.autocast():
+                    loss, stats = self.ddp(x, targets=y, objective=self.objective)
+                with sync:
+                    (loss / t.grad_accum_steps).backward()
+                for k, v in stats.items():
+                    stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
         # logged per step: plain next-token CE as ``loss``; mtp_ce_k / kept_frac when enabled
         means = {k: v / t.grad_accum_steps for k, v in stat_sums.items()}
         self.step_stats = {k: float(v) for k, v in means.items() if k != "ce"}
@@ -273,7 +289,12 @@ class Trainer:
         interval_wait = 0.0
         try:
             for step in range(self.start_step, self.total_steps):
+                ts = time.perf_counter()
                 loss_t, grad_norm_t = self._train_step(step, source)
+                loss = rt.all_reduce_mean(loss_t.item())  # .item() syncs: the step's work is done
+                result.step_times.append(time.perf_counter() - ts)
+                result.data_waits.append(self.data_wait_s)
+                result.step_stats.append(dict(self.step_stats))
                 interval_wait += self.data_wait_s
                 self.tokens_seen += self.tokens_per_step
                 interval_steps += 1
@@ -283,7 +304,6 @@ class Trainer:
                     opt_report_done = True
                 is_log = done % t.log_interval == 0 or done == self.total_steps or done == self.start_step + 1
                 is_eval = (t.eval_interval > 0 and done % t.eval_interval == 0) or done == self.total_steps
-                loss = rt.all_reduce_mean(loss_t.item())
                 result.losses[done] = loss
                 if not math.isfinite(loss):
                     raise UserError(f"training diverged: loss is {loss} at step {done} "
@@ -306,6 +326,7 @@ class Trainer:
                     if is_eval:
                         rec["val_loss"], rec["val_bpb"] = self.evaluate()
                         result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
+                        result.val_curve[done] = rec["val_loss"]
                         bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
                         if rt.is_main:  # tqdm.write is a classmethod: it ignores disable=
                             bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")

@@ -1,0 +1,298 @@
+"""Run a benchmark suite: every (configuration, seed) in a fresh subprocess, one at a time.
+
+    settings  = model, steps, data, seeds, batch shape: the same for every configuration
+    prepare the data once (tokenizer + token cache), so no run pays for it
+    for each configuration, for each seed:
+        worker process: build config (suite model + the TOML's features + settings) -> train -> result
+        progress bar from the run's JSONL log; one line when it ends
+    aggregate over seeds -> results.json, REPORT.md, loss.png, memory.png
+
+Runs go one at a time with all the suite's threads, so their timings are comparable (two runs
+sharing cores would each measure the other). A run that fails or dies is recorded as failed with
+its error, and the suite goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..config import build_config, packaged_config_dir, resolve_config_path
+from ..errors import UserError
+from . import report
+from .peers import PEERS, peer_unavailable
+
+SUITES: dict[str, list[str]] = {
+    "e3": ["e3/baseline.toml", "e3/mtp_only.toml", "e3/muon_8bit.toml", "e3/galore2.toml", "e3/full.toml"],
+    "nano-125m": ["e3/baseline.toml", "nano_125m_8bit.toml", "nano_125m_galore.toml", "nano_125m_8bit_galore.toml"],
+}
+PEER_BASE = "e3/baseline.toml"  # the peers replace the optimizer of this configuration
+
+
+@dataclass
+class BenchSettings:
+    """What every configuration shares. ``quick`` shrinks the defaults to a smoke-test size."""
+
+    model: str = "tiny-cpu"
+    steps: int = 200
+    seeds: int = 2
+    dataset: str = ""
+    data_path: str = ""
+    batch_size: int | None = None  # None: the model preset's
+    seq_len: int | None = None
+    grad_accum_steps: int | None = None
+    eval_points: int = 10  # evaluations per run (the val-loss curve's points)
+    eval_batches: int | None = None
+    threads: int = 0
+    device: str = "auto"
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE for every configuration
+    keep_checkpoints: bool = False
+
+    @classmethod
+    def quick(cls, **kw: Any) -> BenchSettings:
+        base = dict(steps=30, seeds=1, batch_size=8, seq_len=64, eval_points=3, eval_batches=2)
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(**base)
+
+    def config_overrides(self) -> list[str]:
+        """``key=value`` settings applied to every configuration (after its TOML)."""
+        eval_interval = max(1, self.steps // self.eval_points)
+        sets = [f"total_steps={self.steps}", f"eval_interval={eval_interval}", "sample_tokens=0",
+                "checkpoint_interval=0", "keep_last_checkpoints=1", f"threads={self.threads}",
+                f"device={self.device}", f"log_interval={max(1, self.steps // 100)}"]
+        for key in ("dataset", "data_path"):
+            if getattr(self, key):
+                sets.append(f"{key}={getattr(self, key)}")
+        for key in ("batch_size", "seq_len", "grad_accum_steps", "eval_batches"):
+            if getattr(self, key) is not None:
+                sets.append(f"{key}={getattr(self, key)}")
+        return sets + list(self.overrides)
+
+
+@dataclass
+class Entry:
+    name: str
+    kind: str  # "config" | "peer"
+    config: str  # TOML path
+    peer: str = ""
+    source: str = ""
+
+
+def suite_entries(configs: list[str], peers: bool) -> list[Entry]:
+    entries: list[Entry] = []
+    names: set[str] = set()
+    for spec in configs:
+        path = resolve_config_path(spec)
+        if path is None:
+            raise UserError(f"bench: config not found: {spec} (shipped: e3/baseline.toml, e3/full.toml, ...)")
+        name = path.stem
+        while name in names:
+            name += "'"
+        names.add(name)
+        entries.append(Entry(name, "config", str(path), source=_display_path(path)))
+    if peers:
+        base = resolve_config_path(PEER_BASE)
+        assert base is not None
+        for peer, (desc, _need, _f) in PEERS.items():
+            entries.append(Entry(f"peer:{peer}", "peer", str(base), peer=peer, source=desc))
+    return entries
+
+
+def _display_path(path: Path) -> str:
+    """``configs/e3/full.toml`` for a shipped config, the path as given otherwise."""
+    try:
+        return "configs/" + str(path.resolve().relative_to(packaged_config_dir()))
+    except ValueError:
+        return str(path)
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(), "memory_bytes": mem,
+            "python": platform.python_version(), "torch": torch.__version__, "cuda_device": None}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _prepare_data(settings: BenchSettings) -> tuple[dict[str, Any], dict[str, int]]:
+    """Tokenize/cache the suite's data once (in this process) and describe it; also the resolved
+    batch shape of the baseline, for the report."""
+    from ..train.dataset import load_training_data
+    from ..train.runtime import setup_runtime
+
+    cfg = build_config(None, overrides=settings.config_overrides(), preset=settings.model)
+    rt = setup_runtime("cpu", 0)
+    data = load_training_data(cfg, rt)
+    t = cfg.training
+    shape = {"batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum_steps": t.grad_accum_steps,
+             "tokens_per_step": t.batch_size * t.seq_len * t.grad_accum_steps}
+    return {"name": data.describe()["name"], "train_tokens": len(data.train), "val_tokens": len(data.val)}, shape
+
+
+def _run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, label: str) -> dict[str, Any]:
+    """Train one (configuration, seed) in a subprocess, with a progress bar fed by its JSONL log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir / "metrics.jsonl"
+    spec = {"name": entry.name, "config": entry.config, "peer": entry.peer, "model": settings.model,
+            "seed": seed, "overrides": settings.config_overrides(), "run_dir": str(run_dir / "checkpoints"),
+            "log_file": str(log_file)}
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    result_path = run_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "nanochat_ternary.bench.worker", str(run_dir / "spec.json"), str(result_path)]
+    live = sys.stderr.isatty()
+    if not live:  # a log file gets one line when the run starts instead of a redrawn bar
+        print(f"{label}: running", flush=True)
+    bar = tqdm(total=settings.steps, desc=label, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr,
+               disable=not live)
+    with open(run_dir / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        pos = 0
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                pos = _follow(log_file, pos, bar)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            _follow(log_file, pos, bar)
+            bar.close()
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:  # killed (OOM, signal) before it could write
+        result = {"status": "failed", "error": f"worker exited with status {proc.returncode} and no result"}
+    if result.get("status") == "failed" and not result.get("error"):
+        result["error"] = f"worker exited with status {proc.returncode}"
+    if not settings.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return result
+
+
+def _follow(log_file: Path, pos: int, bar: tqdm) -> int:
+    """Advance ``bar`` to the last step logged in ``log_file`` (read from byte ``pos``)."""
+    if bar.disable or not log_file.is_file():
+        return pos
+    with open(log_file) as fh:
+        fh.seek(pos)
+        chunk = fh.read()
+    last = chunk.rfind("\n")
+    if last < 0:
+        return pos
+    for line in chunk[:last].splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        bar.n = rec.get("step", bar.n)
+        bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}", refresh=False)
+    bar.refresh()
+    return pos + last + 1
+
+
+def _one_line(label: str, r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"{label}: {r.get('status', 'failed').upper()}: {r.get('error')}"
+    bpb = f" (bpb {r['val_bpb']:.3f})" if r.get("val_bpb") is not None else ""
+    kept = f", kept {r['kept_frac']:.2f}" if r.get("kept_frac") is not None else ""
+    return (f"{label}: val {r['val_loss']:.4f}{bpb}, train {r['final_train_loss']:.4f}, "
+            f"{r['tokens_per_s']:,.0f} tok/s, state {r['optimizer_state_bytes'] / 2**20:.2f} MiB, "
+            f"peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB, data wait {r['data_wait_share']:.1%}{kept}, "
+            f"{r['wall_s']:.0f} s")
+
+
+def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Path,
+              command: str | None = None) -> dict[str, Any]:
+    """Run the suite and write its report into ``out`` (which must not hold a report already)."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"bench: output dir {out} is not empty (choose another --out; nothing was overwritten)")
+    entries = suite_entries(configs, peers)
+    t0 = time.perf_counter()
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    seeds = list(range(1, settings.seeds + 1))
+    print(f"bench: {len(entries)} configurations x {len(seeds)} seed(s) on {settings.model}, "
+          f"{settings.steps} steps each; output in {out}", flush=True)
+    data, shape = _prepare_data(settings)
+    print(f"bench: data {data['name']}: {data['train_tokens']:,} train / {data['val_tokens']:,} val tokens; "
+          f"{shape['tokens_per_step']:,} tokens/step", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    configs_out: list[dict[str, Any]] = []
+    total = len(entries) * len(seeds)
+    i = 0
+    for entry in entries:
+        runs: list[dict[str, Any]] = []
+        why_not = peer_unavailable(entry.peer) if entry.peer else None
+        for seed in seeds:
+            i += 1
+            label = f"[{i}/{total}] {entry.name} seed {seed}"
+            if why_not:
+                r = {"status": "unavailable", "error": why_not, "seed": seed}
+            else:
+                r = _run_one(entry, seed, settings, out / "runs" / entry.name.replace(":", "_") / f"seed{seed}",
+                             label)
+            r["seed"] = seed
+            runs.append(r)
+            tqdm.write(_one_line(label, r), file=sys.stdout)
+            sys.stdout.flush()
+        status, error = report.config_status(runs)
+        configs_out.append({"name": entry.name, "kind": entry.kind, "source": entry.source, "status": status,
+                            "error": error, "runs": runs, "summary": report.summarize(runs)})
+
+    names = [c["name"] for c in configs_out if c["kind"] == "config"]
+    baseline = "baseline" if "baseline" in names else (names[0] if names else None)
+    results = {
+        "schema_version": 1,
+        "date": date,
+        "command": command or "nanochat-train bench",
+        "machine": machine_info(),
+        "settings": {"model": settings.model, "steps": settings.steps, "seeds": seeds,
+                     "dataset": settings.dataset or "auto", "data_path": settings.data_path, **shape,
+                     "threads": settings.threads, "device": settings.device, "overrides": settings.overrides},
+        "data": data,
+        "baseline": baseline,
+        "configs": configs_out,
+        "wall_s": time.perf_counter() - t0,
+    }
+    report.write_results(results, out)
+    try:
+        plots = report.write_plots(results, out)
+    except ImportError:
+        plots = []
+        print("bench: matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    path = report.write_report(results, out, plots)
+    print(f"bench: done in {results['wall_s'] / 60:.1f} min: {path}, {out / 'results.json'}"
+          + "".join(f", {out / p}" for p in plots))
+    return results
+
+
+def command_line(argv: list[str]) -> str:
+    return "nanochat-train " + " ".join(shlex.quote(a) for a in argv)

@@ -1,0 +1,114 @@
+"""One benchmark run, in its own process: ``python -m nanochat_ternary.bench.worker SPEC RESULT``.
+
+A fresh process per (configuration, seed) so that its peak memory (``ru_maxrss`` on CPU, the CUDA
+caching allocator's high-water mark on GPU) is its own and not a previous run's. It trains through
+the ordinary :class:`~nanochat_ternary.train.trainer.Trainer` (the same code path as
+``nanochat-train train``) and writes one JSON object: the run's measurements, or
+``{"status": "failed", "error": ...}``. The exit status is 0 on success, 1 on failure.
+
+SPEC (JSON): ``name``, ``config`` (TOML path or "" for the baseline of a peer), ``peer`` (a
+:data:`~.peers.PEERS` name or ""), ``model`` (preset), ``seed``, ``overrides`` (``key=value``
+strings applied last), ``run_dir``, ``log_file``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# how many of the last steps the "final train loss" averages (a single step's loss is noisy)
+FINAL_LOSS_FRACTION = 0.1
+
+
+def _peak_memory(device: Any) -> tuple[int, str]:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"  # Linux reports KiB
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ..config import build_config
+    from ..optim.factory import optimizer_state_bytes
+    from ..train.runtime import setup_runtime
+    from ..train.trainer import Trainer
+    from .peers import build_peer
+
+    t_start = time.perf_counter()
+    cfg = build_config(spec["config"] or None, overrides=[*spec["overrides"], f"seed={spec['seed']}",
+                                                          f"checkpoint_dir={spec['run_dir']}",
+                                                          f"log_file={spec['log_file']}"],
+                       preset=spec["model"])
+    rt = setup_runtime(cfg.training.device, cfg.training.threads)
+    factory = (lambda model, tcfg: build_peer(spec["peer"], model, tcfg)) if spec["peer"] else None
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    try:
+        trainer = Trainer(cfg, rt, optimizer_factory=factory)
+        res = trainer.fit()
+    finally:
+        rt.shutdown()
+    peak, peak_kind = _peak_memory(rt.device)
+
+    steps = len(res.step_times)
+    losses = [res.losses[k] for k in sorted(res.losses)]
+    n_last = max(1, math.ceil(FINAL_LOSS_FRACTION * len(losses)))
+    timed = res.step_times[1:] if steps > 1 else res.step_times  # step 1 carries one-off warm-up
+    kept = [s["kept_frac"] for s in res.step_stats if "kept_frac" in s]
+    tps = trainer.tokens_per_step
+    return {
+        "status": "ok",
+        "error": None,
+        "seed": spec["seed"],
+        "steps": steps,
+        "tokens_per_step": tps,
+        "params": trainer.model.num_params(),
+        "final_train_loss": statistics.fmean(losses[-n_last:]),
+        "val_loss": res.val_loss,
+        "val_bpb": res.val_bpb,
+        "tokens_per_s": tps * len(timed) / sum(timed),
+        "median_step_s": statistics.median(timed),
+        "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in trainer.optimizers),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "data_wait_share": sum(res.data_waits) / sum(res.step_times),
+        "kept_frac": statistics.fmean(kept) if kept else None,
+        "wall_s": time.perf_counter() - t_start,
+        "train_curve": [[step, tps * step, loss] for step, loss in sorted(res.losses.items())],
+        "val_curve": [[step, tps * step, loss] for step, loss in sorted(res.val_curve.items())],
+        "device": str(rt.device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import UserError
+
+    spec_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = run(spec)
+        code = 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        result, code = {"status": "failed", "error": str(e)}, 1
+    except Exception as e:  # any crash is a result too: the suite reports it and goes on
+        traceback.print_exc()
+        result, code = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, 1
+    result["name"] = spec["name"]
+    Path(result_path).write_text(json.dumps(result, indent=1))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The benchmark suite: shipped configs, `nanochat-train bench` end to end, results.json, the reading."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanochat_ternary.bench import report
+from nanochat_ternary.cli import main
+from nanochat_ternary.config import build_config, packaged_config_dir, shipped_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+E3 = ["e3/baseline.toml", "e3/mtp_only.toml", "e3/muon_8bit.toml", "e3/galore2.toml", "e3/full.toml"]
+NANO = ["nano_125m_8bit.toml", "nano_125m_galore.toml", "nano_125m_8bit_galore.toml"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
+
+
+# ---------------------------------------------------------------------------------------------
+# shipped configs
+
+
+def test_every_issue_config_is_shipped_and_enables_its_features(tmp_path, monkeypatch):
+    assert set(E3 + NANO) <= set(shipped_configs())
+    monkeypatch.chdir(tmp_path)  # no checkout here: found in the package
+    feats = {}
+    for name in E3:
+        t = build_config(f"configs/{name}").training
+        m = build_config(f"configs/{name}").model
+        feats[name] = (m.use_mtp, t.use_collider, t.use_async_loader, t.use_8bit_optim, t.use_galore,
+                       t.gradient_checkpointing)
+    assert feats == {  # MTP, Collider, async, 8-bit, GaLore, checkpointing (the seeds' E3 table)
+        "e3/baseline.toml": (False, False, False, False, False, False),
+        "e3/mtp_only.toml": (True, False, False, False, False, False),
+        "e3/muon_8bit.toml": (True, True, True, True, False, False),
+        "e3/galore2.toml": (True, True, True, False, True, False),
+        "e3/full.toml": (True, True, True, True, True, True),
+    }
+    for name in NANO:
+        cfg = build_config(f"configs/{name}")
+        assert cfg.preset == "nano-125m" and cfg.model.dim == 768
+        assert (cfg.training.use_8bit_optim, cfg.training.use_galore) == {
+            "nano_125m_8bit.toml": (True, False), "nano_125m_galore.toml": (False, True),
+            "nano_125m_8bit_galore.toml": (True, True)}[name]
+    # the repo path resolves to the same files from a checkout
+    assert (ROOT / "configs" / "e3" / "full.toml").resolve() == (packaged_config_dir() / "e3" / "full.toml").resolve()
+
+
+def test_configs_work_after_a_plain_pip_install(tmp_path):
+    """Build the wheel, install it into a bare directory, load every shipped config from elsewhere."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import nanochat_ternary, sys; from nanochat_ternary.config import build_config\n"
+            "assert nanochat_ternary.__file__.startswith(sys.argv[1]), nanochat_ternary.__file__\n"
+            f"for n in {E3 + NANO!r}: build_config('configs/' + n)\n"
+            "print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_train_accepts_a_shipped_config(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    assert main(["train", "--config", "configs/e3/full.toml", "--dataset", "synthetic", "--n-samples", "64",
+                 "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=2",
+                 "--set", "vocab_size=256", "--set", "galore_rank=16", "--set", "galore_min_dim=16",
+                 "--batch-size", "4", "--seq-len", "32", "--total-steps", "3", "--sample-tokens", "0",
+                 "--checkpoint-dir", str(tmp_path / "run"), "--log-file", str(log)]) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert recs[-1]["step"] == 3 and "kept_frac" in recs[-1] and "mtp_ce_4" in recs[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the quick suite, end to end (one run shared by the tests below)
+
+
+def _write_corpus(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "class", "self", "import", "for", "in", "if", "else", "print", "value", "x", "y"]
+    for i in range(16):
+        lines = [" ".join(rng.choice(words, size=8)) + f"  # {i}" for _ in range(80)]
+        (d / f"f{i}.py").write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    """`bench --quick` on the five E3 configs plus one that crashes (an invalid value in its TOML)."""
+    base = tmp_path_factory.mktemp("bench")
+    corpus = _write_corpus(base / "corpus")
+    bad = base / "broken.toml"
+    bad.write_text("[model]\nuse_mtp = true\nmtp_n_tokens = 0\n")
+    out = base / "out"
+    env = {**os.environ, "NANOCHAT_CACHE": str(base / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "nanochat_ternary.cli", "bench", "--quick", "--configs",
+                           ",".join(E3[:3] + [str(bad)] + E3[3:]), "--dataset", "text", "--data-path", str(corpus),
+                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+    return proc, out
+
+
+def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
+    proc, out = quick_suite
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in ("REPORT.md", "results.json", "loss.png", "memory.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    by_name = {c["name"]: c for c in res["configs"]}
+    assert list(by_name) == ["baseline", "mtp_only", "muon_8bit", "broken", "galore2", "full"]
+    assert by_name["broken"]["status"] == "failed" and "mtp_n_tokens" in by_name["broken"]["error"]
+    assert "FAILED" in proc.stdout  # the progress line says so as it happens
+    table = (out / "REPORT.md").read_text()
+    for name, c in by_name.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        if name == "broken":
+            assert "failed" in row
+            continue
+        assert c["status"] == "ok"
+        cells = [x.strip() for x in row.strip("|").split("|")][2:]
+        nums = [float(x.replace(",", "").rstrip("%")) for x in cells if x != "–"]
+        assert len(nums) >= 8 and all(math.isfinite(v) for v in nums), row
+        run = c["runs"][0]
+        assert run["steps"] == 30 and run["tokens_per_step"] == 8 * 64
+        assert (run["kept_frac"] is not None) == (name in ("muon_8bit", "galore2", "full"))
+        assert 0.0 <= run["data_wait_share"] < 1.0 and run["peak_memory_bytes"] > 0
+    # matched: same seed, data and model size; features change what they should
+    runs = {n: c["runs"][0] for n, c in by_name.items() if c["status"] == "ok"}
+    assert len({r["tokens_per_step"] for r in runs.values()}) == 1
+    assert runs["muon_8bit"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
+    assert runs["galore2"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
+    assert "One seed only" in table and "broken" in table.split("## Reading")[1]
+
+
+def test_results_json_validates_against_the_documented_fields(quick_suite):
+    _proc, out = quick_suite
+    res = json.loads((out / "results.json").read_text())
+    assert report.validate_results(res) == []
+    broken = copy.deepcopy(res)
+    del broken["configs"][0]["runs"][0]["val_loss"]
+    broken["configs"][1]["runs"][0]["tokens_per_s"] = float("nan")
+    del broken["machine"]
+    errs = report.validate_results(broken)
+    assert any("runs[0]: missing 'val_loss'" in e for e in errs)
+    assert any("'tokens_per_s' is not finite" in e for e in errs)
+    assert any("missing 'machine'" in e for e in errs)
+    # docs/bench.md documents every field the validator checks
+    doc = (ROOT / "docs" / "bench.md").read_text()
+    for spec in (report.TOP_FIELDS, report.CONFIG_FIELDS, report.RUN_FIELDS):
+        for key in spec:
+            assert f"`{key}`" in doc, key
+
+
+def test_bench_refuses_a_non_empty_out_dir(quick_suite, capsys):
+    _proc, out = quick_suite
+    before = (out / "results.json").read_text()
+    assert main(["bench", "--quick", "--out", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+
+
+def test_bench_rejects_unknown_config_and_suite(tmp_path, capsys):
+    assert main(["bench", "--quick", "--configs", "e3/nope.toml", "--out", str(tmp_path / "a")]) == 1
+    assert "config not found: e3/nope.toml" in capsys.readouterr().err
+    assert main(["bench", "--suite", "e4", "--out", str(tmp_path / "b")]) == 1
+    assert "unknown suite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the reading: differences are judged against the seed-to-seed spread
+
+
+def _cfg(name: str, vals: list[float], tps: list[float], state: int) -> dict:
+    runs = [{"status": "ok", "val_loss": v, "tokens_per_s": t, "optimizer_state_bytes": state,
+             "peak_memory_bytes": 1000, "val_curve": [[10, 100, v + 1], [20, 200, v]]} for v, t in zip(vals, tps)]
+    return {"name": name, "kind": "config", "source": name, "status": "ok", "error": None, "runs": runs,
+            "summary": report.summarize(runs)}
+
+
+def test_reading_calls_real_only_what_exceeds_the_spread():
+    results = {"baseline": "baseline", "configs": [
+        _cfg("baseline", [4.00, 4.10], [1000, 1100], 400),
+        _cfg("worse", [4.50, 4.60], [1000, 1080], 100),  # +0.5 loss vs spread 0.1: real; speed: noise
+        _cfg("same", [3.99, 4.09], [2000, 2100], 400),  # loss: noise; speed 1.95x: real
+    ]}
+    lines = report.reading(results)
+    worse = next(line for line in lines if line.startswith("**worse**"))
+    same = next(line for line in lines if line.startswith("**same**"))
+    beyond, within = worse.split("within the spread:")
+    assert "val loss +0.5000" in beyond and "optimizer state 0.25x" in beyond and "tokens/s" in within
+    assert "does not reach" in worse
+    beyond, within = same.split("within the spread:")
+    assert "tokens/s 1.95x" in beyond and "val loss" in within and "optimizer state 1.00x" in within
+    assert "reaches the baseline's final val loss after 200 tokens" in same
+    s = report.summarize(results["configs"][0]["runs"])["val_loss"]
+    assert s["n"] == 2 and s["spread"] == pytest.approx(0.1) and s["std"] == pytest.approx(0.1 / math.sqrt(2))
+
+
+def test_reading_with_one_seed_judges_nothing_but_exact_state():
+    results = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0], [1000], 400),
+                                                   _cfg("other", [5.0], [500], 100)]}
+    other = next(line for line in report.reading(results) if line.startswith("**other**"))
+    assert "beyond the spread: optimizer state 0.25x;" in other
+    assert "not judged (one seed): val loss +1.0000" in other and "within the spread" not in other
