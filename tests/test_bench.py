@@ -217,3 +217,33 @@ def test_reading_with_one_seed_judges_nothing_but_exact_state():
     other = next(line for line in report.reading(results) if line.startswith("**other**"))
     assert "beyond the spread: optimizer state 0.25x;" in other
     assert "not judged (one seed): val loss +1.0000" in other and "within the spread" not in other
+
+
+def test_peers_run_on_the_same_task_or_are_reported_unavailable(tmp_path):
+    """`--peers`: each peer optimizer trains the baseline's model and data, or (package missing) is
+    reported unavailable with the reason; its state is measured like ours."""
+    out = tmp_path / "out"
+    env = {**os.environ, "NANOCHAT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "nanochat_ternary.cli", "bench", "--quick", "--peers", "--configs",
+                           "e3/baseline.toml", "--dataset", "synthetic", "--steps", "4", "--threads", "1",
+                           "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=2",
+                           "--set", "vocab_size=256", "--set", "n_samples=64", "--set", "galore_rank=16",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert report.validate_results(res) == []
+    by_name = {c["name"]: c for c in res["configs"]}
+    assert list(by_name) == ["baseline", "peer:torch-adamw", "peer:torch-muon", "peer:bnb-adamw8bit",
+                             "peer:torchao-adamw8bit", "peer:galore-torch-adamw"]
+    assert by_name["peer:torch-adamw"]["status"] == "ok" and by_name["peer:torch-muon"]["status"] == "ok"
+    for name, c in by_name.items():
+        assert c["status"] in ("ok", "unavailable"), (name, c["error"])
+        if c["status"] == "unavailable":
+            assert "not installed" in c["error"]
+    run = by_name["peer:torch-adamw"]["runs"][0]
+    assert math.isfinite(run["val_loss"]) and run["steps"] == 4
+    # AdamW keeps two fp32 moments per parameter (+ a step counter per tensor)
+    assert 8 * run["params"] <= run["optimizer_state_bytes"] <= 8 * run["params"] + 4096
+    # the same task: identical first-step loss (same init, same batch), different optimizers after
+    first = {n: c["runs"][0]["train_curve"][0][2] for n, c in by_name.items() if c["status"] == "ok"}
+    assert max(first.values()) - min(first.values()) < 1e-5

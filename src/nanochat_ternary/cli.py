@@ -91,18 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="matched benchmark of configurations (default: the E3 suite) -> REPORT.md",
                        description="Train every configuration of a suite on the same model, data, seeds, steps "
                                    "and batch shape, each in its own process, and write REPORT.md, results.json, "
-                                   "loss.png and memory.png. Default: the five E3 configs on tiny-cpu, 200 steps, "
-                                   "2 seeds, the default corpus (~20 min on 2 cores); --quick: ~1 min.")
+                                   "loss.png and memory.png. Default: the five E3 configs on tiny-cpu, 150 steps of "
+                                   "8 x 128 tokens, 2 seeds, the default corpus (~20 min on 2 cores); "
+                                   "--quick: 1-2 min.")
     p.add_argument("--suite", default="e3", help="e3 (default) | nano-125m (its optimizer configs)")
     p.add_argument("--configs", help="comma-separated TOML configs to compare instead of a suite (shipped "
                                      "names like e3/full.toml, or paths); the one named baseline, else the first, "
                                      "is what the others are compared with")
     p.add_argument("--model", help="model preset every configuration trains (default: tiny-cpu)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200; --quick 30)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 150; --quick 30)")
     p.add_argument("--seeds", type=int, help="seeds per configuration, 1..N (default 2; --quick 1)")
     p.add_argument("--dataset", help="synthetic | tokens | text | stdlib (default: the embedded corpus)")
     p.add_argument("--data-path", help="data for --dataset tokens/text")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
     p.add_argument("--grad-accum-steps", type=int)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: torch's default)")

@@ -97,5 +97,5 @@ def build_peer(name: str, model: nn.Module, tcfg: TrainConfig) -> list[torch.opt
     opts = PEERS[name][2](model, tcfg)
     for opt in opts:
         for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
+            group["initial_lr"] = float(group["lr"])
     return opts

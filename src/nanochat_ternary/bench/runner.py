@@ -45,11 +45,11 @@ class BenchSettings:
     """What every configuration shares. ``quick`` shrinks the defaults to a smoke-test size."""
 
     model: str = "tiny-cpu"
-    steps: int = 200
+    steps: int = 150
     seeds: int = 2
     dataset: str = ""
     data_path: str = ""
-    batch_size: int | None = None  # None: the model preset's
+    batch_size: int | None = 8  # None: the model preset's
     seq_len: int | None = None
     grad_accum_steps: int | None = None
     eval_points: int = 10  # evaluations per run (the val-loss curve's points)

@@ -130,7 +130,7 @@ class Objective:
             stats["ce"] = (tok_loss.sum() / n_valid).detach()
             stats["kept_frac"] = (keep.sum() / n_valid).detach().float()
         elif getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled():
-            loss = _chunked_ce(model, h, targets)
+            loss = _chunked_ce(model, h, targets)  # with checkpointing: no [B*T, V] logits kept
             stats["ce"] = loss.detach()
         else:
             logits = model.logits(h)
@@ -155,24 +155,65 @@ class Objective:
 CE_CHUNK_ROWS = 1024
 
 
+class ChunkedLinearCE(torch.autograd.Function):
+    """Summed next-token CE through the LM head, ``sum_i CE(h_i · Wᵀ, y_i)``, that never holds more
+    than one chunk of logits and needs no recomputation: the gradient is computed in the forward.
+
+    For each chunk of ``CE_CHUNK_ROWS`` rows (``c`` rows, ``V`` classes)::
+
+        z = h_c · Wᵀ            [c, V]  (fp32)
+        loss += Σ (logsumexp(z) − z[y])            over rows with y >= 0
+        G = softmax(z) − onehot(y)   (0 on rows with y = −1)
+        dh_c = G · W            dW += Gᵀ · h_c
+
+    and the backward only scales the stored ``dh`` ``[N, D]`` and ``dW`` ``[V, D]`` by the incoming
+    gradient (a scalar). The matmuls are the same three a plain head does (forward, input-grad,
+    weight-grad), so this costs no extra time, while the ``[N, V]`` logits and their softmax never
+    exist beyond one chunk. What the forward keeps for the backward is ``dh`` and one weight-sized
+    ``dW`` instead of the logits. Used with gradient checkpointing, where memory is the point.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        n = h.shape[0]
+        w32 = w.float()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # [N, D]
+        grad_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None  # [V, D]
+        for i in range(0, n, chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            valid = yc >= 0
+            tgt = yc.clamp(min=0)
+            z = F.linear(hc, w).float()  # [c, V]
+            lse = torch.logsumexp(z, dim=-1)  # [c]
+            total += torch.where(valid, lse - z.gather(1, tgt[:, None]).squeeze(1), 0.0).sum()
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+            g.mul_(valid[:, None])
+            if grad_h is not None:
+                grad_h[i:i + chunk] = (g @ w32).to(h.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g_total: Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g_total.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * g_total).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
 def _chunked_ce(model, h: Tensor, targets: Tensor) -> Tensor:
-    """Next-token CE with the LM head checkpointed in chunks of ``CE_CHUNK_ROWS`` tokens (used with
-    gradient checkpointing): nothing of the ``[B*T, V]`` logits is kept for backward, which
-    recomputes one chunk's logits at a time, so the head's activation memory is one chunk's instead
-    of all tokens' (at a 50k vocab the logits outweigh the blocks' activations). Same value as the
-    plain CE up to float summation order; costs one extra LM-head forward."""
+    """Mean next-token CE (ignoring targets of -1) through :class:`ChunkedLinearCE`: the logits of
+    only ``CE_CHUNK_ROWS`` tokens exist at a time. Same value as the plain CE up to float
+    summation order."""
     h2 = h.reshape(-1, h.shape[-1])
     y = targets.reshape(-1)
     n_valid = (y >= 0).sum().clamp(min=1)
-    total = h2.new_zeros((), dtype=torch.float32)
-    for i in range(0, h2.shape[0], CE_CHUNK_ROWS):
-        total = total + torch.utils.checkpoint.checkpoint(
-            _ce_sum, model, h2[i:i + CE_CHUNK_ROWS], y[i:i + CE_CHUNK_ROWS], use_reentrant=False)
-    return total / n_valid
-
-
-def _ce_sum(model, h: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model.logits(h), y, ignore_index=-1, reduction="sum")
+    return ChunkedLinearCE.apply(h2, model.lm_head.weight, y, CE_CHUNK_ROWS) / n_valid
 
 
 def _head_ce(model, head, h: Tensor, yk: Tensor) -> Tensor:

@@ -29,4 +29,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_start_frac: 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+            lr = float(group["initial_lr"]) * factor
+            if isinstance(group["lr"], torch.Tensor):  # some optimizers (torchao's) keep lr as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr

@@ -313,7 +313,7 @@ class Trainer:
                     rec: dict[str, Any] = {
                         "step": done,
                         "loss": loss,
-                        "lr": self.optimizers[0].param_groups[0]["lr"],
+                        "lr": float(self.optimizers[0].param_groups[0]["lr"]),
                         "grad_norm": float(grad_norm_t),
                         "tok_per_s": interval_steps * self.tokens_per_step / max(now - interval_t0, 1e-9),
                         "elapsed_s": now - t0,
