@@ -13,7 +13,6 @@ Target (issue #2): ours >= 0.85x the reference's tok/s at >= 8K tokens per optim
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
@@ -25,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat_ternary.config import build_config
-from nanochat_ternary.model.bitlinear import cached_weight_quantization
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim.factory import build_optimizers
 
@@ -111,16 +109,15 @@ def flops_per_token(n_matmul_params: int, n_layers: int, dim: int, seq: int) -> 
 
 
 def make_step(model: nn.Module, optimizers: list, accum: int, batches: list, clip: float = 1.0):
-    """One optimizer step as the trainer does it (ours: each weight quantized once per step)."""
+    """One optimizer step as the trainer does it: forward/backward per micro-batch, clip, step."""
     ours = isinstance(model, GPT)
     opt_times: list[float] = []
 
     def step() -> float:
         t0 = time.perf_counter()
-        with cached_weight_quantization(model) if ours else contextlib.nullcontext():
-            for x, y in batches[:accum]:
-                loss = model(x, targets=y) if ours else model(x, y)
-                (loss / accum).backward()
+        for x, y in batches[:accum]:
+            loss = model(x, targets=y) if ours else model(x, y)
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         t1 = time.perf_counter()
         for opt in optimizers:

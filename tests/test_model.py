@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -13,7 +12,6 @@ from nanochat_ternary.config import PRESETS, ModelConfig
 from nanochat_ternary.model import (
     GPT,
     BitLinear,
-    cached_weight_quantization,
     quantize_activations_int8,
     ternary_quantize_weight,
 )
@@ -308,43 +306,3 @@ def test_preset_param_counts(name, expected):
     n = model.num_params()
     assert abs(n - expected) / expected < 0.03, (name, n)
 
-
-def test_cached_weight_quantization_is_bit_identical_and_dropped_on_exit():
-    """One optimizer step's micro-batches with the quantized weights cached give exactly the losses
-    and gradients of quantizing in every forward and backward; leaving the scope drops the caches,
-    so a weight update is seen by the next step."""
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32, group_size=32)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    batches = [torch.randint(0, 97, (2, 17)) for _ in range(3)]
-
-    def accumulate(cache: bool) -> tuple[list[float], list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        losses = []
-        ctx = cached_weight_quantization(model) if cache else contextlib.nullcontext()
-        with ctx:
-            for b in batches:
-                loss = model(b[:, :-1], targets=b[:, 1:])
-                loss.backward()
-                losses.append(loss.item())
-        return losses, [p.grad.clone() for p in model.parameters()]
-
-    plain_losses, plain_grads = accumulate(False)
-    cached_losses, cached_grads = accumulate(True)
-    assert cached_losses == plain_losses
-    assert all(torch.equal(a, b) for a, b in zip(plain_grads, cached_grads))
-    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
-    assert all(m._w_q is None and not m._cache_weight for m in layers)
-    # inside the scope the quantization ran once per layer: every forward reused the same tensor
-    with cached_weight_quantization(model):
-        model(batches[0][:, :-1], targets=batches[0][:, 1:]).backward()
-        first = [m._w_q for m in layers]
-        model(batches[1][:, :-1], targets=batches[1][:, 1:]).backward()
-        assert all(a is m._w_q for a, m in zip(first, layers))
-    # an update between scopes is seen (no stale cache)
-    with torch.no_grad():
-        for m in layers:
-            m.weight.mul_(-1.0)
-    flipped, _ = accumulate(True)
-    fresh, _ = accumulate(False)
-    assert flipped == fresh and flipped != plain_losses

@@ -2,7 +2,6 @@
 
 from .bitlinear import (
     BitLinear,
-    cached_weight_quantization,
     quantize_activations,
     quantize_activations_int8,
     quantize_weight,
@@ -11,7 +10,6 @@ from .bitlinear import (
 from .gpt import GPT, KVCache
 
 __all__ = [
-    "cached_weight_quantization",
     "GPT",
     "BitLinear",
     "KVCache",

@@ -45,19 +45,11 @@ output and uses as few passes as it can (the per-token absmax is ``amax`` and ``
 ``|x|`` temporary; ``aminmax`` is far slower on CPU). Layers that share an input (attention
 q/k/v, SwiGLU w1/w3) quantize it once: call :func:`quantize_activations` (or
 :meth:`BitLinear.quantize_input`) and pass ``x_is_quantized=True`` to each layer.
-
-The weights do not change between the micro-batches of one optimizer step, so the trainer wraps a
-step's forwards and backwards in :func:`cached_weight_quantization`: inside it each layer quantizes
-its weight once and every forward and backward of the step reuses that tensor (with ``k``
-micro-batches: 1 quantization instead of ``2k``), for one extra weight-sized buffer per layer held
-until the step's backward ends. Outside it nothing is cached (evaluation, generation, tests).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -183,12 +175,11 @@ class _BitLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_q: Tensor, w: Tensor, bias: Tensor | None,  # type: ignore[override]
-                group_size: int, w_q: Tensor | None = None) -> Tensor:
+                group_size: int) -> Tensor:
         ctx.save_for_backward(x_q, w)
         ctx.group_size = group_size
         ctx.has_bias = bias is not None
-        ctx.w_q = w_q  # the step's cached ternary(W), or None: recompute in backward
-        return F.linear(x_q, w_q if w_q is not None else _fake_quant_weight(w, group_size), bias)
+        return F.linear(x_q, _fake_quant_weight(w, group_size), bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -196,36 +187,18 @@ class _BitLinearFn(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_q = ctx.w_q if ctx.w_q is not None else _fake_quant_weight(w, ctx.group_size)
-            grad_x = grad_out.matmul(w_q.to(grad_out.dtype))  # [..., in] = dL/dy @ ternary(W)
+            w_q = _fake_quant_weight(w, ctx.group_size).to(grad_out.dtype)
+            grad_x = grad_out.matmul(w_q)  # [..., in] = dL/dy @ ternary(W)
         if ctx.needs_input_grad[1]:
             grad_w = g2.t().mm(x_q.reshape(-1, x_q.shape[-1]).to(grad_out.dtype))  # [out, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(dim=0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
-def bitlinear(x_q: Tensor, w: Tensor, bias: Tensor | None, group_size: int,
-              w_q: Tensor | None = None) -> Tensor:
-    """``x_q @ ternary(w).T (+ bias)`` with STE gradients; ``x_q`` from :func:`quantize_activations`.
-    ``w_q``: ``ternary(w)`` already computed (must match ``w``), else it is computed here."""
-    return _BitLinearFn.apply(x_q, w, bias, group_size, w_q)
-
-
-@contextlib.contextmanager
-def cached_weight_quantization(model: nn.Module) -> Iterator[None]:
-    """Quantize each BitLinear's weight once for everything run inside (one optimizer step's
-    micro-batches, forward and backward). The weights must not change inside: step the optimizer
-    after leaving. The caches are dropped on exit, error included."""
-    layers = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize]
-    for m in layers:
-        m._cache_weight = True
-    try:
-        yield
-    finally:
-        for m in layers:
-            m._cache_weight = False
-            m._w_q = None
+def bitlinear(x_q: Tensor, w: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
+    """``x_q @ ternary(w).T (+ bias)`` with STE gradients; ``x_q`` from :func:`quantize_activations`."""
+    return _BitLinearFn.apply(x_q, w, bias, group_size)
 
 
 def quantize_weight(w: Tensor, group_size: int) -> Tensor:
@@ -276,8 +249,6 @@ class BitLinear(nn.Module):
                 torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        self._cache_weight = False  # set by cached_weight_quantization
-        self._w_q: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -302,12 +273,7 @@ class BitLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not x_is_quantized:
             x = quantize_activations(x)
-        w_q = None
-        if self._cache_weight:
-            if self._w_q is None or self._w_q.dtype != self.weight.dtype:
-                self._w_q = _fake_quant_weight(self.weight.detach(), self.group_size)
-            w_q = self._w_q
-        return bitlinear(x, self.weight, self.bias, self.group_size, w_q)
+        return bitlinear(x, self.weight, self.bias, self.group_size)
 
     def extra_repr(self) -> str:
         return (

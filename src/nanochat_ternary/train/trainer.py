@@ -31,7 +31,6 @@ from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
 from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
-from ..model.bitlinear import cached_weight_quantization
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report
 from . import checkpoint as ckpt_io
@@ -233,21 +232,20 @@ class Trainer:
                                           t.min_lr_ratio))
         stat_sums: dict[str, torch.Tensor] = {}
         self.data_wait_s = 0.0
-        with cached_weight_quantization(self.model):  # weights are fixed until opt.step(): quantize once
-            for micro in range(t.grad_accum_steps):
-                tw = time.perf_counter()
-                x, y = source.next() if source is not None else self.batches.get(step, micro)
-                self.data_wait_s += time.perf_counter() - tw
-                x = x.to(self.rt.device, non_blocking=True)
-                y = y.to(self.rt.device, non_blocking=True)
-                last = micro == t.grad_accum_steps - 1
-                sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
-                with sync, self.rt.autocast():
-                    loss, stats = self.ddp(x, targets=y, objective=self.objective)
-                with sync:
-                    (loss / t.grad_accum_steps).backward()
-                for k, v in stats.items():
-                    stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
+        for micro in range(t.grad_accum_steps):
+            tw = time.perf_counter()
+            x, y = source.next() if source is not None else self.batches.get(step, micro)
+            self.data_wait_s += time.perf_counter() - tw
+            x = x.to(self.rt.device, non_blocking=True)
+            y = y.to(self.rt.device, non_blocking=True)
+            last = micro == t.grad_accum_steps - 1
+            sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
+            with sync, self.rt.autocast():
+                loss, stats = self.ddp(x, targets=y, objective=self.objective)
+            with sync:
+                (loss / t.grad_accum_steps).backward()
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
         # logged per step: plain next-token CE as ``loss``; mtp_ce_k / kept_frac when enabled
         means = {k: v / t.grad_accum_steps for k, v in stat_sums.items()}
         self.step_stats = {k: float(v) for k, v in means.items() if k != "ce"}
