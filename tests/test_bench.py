@@ -185,8 +185,9 @@ def test_bench_rejects_unknown_config_and_suite(tmp_path, capsys):
 # the reading: differences are judged against the seed-to-seed spread
 
 
-def _cfg(name: str, vals: list[float], tps: list[float], state: int) -> dict:
+def _cfg(name: str, vals: list[float], tps: list[float], state: int, tokens_per_step: int = 1024) -> dict:
     runs = [{"status": "ok", "val_loss": v, "tokens_per_s": t, "optimizer_state_bytes": state,
+             "tokens_per_step": tokens_per_step, "steps": 2,
              "peak_memory_bytes": 1000, "val_curve": [[10, 100, v + 1], [20, 200, v]]} for v, t in zip(vals, tps)]
     return {"name": name, "kind": "config", "source": name, "status": "ok", "error": None, "runs": runs,
             "summary": report.summarize(runs)}
@@ -247,3 +248,12 @@ def test_peers_run_on_the_same_task_or_are_reported_unavailable(tmp_path):
     # the same task: identical first-step loss (same init, same batch), different optimizers after
     first = {n: c["runs"][0]["train_curve"][0][2] for n, c in by_name.items() if c["status"] == "ok"}
     assert max(first.values()) - min(first.values()) < 1e-5
+
+
+def test_reading_flags_a_config_that_changed_the_batch_shape():
+    results = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0, 4.1], [1000, 1100], 400),
+                                                   _cfg("bigger", [3.5, 3.6], [1000, 1100], 400, 2048)]}
+    lines = report.reading(results)
+    assert any(line.startswith("NOT MATCHED: bigger (2 steps x 2,048 tokens)") for line in lines)
+    same = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0], [1000], 400), _cfg("b", [4.0], [1000], 1)]}
+    assert not any("NOT MATCHED" in line for line in report.reading(same))

@@ -191,6 +191,13 @@ def reading(results: dict[str, Any]) -> list[str]:
                      f"{base['summary']['val_loss']['spread']:.4f}, tokens/s spread "
                      f"{base['summary']['tokens_per_s']['spread']:.0f}.")
     base_final = base["summary"]["val_loss"]["mean"]
+    shape = {(r["tokens_per_step"], r["steps"]) for r in base["runs"] if r.get("status") == "ok"}
+    unmatched = [f"{c['name']} ({r['steps']} steps x {r['tokens_per_step']:,} tokens)"
+                 for c in results["configs"] for r in c["runs"]
+                 if r.get("status") == "ok" and (r["tokens_per_step"], r["steps"]) not in shape]
+    if unmatched:  # a config's TOML changed the batch shape or length: say so before any comparison
+        lines.append(f"NOT MATCHED: {', '.join(sorted(set(unmatched)))} differ from the baseline's "
+                     f"{', '.join(f'{s} steps x {t:,} tokens' for t, s in sorted(shape))}; compare those with care.")
     for c in results["configs"]:
         if c is base or c["status"] not in ("ok", "partial") or "val_loss" not in c["summary"]:
             continue
