@@ -96,9 +96,9 @@ def suite_entries(configs: list[str], peers: bool) -> list[Entry]:
         path = resolve_config_path(spec)
         if path is None:
             raise UserError(f"bench: config not found: {spec} (shipped: e3/baseline.toml, e3/full.toml, ...)")
-        name = path.stem
-        while name in names:
-            name += "'"
+        name, k = path.stem, 2
+        while name in names:  # the same stem twice (e.g. two dirs' full.toml): full, full-2
+            name, k = f"{path.stem}-{k}", k + 1
         names.add(name)
         entries.append(Entry(name, "config", str(path), source=_display_path(path)))
     if peers:
