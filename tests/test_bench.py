@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import write_corpus
 
 from nanochat_ternary.bench import report
 from nanochat_ternary.cli import main
@@ -90,21 +90,11 @@ def test_train_accepts_a_shipped_config(tmp_path, capsys):
 # the quick suite, end to end (one run shared by the tests below)
 
 
-def _write_corpus(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "class", "self", "import", "for", "in", "if", "else", "print", "value", "x", "y"]
-    for i in range(16):
-        lines = [" ".join(rng.choice(words, size=8)) + f"  # {i}" for _ in range(80)]
-        (d / f"f{i}.py").write_text("\n".join(lines) + "\n")
-    return d
-
-
 @pytest.fixture(scope="module")
 def quick_suite(tmp_path_factory):
     """`bench --quick` on the five E3 configs plus one that crashes (an invalid value in its TOML)."""
     base = tmp_path_factory.mktemp("bench")
-    corpus = _write_corpus(base / "corpus")
+    corpus = write_corpus(base / "corpus", n_files=16, n_lines=80)
     bad = base / "broken.toml"
     bad.write_text("[model]\nuse_mtp = true\nmtp_n_tokens = 0\n")
     out = base / "out"

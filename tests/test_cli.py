@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_corpus
 
 from nanochat_ternary.cli import main
 from nanochat_ternary.data.tokenfile import write_tokens
@@ -43,16 +44,6 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300)
 
 
-def _write_corpus(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "class", "self", "import", "for", "in", "if", "else", "print", "value"]
-    for i in range(12):
-        lines = [" ".join(rng.choice(words, size=8)) + f"  # {i}" for _ in range(60)]
-        (d / f"f{i}.py").write_text("\n".join(lines) + "\n")
-    return d
-
-
 def test_train_synthetic_loss_falls_and_log_fields(tmp_path):
     log = tmp_path / "log.jsonl"
     rc = main(["train", "--dataset", "synthetic", "--n-samples", "400", "--total-steps", "40", *SMALL,
@@ -75,7 +66,7 @@ def test_train_synthetic_loss_falls_and_log_fields(tmp_path):
 
 
 def test_train_on_text_dir_and_generate(tmp_path, capsys):
-    corpus = _write_corpus(tmp_path / "corpus")
+    corpus = write_corpus(tmp_path / "corpus")
     log = tmp_path / "log.jsonl"
     rc = main(["train", "--dataset", "text", "--data-path", str(corpus), "--set", "tokenizer_vocab_size=300",
                "--total-steps", "30", *SMALL, "--checkpoint-dir", str(tmp_path / "run"),
