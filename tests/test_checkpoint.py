@@ -58,7 +58,7 @@ def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ck.torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ck.CheckpointWriteError, match="disk full"):
         _save(tmp_path, 7)
     assert list(tmp_path.iterdir()) == []
 

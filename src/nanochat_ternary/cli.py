@@ -1,7 +1,10 @@
 """``nanochat-train``: train, prepare data, generate, inspect.
 
 Every user mistake (bad config, missing data, corrupt checkpoint...) surfaces as a ``UserError``:
-one line on stderr, exit status 1, no traceback. Run under ``torchrun`` for data parallel training.
+one line on stderr, exit status 1, no traceback. Exit statuses: 0 done, 1 an error in the input or
+environment, 2 bad command line, 3 training diverged (train/guard.py), 75 stopped by a signal with a
+checkpoint saved (train/signals.py), 130 interrupted without a checkpoint. Run under ``torchrun``
+for data parallel training.
 """
 
 from __future__ import annotations
@@ -186,7 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = GPT(cfg.model)
     load_model_weights(model, ckpt)
     model.to(device)
-    ids = tok.encode(args.prompt) if args.prompt else []
+    # no prompt: start a fresh document, i.e. after the separator the data puts between documents
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     out: list[int] = []
@@ -313,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

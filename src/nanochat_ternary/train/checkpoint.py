@@ -9,12 +9,18 @@ Layout of one checkpoint (``<run>/step_000500/``)::
     tokenizer.json      the data's tokenizer, when it has one, so ``generate`` needs nothing else
 
 It is written into a hidden temp dir beside its final name and renamed into place as the last
-act, so a crash never leaves a ``step_*`` dir that looks whole. A complete checkpoint is never
-overwritten.
+act, so a crash never leaves a ``step_*`` dir that looks whole. Every file and the temp dir are
+fsynced before the rename and the run dir after it: without that, a power loss can persist the
+rename (metadata) but not the file contents, leaving a ``step_*`` dir of empty files that resume
+would pick. A crashed save leaves only a hidden ``.tmp-step_*`` dir (a crashed prune a hidden
+``.trash-step_*``), which discovery never matches and the next run in the dir deletes
+(:func:`remove_stale_temp`, called under the run lock). A complete checkpoint is never overwritten,
+and one holding NaN/inf is never written.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -33,6 +39,11 @@ from ..errors import CheckpointError, UserError
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 REQUIRED_FILES = ("model.safetensors", "trainer.pt", "meta.json")
+STALE = re.compile(r"^\.(tmp|trash)-step_\d{6,}")
+
+
+class CheckpointWriteError(CheckpointError):
+    """The filesystem refused a save (full, read-only, quota...); nothing partial was left behind."""
 
 
 def step_dir_name(step: int) -> str:
@@ -93,6 +104,44 @@ def ensure_writable_dir(run_dir: Path) -> None:
         raise UserError(f"checkpoint dir {run_dir} is not writable ({e.strerror or e})") from None
 
 
+def remove_stale_temp(run_dir: Path) -> list[str]:
+    """Delete ``.tmp-step_*`` / ``.trash-step_*`` dirs left by a save or prune that was killed.
+
+    Only safe while holding the run dir's lock: a live run's temp dir looks the same."""
+    removed = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if STALE.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return sorted(removed)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory; files must succeed
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.EBADF, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _first_nonfinite(obj: Any, name: str) -> str | None:
+    """Name of the first floating tensor in ``obj`` (nested dicts/lists) holding NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return name
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_nonfinite(v, f"{name}.{k}" if name else str(k))
+        if found:
+            return found
+    return None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -102,26 +151,52 @@ def save_checkpoint(
     tokenizer_path: Path | None = None,
     keep_last: int = 0,
 ) -> Path:
-    """Write ``run_dir/step_NNNNNN`` atomically and prune old ones beyond ``keep_last`` (0 = keep all)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``run_dir/step_NNNNNN`` atomically and durably; prune old ones beyond ``keep_last`` (0 = keep all).
+
+    Raises ``CheckpointError`` before writing anything if a weight or optimizer state is not finite,
+    and ``CheckpointWriteError`` (one line, partial files removed) when the filesystem refuses."""
     final = run_dir / step_dir_name(step)
     if final.exists():
         raise CheckpointError(f"refusing to overwrite existing checkpoint {final}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=run_dir))
+    bad = _first_nonfinite(model.state_dict(), "") or _first_nonfinite(trainer_state, "trainer")
+    if bad:
+        raise CheckpointError(f"refusing to write checkpoint {final.name}: {bad} holds NaN/inf values "
+                              f"(earlier checkpoints are untouched)")
+    tmp: Path | None = None
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=run_dir))
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         meta = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(), **meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        for f in sorted(tmp.iterdir()):
+            _fsync(f)  # contents on disk before the rename can be
+        _fsync(tmp)
         os.rename(tmp, final)
+        tmp = None
+        _fsync(run_dir)  # the rename itself on disk
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write checkpoint {final} ({e.strerror or e}); "
+                                   f"partial files removed") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # rename first (atomic): a prune killed midway leaves a hidden .trash dir, never a step_
+            # dir with some files gone that could look complete
+            trash = run_dir / f".trash-{old.name}-{os.getpid()}"
+            try:
+                os.rename(old, trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
     return final
 
 

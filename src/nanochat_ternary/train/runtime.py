@@ -42,6 +42,16 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` ORed over ranks, on every rank: decisions that end or skip work (a stop request, a
+        non-finite step) must be the same everywhere, or the ranks that go on wait forever in the
+        next collective for the ones that stopped."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def all_reduce_mean(self, value: float) -> float:
         if not self.distributed:
             return value
