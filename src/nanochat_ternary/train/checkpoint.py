@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -227,10 +228,28 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt} does not match the model: {what.strip()}")
 
 
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "documentation" not in ln]
+    return lines[-1] if lines else type(e).__name__
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    """Optimizer and RNG state; plain tensors and containers only (``weights_only=True``)."""
+    """Optimizer and RNG state; plain tensors and containers only (``weights_only=True``).
+
+    A pickle can name any importable callable (``os.system``...) to be called while loading; the
+    weights-only unpickler refuses every global outside torch's tensor types and plain containers
+    before calling anything, so a crafted ``trainer.pt`` is an error here, never code that runs.
+    This is the only unpickling in the package: weights are safetensors, metadata JSON."""
     try:
         return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False: exactly what not to do
+        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if detail is None:  # not a refused object: a truncated or garbled file
+            raise CheckpointError(f"checkpoint {ckpt}: unreadable trainer.pt (corrupt or truncated: "
+                                  f"{_last_line(e)})") from None
+        raise CheckpointError(f"checkpoint {ckpt}: refused trainer.pt, a pickle that could run code when loaded "
+                              f"({detail}); nothing from it was loaded or run") from None
     except Exception as e:  # torch raises several types for truncated/corrupt/pickled files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {ckpt}: unreadable trainer.pt ({msg})") from None

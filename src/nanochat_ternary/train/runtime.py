@@ -64,6 +64,20 @@ class Runtime:
             dist.destroy_process_group()
 
 
+_COMM_FAILURE_MARKS = ("connection closed by peer", "connection reset", "broken pipe", "gloo", "nccl",
+                       "timed out", "socket")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """Whether an error raised inside a collective means another rank is gone (crashed, killed,
+    timed out). Gloo raises a plain ``RuntimeError`` for a peer that closed its sockets, so the
+    message is all there is to go by."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in msg for m in _COMM_FAILURE_MARKS)
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"

@@ -46,7 +46,7 @@ from .guard import NonFiniteGuard
 from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
-from .runtime import Runtime
+from .runtime import Runtime, is_comm_failure
 from .schedule import lr_factor, set_lr
 from .signals import Preempted, StopRequests
 
@@ -365,6 +365,7 @@ class Trainer:
                                    use_async=t.use_async_loader, num_workers=t.num_workers,
                                    prefetch_batches=t.prefetch_batches, device=rt.device)
         interval_wait = 0.0
+        step = self.start_step
         try:
             with stops:
                 for step in range(self.start_step, self.total_steps):
@@ -436,6 +437,14 @@ class Trainer:
                 result.step = self.total_steps
                 result.final_checkpoint = self._save_on_exit(self.total_steps, last_metrics,
                                                              f"training finished at step {self.total_steps}")
+        except RuntimeError as e:
+            if not (rt.distributed and is_comm_failure(e)):
+                raise
+            # another rank died: say so in one line (its own message is above, under torchrun)
+            where = f"; last checkpoint: {self.last_checkpoint or 'none'}" if rt.is_main else ""
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"rank {rt.rank}: lost contact with the other ranks during step {step + 1} ({first}); "
+                            f"another rank failed or was killed, see its message{where}") from None
         except KeyboardInterrupt:
             self.warn(f"interrupted again: stopped at once without saving (the step in flight may be half "
                       f"applied); last checkpoint: {self.last_checkpoint or 'none'}")
