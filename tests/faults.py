@@ -302,6 +302,7 @@ def _install_rank_fault(spec: str) -> None:
 
     def _train_step(self, step, source=None):
         if self.rt.rank == rank and step + 1 == at_step:
+            print(f"fault-time {time.time():.3f}", file=sys.stderr, flush=True)
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault: rank {rank} failed at step {at_step}")

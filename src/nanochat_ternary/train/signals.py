@@ -17,9 +17,9 @@ the next collective: the trainer ORs the request over ranks each step (``Runtime
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -48,7 +48,7 @@ class StopRequests:
     thread) the process keeps its default handling and :attr:`requested` stays false.
     """
 
-    def __init__(self, announce: Callable[[str], None] = lambda _m: None) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
         self._announce = announce
         self._previous: dict[int, Any] = {}
@@ -67,8 +67,11 @@ class StopRequests:
                 raise KeyboardInterrupt  # second Ctrl-C: stop now, without a checkpoint
             return  # already stopping
         self.signum = signum
-        self._announce(f"received {signal.Signals(signum).name}: stopping after the current step "
-                       f"and saving a checkpoint (Ctrl-C again to stop at once without one)")
+        if self._announce:
+            # os.write, not print: a handler that prints while the interrupted code is printing (the
+            # progress bar) fails with "reentrant call" on the buffered stream
+            os.write(2, f"\nreceived {signal.Signals(signum).name}: stopping after the current step and saving "
+                        f"a checkpoint (Ctrl-C again to stop at once without one)\n".encode())
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

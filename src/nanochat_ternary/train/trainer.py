@@ -83,7 +83,8 @@ class Trainer:
         self.cfg = cfg
         self.rt = runtime
         self.echo = echo if runtime.is_main else (lambda _msg: None)
-        self.warn: Callable[[str], None] = ((lambda msg: print(msg, file=sys.stderr, flush=True))
+        # warnings go to stderr through tqdm, so a line is never glued to the progress bar
+        self.warn: Callable[[str], None] = ((lambda msg: tqdm.write(msg, file=sys.stderr))
                                             if runtime.is_main else (lambda _msg: None))
         t = cfg.training
 
@@ -359,7 +360,7 @@ class Trainer:
         interval_t0, interval_steps = t0, 0
         last_metrics: dict[str, Any] = {}
         guard = NonFiniteGuard(t.max_consecutive_skips)
-        stops = StopRequests(announce=self.warn)
+        stops = StopRequests(announce=rt.is_main)
         opt_report_done = False
         source = make_batch_source(self.batches, self.start_step, self.total_steps,
                                    use_async=t.use_async_loader, num_workers=t.num_workers,
