@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
