@@ -238,7 +238,7 @@ def run_trials(n: int, seed: int, work: Path, timer_trials: int) -> list[dict]:
             expected = save if point in COMPLETE_AFTER else save - 1
             rc = _wait(_fork(functools.partial(_train_child, train_args(run, log), save, point), d / "kill.out"))
         else:
-            save, delay = rng.randint(1, TOTAL_STEPS - 1), rng.uniform(0.0, 0.05)
+            save, delay = rng.randint(2, TOTAL_STEPS - 1), rng.uniform(0.0, 0.05)  # leave one to resume
             r.update(save=save, delay_ms=round(delay * 1000, 1))
             expected = None
             pid = _fork(functools.partial(_train_child, train_args(run, log), slow_s=0.004), d / "kill.out")
