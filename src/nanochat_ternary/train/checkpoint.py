@@ -132,9 +132,11 @@ def _fsync(path: Path) -> None:
 def _first_nonfinite(obj: Any, name: str) -> str | None:
     """Name of the first floating tensor in ``obj`` (nested dicts/lists) holding NaN or inf."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
-            return name
-        return None
+        try:
+            bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        except (NotImplementedError, RuntimeError, TypeError):
+            return None  # a tensor subclass without isfinite (torchao's 8-bit states): not checkable here
+        return name if bad else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for k, v in items:
         found = _first_nonfinite(v, f"{name}.{k}" if name else str(k))
