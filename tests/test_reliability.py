@@ -176,6 +176,7 @@ def test_kill9_during_checkpoint_writes_resume_picks_newest_complete_and_continu
     assert sum(len(r.get("resumed_steps", [])) for r in results) >= 40
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="maps fds to paths through /proc (Linux)")
 def test_checkpoint_files_are_fsynced_before_the_rename_and_the_dir_after(tmp_path, monkeypatch):
     events: list[tuple[str, str]] = []
     real_fsync, real_rename = os.fsync, os.rename
