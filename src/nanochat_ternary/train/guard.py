@@ -42,6 +42,10 @@ class NonFiniteGuard:
             self.first_of_run = step
         self.in_a_row += 1
 
+    def skip_line(self, step: int, loss: float, grad_norm: float) -> str:
+        return (f"step {step:>6} | non-finite loss {loss} / grad norm {grad_norm}: update skipped "
+                f"({self.in_a_row} in a row, stop at {self.max_consecutive})")
+
     @property
     def exhausted(self) -> bool:
         return self.in_a_row >= self.max_consecutive

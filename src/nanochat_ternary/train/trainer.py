@@ -269,6 +269,13 @@ class Trainer:
         except ckpt_io.CheckpointWriteError as e:
             raise CheckpointError(f"{why}: {e}; the last checkpoint is {self.last_checkpoint or 'none'}") from None
         return path if path is not None else self.run_dir / ckpt_io.step_dir_name(step)
+    def _preempted(self, step: int, signal_name: str, metrics: dict[str, Any]) -> Preempted:
+        """Save the checkpoint of ``step`` (the last finished one) and say how to continue."""
+        why = f"{signal_name or 'a signal on another rank'} at step {step}"
+        path = self._save_on_exit(step, metrics, f"stopped by {why}")
+        return Preempted(f"{why}: checkpoint saved in {path}; continue with: "
+                         f"nanochat-train train --resume {self.run_dir}")
+
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float | None]:
@@ -386,10 +393,7 @@ class Trainer:
                     guard.record(done, skipped)
                     if skipped:
                         result.skipped_steps.append(done)
-                        if rt.is_main:
-                            bar.write(f"step {done:>6} | non-finite loss {loss} / grad norm {grad_norm}: update "
-                                      f"skipped ({guard.in_a_row} in a row, stop at {guard.max_consecutive})",
-                                      file=sys.stderr)
+                        self.warn(guard.skip_line(done, loss, grad_norm))
                     is_log = (done % t.log_interval == 0 or done == self.total_steps or done == self.start_step + 1
                               or skipped)
                     is_eval = ((t.eval_interval > 0 and done % t.eval_interval == 0) or done == self.total_steps) \
@@ -429,10 +433,7 @@ class Trainer:
                     if t.checkpoint_interval > 0 and done % t.checkpoint_interval == 0 and done != self.total_steps:
                         self._save_or_warn(done, last_metrics)
                     if done < self.total_steps and rt.any_rank(stops.requested):
-                        why = f"{stops.name or 'a signal on another rank'} at step {done}"
-                        path = self._save_on_exit(done, last_metrics, f"stopped by {why}")
-                        raise Preempted(f"{why}: checkpoint saved in {path}; continue with: "
-                                        f"nanochat-train train --resume {self.run_dir}")
+                        raise self._preempted(done, stops.name, last_metrics)
                 bar.close()
                 # still under the handlers: a signal now waits for the final checkpoint
                 result.step = self.total_steps
