@@ -46,8 +46,14 @@ def tokenizer_file(tmp_path_factory) -> Path:
 
 
 def make_checkpoint(run: Path, tokenizer: Path | None, *overrides: str, seed: int = 0) -> Path:
-    """A checkpoint of a randomly initialised model (norms and embeddings perturbed too, so a
-    mapping that swapped or dropped them would show)."""
+    """A checkpoint of a randomly initialised model, reshaped so every part matters to the output.
+
+    At init attention is uniform (q.k ~ 0) and the logits flat, so a wrong rotary layout or a
+    swapped head would barely show (measured: llama.cpp without the q/k permutation still agreed
+    on 100% of top-1 tokens). Larger q/k weights make attention position-dependent (the same
+    mutation then agrees on ~60%), larger embeddings/head make the logits peaked, and perturbed
+    norms make a swapped or dropped norm visible.
+    """
     cfg = build_config("tiny-cpu", overrides=[*BASE, *overrides])
     torch.manual_seed(seed)
     model = GPT(cfg.model)
@@ -55,9 +61,12 @@ def make_checkpoint(run: Path, tokenizer: Path | None, *overrides: str, seed: in
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
-        model.tok_emb.weight.mul_(20.0)  # peaked logits: top-1 is then a meaningful statistic
+        model.tok_emb.weight.mul_(5.0)
         if not cfg.model.weight_tied:
             model.lm_head.weight.mul_(20.0)
+        for block in model.blocks:
+            block.attn.wq.weight.mul_(8.0)
+            block.attn.wk.weight.mul_(8.0)
     return save_checkpoint(run, 1, model, {}, {"config": cfg.to_dict()}, tokenizer_path=tokenizer)
 
 
@@ -266,7 +275,9 @@ def test_llamacpp_runs_the_gguf_and_agrees(tmp_path, tokenizer_file, one_thread)
         top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
         kl = (ours.exp() * (ours - theirs)).sum(-1).mean().item()
         print(f"llama.cpp {quant}: top-1 agreement {top1:.3f}, mean KL {kl:.2e}")
-        assert top1 >= 0.99 and kl < 0.05
+        # llama.cpp quantizes activations per block of 256 (we: per token) and keeps its embeddings
+        # and KV cache in f16: measured KL ~1e-4 here; without the q/k permutation it is ~0.4.
+        assert top1 >= 0.99 and kl < 1e-3
     r = cli("generate", "--checkpoint", str(tmp_path / "m-tq2_0.gguf"), "--prompt", "def", "--max-tokens", "10")
     assert r.returncode == 0 and r.stdout.startswith("def"), r.stderr
 
@@ -297,3 +308,24 @@ def test_export_bad_input_one_line_errors(tmp_path, tokenizer_file):
     assert (tmp_path / "exists.gguf").read_text() == "keep me"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("fmt,module,fn", [("gguf", "gguf", "write_gguf"), ("packed", "packed", "write_packed"),
+                                           ("hf", "hf", "write_hf")])
+def test_export_failing_midway_leaves_nothing(tmp_path, tokenizer_file, monkeypatch, fmt, module, fn):
+    """A writer that dies after writing part of its output (disk full, Ctrl-C): no --out, no temp."""
+    import importlib
+
+    run = make_checkpoint(tmp_path / "run", tokenizer_file)
+    mod = importlib.import_module(f"nanochat_ternary.export.{module}")
+
+    def half_written(ck, out, *args, **kw):
+        target = out / "model.safetensors" if out.is_dir() else out
+        target.write_bytes(b"partial")
+        raise ExportError("disk full")
+
+    monkeypatch.setattr(mod, fn, half_written)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="disk full"):
+        export_checkpoint(run, fmt, out, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -94,7 +94,7 @@ def _generate_gguf(args: argparse.Namespace, path: Path) -> int:
 
     def tokens() -> Iterator[int]:
         for i, t in enumerate(llm.generate(ids, top_k=args.top_k, top_p=args.top_p, temp=args.temperature,
-                                           reset=True)):
+                                           min_p=0.0, reset=True)):
             if i >= budget or t == eot:
                 return
             yield int(t)
