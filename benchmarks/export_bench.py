@@ -52,19 +52,59 @@ def held_out_windows(ck, n: int, ctx: int) -> list[list[int]]:
 
 
 def compare(ours: list[torch.Tensor], theirs: list[torch.Tensor], windows: list[list[int]]) -> dict:
-    """Top-1 agreement, mean KL(ours || theirs) per position, and both perplexities."""
-    agree = kl = nll_o = nll_t = n = 0.0
+    """Top-1 agreement, mean KL(ours || theirs) per position, and both perplexities.
+
+    ``top1_agreement_clear``: the agreement over positions where our top-1 token beats the runner-up
+    by more than 0.05 in log-probability (5%), i.e. leaving out near-ties, which any difference in
+    activation rounding may flip; ``clear_fraction`` says how many positions that keeps.
+    """
+    agree = kl = nll_o = nll_t = n = clear = agree_clear = 0.0
     for lo, lt, ids in zip(ours, theirs, windows):
         lo, lt = torch.log_softmax(lo.float(), -1), torch.log_softmax(lt.float(), -1)
-        agree += (lo.argmax(-1) == lt.argmax(-1)).float().sum().item()
+        same = lo.argmax(-1) == lt.argmax(-1)
+        agree += same.float().sum().item()
+        top2 = lo.topk(2, dim=-1).values
+        is_clear = (top2[:, 0] - top2[:, 1]) > 0.05
+        clear += is_clear.float().sum().item()
+        agree_clear += (same & is_clear).float().sum().item()
         kl += (lo.exp() * (lo - lt)).sum(-1).sum().item()
         tgt = torch.tensor(ids[1:])
         nll_o += -lo[:-1].gather(-1, tgt[:, None]).sum().item()
         nll_t += -lt[:-1].gather(-1, tgt[:, None]).sum().item()
         n += len(ids)
     m = n - len(windows)
-    return {"top1_agreement": agree / n, "mean_kl": kl / n, "ppl_ours": math.exp(nll_o / m),
+    return {"top1_agreement": agree / n, "top1_agreement_clear": agree_clear / max(clear, 1),
+            "clear_fraction": clear / n, "mean_kl": kl / n, "ppl_ours": math.exp(nll_o / m),
             "ppl_theirs": math.exp(nll_t / m)}
+
+
+def speed_only(ck, preset: str, threads: int, n_tokens: int) -> dict:
+    """Decode tok/s of a randomly initialised ``preset`` model (group_size 256, ``ck``'s tokenizer
+    and vocab) in every GGUF type, next to our PyTorch decode: speed does not depend on training,
+    and a bigger model than ``ck`` shows the matmul cost rather than per-token overheads."""
+    from nanochat_ternary.config import build_config
+    from nanochat_ternary.model.gpt import GPT
+    from nanochat_ternary.train.checkpoint import save_checkpoint
+
+    cfg = build_config(preset, overrides=["group_size=256", f"vocab_size={ck.config.model.vocab_size}"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    out: dict = {"preset": preset, "block_params": sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2),
+                 "vocab_size": cfg.model.vocab_size, "gguf": {}}
+    out["ours_decode_tok_s"] = our_decode_tok_s(model, n_tokens)
+    print(f"{preset}: ours decode {out['ours_decode_tok_s']:.1f} tok/s", flush=True)
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td)
+        run = save_checkpoint(d / "run", 0, model, {}, {"config": cfg.to_dict()}, tokenizer_path=ck.tokenizer_path)
+        del model
+        for q in QUANTS:
+            g = d / f"m-{q}.gguf"
+            export_checkpoint(run, "gguf", g, quant=q, log=lambda *_: None)
+            out["gguf"][q] = {"bytes": g.stat().st_size,
+                              "decode_tok_s": llamacpp_decode_tok_s(g, n_tokens, threads)}
+            g.unlink()
+            print(f"{preset} gguf {q}: {json.dumps(out['gguf'][q])}", flush=True)
+    return out
 
 
 @torch.inference_mode()
@@ -99,10 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--speed-preset", help="only decode speed, of a random-init model of this preset "
+                                           "(group_size 256, the checkpoint's tokenizer and vocab)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet = lambda *_: None
     ck = load_checkpoint(args.checkpoint)
+    if args.speed_preset:
+        res = speed_only(ck, args.speed_preset, args.threads, args.decode_tokens)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
     windows = held_out_windows(ck, args.windows, args.ctx)
     with torch.inference_mode():
         ours = [ck.model(torch.tensor([w]))[0] for w in windows]
