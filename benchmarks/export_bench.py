@@ -78,7 +78,7 @@ def compare(ours: list[torch.Tensor], theirs: list[torch.Tensor], windows: list[
             "ppl_theirs": math.exp(nll_t / m)}
 
 
-def speed_only(ck, preset: str, threads: int, n_tokens: int) -> dict:
+def speed_only(ck, preset: str, threads: int, n_tokens: int, overrides: list[str]) -> dict:
     """Decode tok/s of a randomly initialised ``preset`` model (group_size 256, ``ck``'s tokenizer
     and vocab) in every GGUF type, next to our PyTorch decode: speed does not depend on training,
     and a bigger model than ``ck`` shows the matmul cost rather than per-token overheads."""
@@ -86,17 +86,22 @@ def speed_only(ck, preset: str, threads: int, n_tokens: int) -> dict:
     from nanochat_ternary.model.gpt import GPT
     from nanochat_ternary.train.checkpoint import save_checkpoint
 
-    cfg = build_config(preset, overrides=["group_size=256", f"vocab_size={ck.config.model.vocab_size}"])
+    cfg = build_config(preset, overrides=["group_size=256", f"vocab_size={ck.config.model.vocab_size}", *overrides])
     torch.manual_seed(0)
     model = GPT(cfg.model).eval()
-    out: dict = {"preset": preset, "block_params": sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2),
-                 "vocab_size": cfg.model.vocab_size, "gguf": {}}
-    out["ours_decode_tok_s"] = our_decode_tok_s(model, n_tokens)
-    print(f"{preset}: ours decode {out['ours_decode_tok_s']:.1f} tok/s", flush=True)
+    out: dict = {"preset": preset, "overrides": overrides, "vocab_size": cfg.model.vocab_size, "gguf": {},
+                 "block_params": sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)}
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
         run = save_checkpoint(d / "run", 0, model, {}, {"config": cfg.to_dict()}, tokenizer_path=ck.tokenizer_path)
         del model
+        # ours: the packed model (weights quantized once; a checkpoint's BitLinear re-quantizes its
+        # shadow weights in every forward, which is training's cost, not inference's)
+        export_checkpoint(run, "packed", d / "m.safetensors", log=lambda *_: None)
+        packed = load_packed(d / "m.safetensors").model
+        out["ours_packed_decode_tok_s"] = our_decode_tok_s(packed, n_tokens)
+        del packed
+        print(f"{preset}: ours (packed, PyTorch fp32) decode {out['ours_packed_decode_tok_s']:.1f} tok/s", flush=True)
         for q in QUANTS:
             g = d / f"m-{q}.gguf"
             export_checkpoint(run, "gguf", g, quant=q, log=lambda *_: None)
@@ -141,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--speed-preset", help="only decode speed, of a random-init model of this preset "
                                            "(group_size 256, the checkpoint's tokenizer and vocab)")
+    ap.add_argument("--speed-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for --speed-preset (e.g. ffn_hidden=2048: TQ needs rows % 256 == 0)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet = lambda *_: None
     ck = load_checkpoint(args.checkpoint)
     if args.speed_preset:
-        res = speed_only(ck, args.speed_preset, args.threads, args.decode_tokens)
+        res = speed_only(ck, args.speed_preset, args.threads, args.decode_tokens, args.speed_set)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
