@@ -7,6 +7,7 @@ codes + scales with the model's own quantizer and writes outputs atomically.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .common import ExportError, atomic_output, file_size, load_checkpoint
@@ -15,7 +16,7 @@ FORMATS = ("gguf", "hf", "packed")
 
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, quant: str | None = None,
-                      force: bool = False, log=print) -> dict:
+                      force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Export ``checkpoint`` (a run dir or step dir) to ``out`` in ``fmt``; returns a summary dict.
 
     Nothing is left at ``out`` unless the export completes: it is written beside it and renamed.

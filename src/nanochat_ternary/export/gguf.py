@@ -27,6 +27,7 @@ pre-tokenizer ``"gpt-2"``, padded with unused tokens up to the model's vocab row
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def _tokenizer_kv(writer, tokenizer_path: Path, n_vocab: int) -> None:
     writer.add_add_bos_token(False)  # our prompts carry no BOS; text is encoded as is
 
 
-def write_gguf(ck: LoadedCheckpoint, out: Path, quant: str = "tq2_0", log=print) -> dict:
+def write_gguf(ck: LoadedCheckpoint, out: Path, quant: str = "tq2_0", log: Callable[[str], None] = print) -> dict:
     """Write ``ck``'s model to ``out`` (a file path that must not exist yet); returns a summary."""
     gguf = _gguf()
     if quant not in QUANTS:

@@ -16,6 +16,7 @@ are written unpermuted; GQA is HF's ``repeat_kv`` (kv head ``h // (H / Hkv)``), 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def hf_state_dict(ck: LoadedCheckpoint) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
-def write_hf(ck: LoadedCheckpoint, out: Path, log=print) -> dict:
+def write_hf(ck: LoadedCheckpoint, out: Path, log: Callable[[str], None] = print) -> dict:
     """Write the HF directory into ``out`` (an empty temp dir the caller renames into place)."""
     from safetensors.torch import save_file
 

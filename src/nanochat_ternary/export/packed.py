@@ -20,6 +20,7 @@ training forward, so logits, and therefore generated tokens, are identical to th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def unpack_codes(packed: Tensor, n: int) -> Tensor:
     return u.reshape(-1)[:n].to(torch.int8) - 1
 
 
-def write_packed(ck: LoadedCheckpoint, out: Path, log=print) -> dict:
+def write_packed(ck: LoadedCheckpoint, out: Path, log: Callable[[str], None] = print) -> dict:
     """Write ``ck``'s model to ``out`` (a new file). MTP heads are left out (training only)."""
     from safetensors.torch import save_file
 
