@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest checkpoint), packed .safetensors or .gguf (llama.cpp)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp), a Hugging Face dir, or packed",
+                       description="Export a checkpoint. gguf: llama.cpp's llama architecture, ternary blocks as "
+                                   "TQ2_0 (default), TQ1_0 or Q8_0 (or f16/f32), tokenizer embedded. hf: a dir "
+                                   "LlamaForCausalLM.from_pretrained loads (dequantized weights). packed: 2-bit "
+                                   "codes + scales in one .safetensors that generate --checkpoint runs.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
+    p.add_argument("--format", required=True, help="gguf | hf | packed")
+    p.add_argument("--quant", help="gguf weight type: tq2_0 (default) | tq1_0 | q8_0 | f16 | f32")
+    p.add_argument("--out", "-o", required=True, help="output file (gguf, packed) or dir (hf); must not exist")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (once the new one is whole)")
 
     p = sub.add_parser("info", help="parameter counts and memory of a config (no big allocations)")
     _add_config_args(p)
@@ -179,6 +191,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--temperature {args.temperature}: must be >= 0")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if Path(args.checkpoint).is_file():  # an exported model: packed .safetensors or .gguf
+        from .export.run import generate_from_file
+
+        return generate_from_file(args)
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg = Config.from_dict(read_meta(ckpt)["config"])
     tok_path = ckpt / "tokenizer.json"
@@ -205,6 +221,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 printed = len(text)
     sys.stdout.write(tok.decode(out)[printed:] + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.format, args.out, quant=args.quant, force=args.force)
     return 0
 
 
@@ -305,7 +328,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
-            "memory": cmd_memory, "bench": cmd_bench}
+            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,210 @@
+"""What every export format shares: load a checkpoint, read its ternary weights, write atomically.
+
+The ternary weights come from the model's own quantizer (``BitLinear.quantized_weight``, the weight
+the forward multiplies with), never from a second copy of its maths, so an export holds exactly
+what the training forward computed::
+
+    W_q[i] = t[i] * s[group(i)]       t in {-1, 0, +1},  s = mean |W| over the group (fp32)
+
+where ``group(i) = i // group_size`` over the row-major flattened ``[out, in]`` weight. Formats
+differ only in how many weights share one stored scale (their *block*): a format with block ``B``
+holds a tensor exactly iff the scale is constant inside every block of ``B`` consecutive weights
+of a row, which :meth:`TernaryTensor.block_scales` checks element by element rather than from
+the config, so a permuted (llama.cpp q/k) or odd-shaped tensor is checked on what is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..errors import UserError
+from ..model.bitlinear import BitLinear
+from ..model.gpt import GPT
+from ..train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+
+
+class ExportError(UserError):
+    """An export that cannot be done as asked; the message is one line that says why and what to do."""
+
+
+# The BitLinear layers of a block, by their attribute path, in the order formats list them.
+BLOCK_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w3", "ffn.w2")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's model (weights loaded, eval mode, fp32 on CPU) and what came with it."""
+
+    path: Path  # the step dir
+    config: Config
+    model: GPT
+    tokenizer_path: Path | None  # tokenizer.json in the step dir, if the run had one
+    step: int
+    dropped: list[str]  # parts of the checkpoint an export leaves out (MTP heads), for a note
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """A run dir (its newest complete checkpoint) or a step dir -> the model, on CPU in fp32."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    cfg = Config.from_dict(meta["config"])
+    model = GPT(cfg.model)
+    load_model_weights(model, ckpt)
+    model.eval()
+    dropped = []
+    if cfg.model.use_mtp:
+        dropped.append(f"{cfg.model.mtp_n_tokens} multi-token-prediction heads (training only)")
+    tok = ckpt / "tokenizer.json"
+    return LoadedCheckpoint(ckpt, cfg, model, tok if tok.is_file() else None, int(meta["step"]), dropped)
+
+
+@dataclass
+class TernaryTensor:
+    """One BitLinear weight as ternary codes and fp32 group scales (``W_q = codes * scale``)."""
+
+    codes: Tensor  # int8 [out, in], values in {-1, 0, 1}
+    scales: Tensor  # fp32 [n_groups]
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def scale_map(self) -> Tensor:
+        """fp32 ``[out, in]``: the scale each weight is multiplied by."""
+        n = self.codes.numel()
+        return self.scales.repeat_interleave(self.group_size)[:n].view(self.shape)
+
+    def dequantize(self) -> Tensor:
+        """The weight the training forward uses, bit for bit (``t * s`` is exact in fp32)."""
+        return self.codes.float() * self.scale_map()
+
+    def permute_rows(self, order: Tensor) -> tuple[Tensor, Tensor]:
+        """``(codes, scale_map)`` with rows reordered (a row keeps its weights and their scales)."""
+        return self.codes[order], self.scale_map()[order]
+
+
+def ternary_weights(model: GPT) -> dict[str, TernaryTensor]:
+    """Every BitLinear of the blocks, keyed ``blocks.{i}.{attn.wq|...}``, as codes + scales."""
+    if model.cfg.quantization != "ternary":
+        raise ExportError("this checkpoint is a full-precision model (quantization = 'none'): it has no "
+                          "ternary weights to pack; use --format hf, or --format gguf --quant f16|f32")
+    out: dict[str, TernaryTensor] = {}
+    for i, block in enumerate(model.blocks):
+        for attr in BLOCK_LINEARS:
+            lin = block.get_submodule(attr)
+            assert isinstance(lin, BitLinear)
+            out[f"blocks.{i}.{attr}"] = split_quantized(lin.quantized_weight().float(), lin.group_size)
+    return out
+
+
+def split_quantized(w_q: Tensor, group_size: int) -> TernaryTensor:
+    """``t * s`` (the forward's fake-quantized weight) -> codes ``t`` and per-group scales ``s``.
+
+    Taking the weight the forward actually multiplies with, rather than re-deriving the scales,
+    makes ``codes * scales`` bit-identical to it: every non-zero ``|w_q|`` in a group *is* ``s``
+    (``t * s`` with ``t = +-1`` is exact in fp32). A group whose codes are all zero gets scale 0.
+    """
+    flat = w_q.reshape(-1)
+    pad = (-flat.numel()) % group_size
+    groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, group_size)
+    scales = groups.abs().amax(dim=1)
+    return TernaryTensor(torch.sign(w_q).to(torch.int8), scales, group_size)
+
+
+def block_scales(codes: Tensor, scale_map: Tensor, block: int, name: str, fmt: str,
+                 group_size: int) -> np.ndarray:
+    """One scale per ``block`` consecutive weights of each row, or an ExportError naming why not.
+
+    A block holds one scale, so the tensor is representable exactly iff every weight of a block
+    whose code is non-zero has the same scale (a zero code contributes 0 whatever the scale).
+    Returns fp32 ``[out, in // block]``.
+    """
+    rows, cols = codes.shape
+    if cols % block:
+        raise ExportError(f"{name}: rows of {cols} weights are not a multiple of {fmt}'s block of {block} "
+                          f"weights, which llama.cpp requires; use a model whose dim and ffn_hidden are "
+                          f"multiples of {block}, or --quant q8_0")
+    s = scale_map.reshape(rows, cols // block, block)
+    nz = codes.reshape(rows, cols // block, block) != 0
+    hi = torch.where(nz, s, torch.full_like(s, -torch.inf)).amax(dim=-1)
+    lo = torch.where(nz, s, torch.full_like(s, torch.inf)).amin(dim=-1)
+    any_nz = nz.any(dim=-1)
+    if bool(((hi != lo) & any_nz).any()):
+        raise ExportError(f"{fmt} stores one scale per {block} weights but this model was trained with one per "
+                          f"{group_size} ({name} has blocks with two scales), so {fmt} would change its "
+                          f"weights; use --quant q8_0 (exact, 8.5 bits/weight) or retrain with "
+                          f"--set group_size=256")
+    return torch.where(any_nz, hi, torch.zeros_like(hi)).numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Output: nothing half-written at --out
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``out``; on success it is renamed to ``out``, on failure removed.
+
+    ``out`` existing is an error unless ``force`` (then it is replaced only once the new one is
+    complete). The temp path lives in ``out``'s directory so the final rename never crosses a
+    filesystem.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists (remove it, choose another path, or pass --force)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: directory {parent} does not exist")
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)  # mkstemp/mkdtemp create 0600/0700; give the result the usual permissions
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
+        if out.exists():  # --force: move the old one aside only now that the new one is whole
+            old = parent / f".old-{out.name}-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def llama_qk_permutation(n_heads: int, head_dim: int) -> Tensor:
+    """Row order that turns our half-split RoPE layout into llama.cpp's interleaved one.
+
+    Our q/k rows within a head are ``[x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}]`` with pairs ``(x_i, y_i)``
+    rotated together (HF Llama's ``rotate_half`` layout); llama.cpp's ``llama`` architecture rotates
+    adjacent pairs ``(r_{2i}, r_{2i+1})``. So new row ``2i`` is old row ``i`` and new row ``2i+1`` is
+    old row ``i + d/2``, in every head (the permutation llama.cpp's HF converter applies).
+    """
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)  # [hd]
+    return (torch.arange(n_heads)[:, None] * head_dim + within[None, :]).reshape(-1)
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
