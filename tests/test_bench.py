@@ -135,6 +135,17 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
     assert runs["muon_8bit"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
     assert runs["galore2"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
     assert "One seed only" in table and "broken" in table.split("## Reading")[1]
+    # each configuration's features observed at work in its run, not only named in its TOML
+    for name, r in runs.items():
+        t = build_config(f"e3/{name}.toml").training
+        m = build_config(f"e3/{name}.toml").model
+        assert r["mtp_heads"] == (m.mtp_n_tokens if m.use_mtp else 0), name
+        assert r["loader_processes"] == (t.num_workers if t.use_async_loader else 0), name
+        assert (r["int8_momenta"] > 0) == t.use_8bit_optim and (r["galore_projected"] > 0) == t.use_galore, name
+    # full = galore2's features + 8-bit + checkpointing: checkpointing keeps each block's input
+    # instead of its ~20 intermediate tensors, and the chunked head keeps no logits
+    assert runs["full"]["activation_bytes"] < 0.5 * runs["galore2"]["activation_bytes"]
+    assert runs["galore2"]["activation_bytes"] > 0.9 * runs["mtp_only"]["activation_bytes"]
 
 
 def test_results_json_validates_against_the_documented_fields(quick_suite):
@@ -144,16 +155,50 @@ def test_results_json_validates_against_the_documented_fields(quick_suite):
     broken = copy.deepcopy(res)
     del broken["configs"][0]["runs"][0]["val_loss"]
     broken["configs"][1]["runs"][0]["tokens_per_s"] = float("nan")
+    del broken["configs"][2]["runs"][0]["activation_bytes"]
     del broken["machine"]
+    broken["provenance"]["dirty"] = "no"
     errs = report.validate_results(broken)
     assert any("runs[0]: missing 'val_loss'" in e for e in errs)
     assert any("'tokens_per_s' is not finite" in e for e in errs)
+    assert any("configs[2].runs[0]: missing 'activation_bytes'" in e for e in errs)
     assert any("missing 'machine'" in e for e in errs)
+    assert any("results.provenance: 'dirty' has type str" in e for e in errs)
+    del broken["provenance"]
+    assert any("missing 'provenance'" in e for e in report.validate_results(broken))
     # docs/bench.md documents every field the validator checks
     doc = (ROOT / "docs" / "bench.md").read_text()
-    for spec in (report.TOP_FIELDS, report.CONFIG_FIELDS, report.RUN_FIELDS):
+    for spec in (report.TOP_FIELDS, report.CONFIG_FIELDS, report.RUN_FIELDS, report.PROVENANCE_FIELDS):
         for key in spec:
             assert f"`{key}`" in doc, key
+
+
+def test_results_record_the_code_that_produced_them(quick_suite):
+    """Provenance: the package version, and the commit and dirty flag git reports for this checkout."""
+    from nanochat_ternary import __version__
+
+    _proc, out = quick_suite
+    prov = json.loads((out / "results.json").read_text())["provenance"]
+    assert prov["version"] == __version__
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if git.returncode != 0:  # not a git checkout (an unpacked sdist): nothing to compare with
+        assert prov["commit"] is None and prov["dirty"] is None
+        return
+    assert prov["commit"] == git.stdout.strip() and isinstance(prov["dirty"], bool)
+    report_md = (out / "REPORT.md").read_text()
+    assert f"- code: nanochat-ternary {__version__}, commit {prov['commit'][:12]}" in report_md
+
+
+@pytest.mark.parametrize("name", ["e3-cpu-2026-11-22", "collider-cpu-2026-11-22"])
+def test_published_reports_name_the_commit_they_ran_on(name):
+    """docs/bench's reports predate provenance in results.json: they carry it as a label, taken from
+    git history (see docs/bench.md), and still validate against the schema they were written with."""
+    d = ROOT / "docs" / "bench" / name
+    res = json.loads((d / "results.json").read_text())
+    assert report.validate_results(res) == []
+    prov = res["provenance"]
+    assert len(prov["commit"]) == 40 and prov["note"]
+    assert f"- code: nanochat-ternary {prov['version']}, commit {prov['commit'][:12]}" in (d / "REPORT.md").read_text()
 
 
 def test_bench_refuses_a_non_empty_out_dir(quick_suite, capsys):
