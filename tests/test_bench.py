@@ -145,7 +145,6 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
     # full = galore2's features + 8-bit + checkpointing: checkpointing keeps each block's input
     # instead of its ~20 intermediate tensors, and the chunked head keeps no logits
     assert runs["full"]["activation_bytes"] < 0.5 * runs["galore2"]["activation_bytes"]
-    assert runs["galore2"]["activation_bytes"] > 0.9 * runs["mtp_only"]["activation_bytes"]
 
 
 def test_results_json_validates_against_the_documented_fields(quick_suite):
@@ -292,3 +291,54 @@ def test_reading_flags_a_config_that_changed_the_batch_shape():
     assert any(line.startswith("NOT MATCHED: bigger (2 steps x 2,048 tokens)") for line in lines)
     same = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0], [1000], 400), _cfg("b", [4.0], [1000], 1)]}
     assert not any("NOT MATCHED" in line for line in report.reading(same))
+
+
+def test_peer_adapters_build_each_package_optimizer_from_the_config(monkeypatch):
+    """The optional peers' adapters, checked whether or not their packages are installed: a stand-in
+    module records what each optimizer is built with (torchao's AdamW8bit needs torch.compile on
+    CPU, too slow for the suite; bitsandbytes and galore-torch also run for real in the test above
+    when installed). Every parameter once, lr/betas/eps from the config, no weight decay; GaLore's
+    projected group is exactly the Muon matrices, with the config's rank and refresh period."""
+    import sys
+    import types
+
+    import torch
+
+    from nanochat_ternary.bench.peers import build_peer
+    from nanochat_ternary.model.gpt import GPT
+    from nanochat_ternary.optim.factory import split_params
+
+    class StandIn(torch.optim.Optimizer):
+        def __init__(self, params, **kw):
+            super().__init__(params, kw)
+            self.kw = kw
+
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.optim = types.SimpleNamespace(AdamW8bit=type("AdamW8bit", (StandIn,), {}))
+    torchao, torchao_optim = types.ModuleType("torchao"), types.ModuleType("torchao.optim")
+    torchao_optim.AdamW8bit = type("AdamW8bit", (StandIn,), {})
+    galore = types.ModuleType("galore_torch")
+    galore.GaLoreAdamW = type("GaLoreAdamW", (StandIn,), {})
+    for name, mod in (("bitsandbytes", bnb), ("torchao", torchao), ("torchao.optim", torchao_optim),
+                      ("galore_torch", galore)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    cfg = build_config(overrides=["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=2", "vocab_size=256",
+                                  "adam_lr=0.004", "adam_betas=0.8,0.9", "adam_eps=1e-7", "weight_decay=0.1",
+                                  "galore_rank=16", "galore_update_freq=50"])
+    model = GPT(cfg.model)
+    every = {id(p) for p in model.parameters()}
+    want = {"lr": 0.004, "betas": (0.8, 0.9), "eps": 1e-7, "weight_decay": 0.0}
+    for peer, cls in (("bnb-adamw8bit", bnb.optim.AdamW8bit), ("torchao-adamw8bit", torchao_optim.AdamW8bit)):
+        (opt,) = build_peer(peer, model, cfg.training)
+        assert type(opt) is cls and opt.kw == want, peer
+        ids = [id(p) for g in opt.param_groups for p in g["params"]]
+        assert len(ids) == len(set(ids)) and set(ids) == every, peer  # tied weight once
+        assert all(g["initial_lr"] == 0.004 for g in opt.param_groups)
+    (opt,) = build_peer("galore-torch-adamw", model, cfg.training)
+    assert type(opt) is galore.GaLoreAdamW and opt.kw == want
+    muon, rest = split_params(model)
+    plain, projected = opt.param_groups
+    assert [id(p) for p in plain["params"]] == [id(p) for p in rest]
+    assert [id(p) for p in projected["params"]] == [id(p) for p in muon] and muon
+    assert (projected["rank"], projected["update_proj_gap"], projected["proj_type"]) == (16, 50, "std")
