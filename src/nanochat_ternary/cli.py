@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nanochat-ternary {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model (default: tiny-cpu on the Python stdlib, ~5 min on 2 cores)")
+    p = sub.add_parser("train", help="train a model (default: tiny-cpu on the Python stdlib, ~5-7 min on 2 cores)")
     _add_config_args(p)
     for name, (typ, help_text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
