@@ -53,7 +53,10 @@ class _ChildWatch:
 
     def _run(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
-            self.most = max(self.most, len(multiprocessing.active_children()))
+            try:
+                self.most = max(self.most, len(multiprocessing.active_children()))
+            except (RuntimeError, OSError):  # a child starting or exiting under us: sample again
+                continue
 
     def __enter__(self) -> _ChildWatch:
         self._thread.start()
