@@ -28,15 +28,15 @@ def _git(*args: str) -> str | None:
 
 
 def provenance() -> dict[str, Any]:
-    """``{"version", "commit", "dirty"}``: ``dirty`` is True when tracked files differ from the commit
-    or untracked files sit in ``src/`` or ``benchmarks/`` (code that ran); other untracked files,
-    such as benchmark outputs, do not count."""
+    """``{"version", "commit", "dirty"}``: ``dirty`` is True when the code differs from the commit:
+    changed or new files under ``src/`` or ``benchmarks/``, or a changed ``pyproject.toml``. Other
+    files (docs, benchmark outputs) do not count: they do not change a figure."""
     info: dict[str, Any] = {"version": __version__, "commit": None, "dirty": None}
     top = _git("rev-parse", "--show-toplevel")
     if top is None or (Path(top.strip()) / "src" / "nanochat_ternary").resolve() != _PKG_DIR:
         return info
     commit = _git("rev-parse", "HEAD")
-    tracked = _git("status", "--porcelain", "--untracked-files=no")
+    tracked = _git("status", "--porcelain", "--untracked-files=no", "--", ":/pyproject.toml")
     new_code = _git("status", "--porcelain", "--untracked-files=all", "--", ":/src", ":/benchmarks")
     if commit is not None:
         info["commit"] = commit.strip()

@@ -67,8 +67,8 @@ CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 PROVENANCE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "version": ((str,), "the nanochat-ternary package version"),
     "commit": ((str, type(None)), "git commit of the code that ran (null: not run from a git checkout)"),
-    "dirty": ((bool, type(None)), "true: tracked files (or new files in src/, benchmarks/) differed from "
-                                  "that commit; null: unknown"),
+    "dirty": ((bool, type(None)), "true: the code (files under src/ or benchmarks/, or pyproject.toml) "
+                                  "differed from that commit; null: unknown"),
 }
 
 TOP_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
