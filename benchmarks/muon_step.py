@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nanochat_ternary.optim import Muon
+from nanochat_ternary.provenance import describe
 
 
 def time_steps(opt: torch.optim.Optimizer, reps: int) -> list[float]:
@@ -40,6 +41,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print(f"# muon_step: {describe()}; torch {torch.__version__}, {args.threads} threads on the CPU, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
     shapes = [(768, 768)] * 4 + [(2176, 768)] * 2 + [(768, 2176)]
     ps = params_with_grads(shapes * 12)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 import traceback
@@ -41,6 +42,7 @@ from nanochat_ternary.config import ModelConfig, TrainConfig, build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim import GaLoreMuon, Muon, Muon8bit, measure_optimizer_state, split_params
 from nanochat_ternary.optim.factory import build_optimizers, optimizer_state_bytes
+from nanochat_ternary.provenance import describe, provenance
 
 NANO_LAYER = [(768, 768)] * 4 + [(2176, 768)] * 2 + [(768, 2176)]
 
@@ -304,7 +306,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    out: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads}
+    prov = provenance()
+    load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"# optim_bench: {describe(prov)}; torch {torch.__version__}, {args.threads} threads, "
+          f"{os.cpu_count()} CPUs (CPU only), load average {load}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    out: dict[str, Any] = {"provenance": prov, "torch": torch.__version__, "threads": args.threads}
     targets: dict[str, bool] = {}
     if "memory" not in skip:
         out["memory"], t = memory_part(args.preset)

@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nanochat_ternary.provenance import describe, provenance
+
 VARIANTS: dict[str, list[str]] = {
     "muon (fp32)": [],
     "muon-8bit": ["use_8bit_optim=true"],
@@ -71,6 +73,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     variants = [v for v in VARIANTS if v.split()[0] in args.variants.split(",") or v in args.variants.split(",")]
     jobs = [(v, s) for s in args.seeds for v in variants]
+    prov = provenance()
+    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"load average {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
     print(f"# {args.model}, {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, seeds {args.seeds}, "
           f"default corpus; {len(jobs)} runs, {args.parallel} at a time x {args.threads} thread(s)", flush=True)
     results: list[dict] = []
@@ -97,7 +102,7 @@ def main() -> None:
         spread = (max(base_vals) - min(base_vals)) / statistics.mean(base_vals)
         print(f"seed-to-seed spread of fp32 Muon: {spread:.2%} (gaps smaller than this are noise)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"provenance": prov, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

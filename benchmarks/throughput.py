@@ -1,8 +1,11 @@
 """Training throughput: our ternary GPT + Muon vs a plain-PyTorch fp32 GPT + AdamW, same shape.
 
-Both models run in the same process, interleaved step by step (A, B, A, B, ...) so that machine
-noise hits both alike; the reported figure is the ratio of median step times. MFU is measured
-against this machine's fp32 matmul peak, itself measured at start (a large square ``torch.mm``).
+Both models run in the same process on the CPU (this script builds everything on the CPU device;
+it measures no GPU), interleaved step by step (A, B, A, B, ...) so that machine noise hits both
+alike; the reported figure is the ratio of median step times. MFU is a derived figure, not a
+measurement: tok/s (measured) x FLOP/token from the 6N + 6LDT formula / this machine's fp32 matmul
+peak (measured at start with a large square ``torch.mm``). The first line records the code's
+provenance (package version, git commit, dirty flag); ``--json`` includes it.
 
 Target (issue #2): ours >= 0.85x the reference's tok/s at >= 8K tokens per optimizer step.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from nanochat_ternary.config import build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim.factory import build_optimizers
+from nanochat_ternary.provenance import describe, provenance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +188,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    prov = provenance()
+    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     peak = measure_matmul_peak()
-    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; fp32 matmul peak {peak:.1f} GFLOP/s")
+    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}{load}; fp32 matmul peak "
+          f"{peak:.1f} GFLOP/s (MFU = measured tok/s x formula FLOP/token / this peak)")
     print(f"{'shape':<10} {'tok/step':>8} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} "
           f"{'ours MFU':>8} {'ref MFU':>8} {'ours opt s':>10} {'ref opt s':>9}  target >= 0.85")
     results = []
@@ -200,7 +209,7 @@ def main() -> None:
               f"{r['ref_opt_step_s']:>9.2f}  "
               f"{'PASS' if r['ratio'] >= 0.85 else 'MISS'}")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"provenance": prov, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

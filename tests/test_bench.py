@@ -135,6 +135,16 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
     assert runs["muon_8bit"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
     assert runs["galore2"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
     assert "One seed only" in table and "broken" in table.split("## Reading")[1]
+    # each configuration's features observed at work in its run, not only named in its TOML
+    for name, r in runs.items():
+        t = build_config(f"e3/{name}.toml").training
+        m = build_config(f"e3/{name}.toml").model
+        assert r["mtp_heads"] == (m.mtp_n_tokens if m.use_mtp else 0), name
+        assert r["loader_processes"] == (t.num_workers if t.use_async_loader else 0), name
+        assert (r["int8_momenta"] > 0) == t.use_8bit_optim and (r["galore_projected"] > 0) == t.use_galore, name
+    # full = galore2's features + 8-bit + checkpointing: checkpointing keeps each block's input
+    # instead of its ~20 intermediate tensors, and the chunked head keeps no logits
+    assert runs["full"]["activation_bytes"] < 0.5 * runs["galore2"]["activation_bytes"]
 
 
 def test_results_json_validates_against_the_documented_fields(quick_suite):
@@ -144,16 +154,53 @@ def test_results_json_validates_against_the_documented_fields(quick_suite):
     broken = copy.deepcopy(res)
     del broken["configs"][0]["runs"][0]["val_loss"]
     broken["configs"][1]["runs"][0]["tokens_per_s"] = float("nan")
+    del broken["configs"][2]["runs"][0]["activation_bytes"]
     del broken["machine"]
+    broken["provenance"]["dirty"] = "no"
     errs = report.validate_results(broken)
     assert any("runs[0]: missing 'val_loss'" in e for e in errs)
     assert any("'tokens_per_s' is not finite" in e for e in errs)
+    assert any("configs[2].runs[0]: missing 'activation_bytes'" in e for e in errs)
     assert any("missing 'machine'" in e for e in errs)
+    assert any("results.provenance: 'dirty' has type str" in e for e in errs)
+    del broken["provenance"]
+    assert any("missing 'provenance'" in e for e in report.validate_results(broken))
     # docs/bench.md documents every field the validator checks
     doc = (ROOT / "docs" / "bench.md").read_text()
-    for spec in (report.TOP_FIELDS, report.CONFIG_FIELDS, report.RUN_FIELDS):
+    for spec in (report.TOP_FIELDS, report.CONFIG_FIELDS, report.RUN_FIELDS, report.PROVENANCE_FIELDS):
         for key in spec:
             assert f"`{key}`" in doc, key
+
+
+def test_results_record_the_code_that_produced_them(quick_suite):
+    """Provenance: the package version, and the commit and dirty flag git reports for this checkout."""
+    from nanochat_ternary import __version__
+
+    _proc, out = quick_suite
+    prov = json.loads((out / "results.json").read_text())["provenance"]
+    assert prov["version"] == __version__
+    try:
+        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except FileNotFoundError:  # no git on this machine
+        git = subprocess.CompletedProcess([], 1)
+    if git.returncode != 0:  # not a git checkout (an unpacked sdist), or no git: nothing to compare with
+        assert prov["commit"] is None and prov["dirty"] is None
+        return
+    assert prov["commit"] == git.stdout.strip() and isinstance(prov["dirty"], bool)
+    report_md = (out / "REPORT.md").read_text()
+    assert f"- code: nanochat-ternary {__version__}, commit {prov['commit'][:12]}" in report_md
+
+
+@pytest.mark.parametrize("name", ["e3-cpu-2026-11-22", "collider-cpu-2026-11-22"])
+def test_published_reports_name_the_commit_they_ran_on(name):
+    """docs/bench's reports predate provenance in results.json: they carry it as a label, taken from
+    git history (see docs/bench.md), and still validate against the schema they were written with."""
+    d = ROOT / "docs" / "bench" / name
+    res = json.loads((d / "results.json").read_text())
+    assert report.validate_results(res) == []
+    prov = res["provenance"]
+    assert len(prov["commit"]) == 40 and prov["note"]
+    assert f"- code: nanochat-ternary {prov['version']}, commit {prov['commit'][:12]}" in (d / "REPORT.md").read_text()
 
 
 def test_bench_refuses_a_non_empty_out_dir(quick_suite, capsys):
@@ -247,3 +294,54 @@ def test_reading_flags_a_config_that_changed_the_batch_shape():
     assert any(line.startswith("NOT MATCHED: bigger (2 steps x 2,048 tokens)") for line in lines)
     same = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0], [1000], 400), _cfg("b", [4.0], [1000], 1)]}
     assert not any("NOT MATCHED" in line for line in report.reading(same))
+
+
+def test_peer_adapters_build_each_package_optimizer_from_the_config(monkeypatch):
+    """The optional peers' adapters, checked whether or not their packages are installed: a stand-in
+    module records what each optimizer is built with (torchao's AdamW8bit needs torch.compile on
+    CPU, too slow for the suite; bitsandbytes and galore-torch also run for real in the test above
+    when installed). Every parameter once, lr/betas/eps from the config, no weight decay; GaLore's
+    projected group is exactly the Muon matrices, with the config's rank and refresh period."""
+    import sys
+    import types
+
+    import torch
+
+    from nanochat_ternary.bench.peers import build_peer
+    from nanochat_ternary.model.gpt import GPT
+    from nanochat_ternary.optim.factory import split_params
+
+    class StandIn(torch.optim.Optimizer):
+        def __init__(self, params, **kw):
+            super().__init__(params, kw)
+            self.kw = kw
+
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.optim = types.SimpleNamespace(AdamW8bit=type("AdamW8bit", (StandIn,), {}))
+    torchao, torchao_optim = types.ModuleType("torchao"), types.ModuleType("torchao.optim")
+    torchao_optim.AdamW8bit = type("AdamW8bit", (StandIn,), {})
+    galore = types.ModuleType("galore_torch")
+    galore.GaLoreAdamW = type("GaLoreAdamW", (StandIn,), {})
+    for name, mod in (("bitsandbytes", bnb), ("torchao", torchao), ("torchao.optim", torchao_optim),
+                      ("galore_torch", galore)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    cfg = build_config(overrides=["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=2", "vocab_size=256",
+                                  "adam_lr=0.004", "adam_betas=0.8,0.9", "adam_eps=1e-7", "weight_decay=0.1",
+                                  "galore_rank=16", "galore_update_freq=50"])
+    model = GPT(cfg.model)
+    every = {id(p) for p in model.parameters()}
+    want = {"lr": 0.004, "betas": (0.8, 0.9), "eps": 1e-7, "weight_decay": 0.0}
+    for peer, cls in (("bnb-adamw8bit", bnb.optim.AdamW8bit), ("torchao-adamw8bit", torchao_optim.AdamW8bit)):
+        (opt,) = build_peer(peer, model, cfg.training)
+        assert type(opt) is cls and opt.kw == want, peer
+        ids = [id(p) for g in opt.param_groups for p in g["params"]]
+        assert len(ids) == len(set(ids)) and set(ids) == every, peer  # tied weight once
+        assert all(g["initial_lr"] == 0.004 for g in opt.param_groups)
+    (opt,) = build_peer("galore-torch-adamw", model, cfg.training)
+    assert type(opt) is galore.GaLoreAdamW and opt.kw == want
+    muon, rest = split_params(model)
+    plain, projected = opt.param_groups
+    assert [id(p) for p in plain["params"]] == [id(p) for p in rest]
+    assert [id(p) for p in projected["params"]] == [id(p) for p in muon] and muon
+    assert (projected["rank"], projected["update_proj_gap"], projected["proj_type"]) == (16, 50, "std")

@@ -125,5 +125,13 @@ def test_missing_checkpoint_and_unwritable_dir(tmp_path):
 
 
 def test_meta_json_is_plain_json(tmp_path):
-    p = _save(tmp_path, 2)
-    json.loads((p / "meta.json").read_text())
+    """meta.json is readable without torch: non-JSON values (tuples, paths, tensors) become lists
+    and strings, and what was saved reads back equal."""
+    meta = {"config": {"model": {"dim": 4}, "training": {"adam_betas": (0.9, 0.95)}},
+            "data": {"path": tmp_path / "data.bin"}, "metrics": {"loss": torch.tensor(1.5)}}
+    p = ck.save_checkpoint(tmp_path, 2, Tied(), {"optimizers": [], "rng": {}}, meta)
+    plain = json.loads((p / "meta.json").read_text())
+    assert plain["step"] == 2 and plain["format_version"] == ck.FORMAT_VERSION
+    assert plain["config"] == {"model": {"dim": 4}, "training": {"adam_betas": [0.9, 0.95]}}
+    assert plain["data"] == {"path": str(tmp_path / "data.bin")} and plain["metrics"] == {"loss": 1.5}
+    assert ck.read_meta(p)["config"] == plain["config"]

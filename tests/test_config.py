@@ -18,11 +18,12 @@ def test_defaults_are_tiny_cpu():
     assert cfg.training.dataset == ""  # auto: the stdlib corpus when no data path is given
 
 
-@pytest.mark.parametrize("name", [p for p in PRESETS if p != "d20-mtp"])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_resolves(name):
     cfg = build_config(name)
     assert cfg.preset == name
     assert cfg.training.seq_len <= cfg.model.max_seq_len
+    assert cfg.model.use_mtp == (name == "d20-mtp")  # the one preset that turns a feature on
 
 
 def test_ffn_hidden_matches_design_table():
@@ -60,9 +61,16 @@ def test_unknown_key_names_closest(tmp_path):
         build_config(str(f))
 
 
-def test_unknown_section_and_preset():
+def test_unknown_section_and_preset(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'd21'.*did you mean 'd20'"):
         build_config("d21")
+    f = tmp_path / "sect.toml"
+    f.write_text("[trainig]\nbatch_size = 4\n")
+    with pytest.raises(ConfigError, match=r"sect.toml: unknown section \[trainig\] \(sections allowed: model, "):
+        build_config(str(f))
+    f.write_text("[training.extra]\nbatch_size = 4\n")
+    with pytest.raises(ConfigError, match=r"nested section \[training.extra\] is not supported"):
+        build_config(str(f))
 
 
 @pytest.mark.parametrize("item, pattern", [
@@ -74,6 +82,8 @@ def test_unknown_section_and_preset():
     ("n_kv_heads=3", r"n_kv_heads = 3 is not valid \(must divide n_heads = 4\)"),
     ("weight_tied=maybe", r"expected true or false"),
     ("device=tpu", r"device = 'tpu' is not valid"),
+    ("val_fraction=0.5", r"val_fraction = 0.5 is not valid \(must be in \[0, 0.5\); 0: the dataset's default split\)"),
+    ("epochs=-1", r"epochs = -1.0 is not valid \(must be >= 0\)"),
 ])
 def test_bad_values_name_field_value_and_rule(item, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -438,7 +438,11 @@ def test_batches_rank_sharding():
 def test_batches_too_little_data():
     with pytest.raises(DataError, match=r"has 16 tokens, too few for one sequence of seq_len\+1 = 17"):
         TokenBatches(_stream(16), 1, 16, seed=0)
-    TokenBatches(_stream(17), 1, 16, seed=0).get(3)  # one window is enough (it repeats)
+    one = TokenBatches(_stream(17), 1, 16, seed=0)  # one window is enough: every step repeats it
+    toks = _stream(17)
+    for step in range(4):
+        x, y = one.get(step)
+        assert x.tolist() == [toks[:16].tolist()] and y.tolist() == [toks[1:17].tolist()]
     with pytest.raises(ValueError):
         TokenBatches(_stream(), 1, 16, seed=0, rank=2, world_size=2)
 

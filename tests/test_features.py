@@ -171,11 +171,17 @@ def _train(tmp_path, name: str, *args: str) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def test_cli_async_loader_and_checkpointing_reproduce_sync_run(tmp_path, _cache):
+def test_cli_async_loader_and_checkpointing_reproduce_sync_run(tmp_path, _cache, observe_training):
+    obs = observe_training
     base = _train(tmp_path, "sync", "--total-steps", "6", "--grad-accum-steps", "2")
+    assert obs.checkpointed_blocks == 0 and type(obs.sources[0]) is SyncBatches
     fast = _train(tmp_path, "async", "--total-steps", "6", "--grad-accum-steps", "2",
                   "--set", "use_async_loader=true", "--set", "num_workers=2", "--set", "prefetch_batches=3",
                   "--set", "gradient_checkpointing=true")
+    # the features were on: every block of every micro-batch checkpointed (6 steps x 2 micro x 2
+    # layers), batches from the loader's 2 worker processes
+    assert obs.checkpointed_blocks == 6 * 2 * 2
+    assert type(obs.sources[1]) is AsyncBatches and obs.live_workers[1] == 2
     assert [r["step"] for r in fast] == list(range(1, 7))
     for a, b in zip(base, fast):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
@@ -344,16 +350,60 @@ OPTIMIZERS = {
     "8bit": ["--set", "use_8bit_optim=true", "--set", "quant_block_size=32"],
     "galore": ["--set", "use_galore=true", "--set", "galore_min_dim=16", "--set", "galore_rank=8",
                "--set", "galore_update_freq=2"],
+    # dim 64, rank 32: the projected FFN momenta ([128, 32] = 4096 values) reach the int8 size floor,
+    # so the 8-bit half of this variant is visible too (at dim 32 every projected momentum is smaller)
     "both": ["--set", "use_8bit_optim=true", "--set", "quant_block_size=32", "--set", "use_galore=true",
-             "--set", "galore_min_dim=16", "--set", "galore_rank=8", "--set", "galore_update_freq=2"],
+             "--set", "galore_min_dim=16", "--set", "galore_rank=32", "--set", "galore_update_freq=2",
+             "--set", "dim=64"],
 }
 TOGGLES = ("use_mtp", "use_collider", "use_async_loader", "gradient_checkpointing")
+MIN_QUANT_NUMEL = 4096  # optim/quantized.py: smaller momenta stay fp32 (documented default)
+
+
+def _expected_muon_state(shape: torch.Size, t) -> tuple[bool, tuple[int, int], tuple[int, int] | None]:
+    """(int8 momentum?, momentum shape, projector shape or None) for a matrix, from the documented
+    rules: GaLore projects when min(m, n) >= galore_min_dim and rank < min(m, n), the momentum then
+    living in the projected [r, n] (m <= n) or [m, r] shape; 8-bit quantizes momenta of at least
+    MIN_QUANT_NUMEL values."""
+    m, n = shape
+    proj = t.use_galore and min(m, n) >= t.galore_min_dim and t.galore_rank < min(m, n)
+    mom = ((t.galore_rank, n) if m <= n else (m, t.galore_rank)) if proj else (m, n)
+    quant = t.use_8bit_optim and mom[0] * mom[1] >= MIN_QUANT_NUMEL
+    return quant, mom, ((m if m <= n else n, t.galore_rank) if proj else None)
+
+
+def _assert_optimizer_variant(trainer) -> None:
+    """The Muon state really is the variant the config asked for: int8 codes in blocks of
+    quant_block_size where quantized, fp32 elsewhere; projectors of the right shape and dtype."""
+    t = trainer.cfg.training
+    muon = trainer.optimizers[0]
+    n_quant = n_proj = 0
+    for group in muon.param_groups:
+        for p in group["params"]:
+            st = muon.state[p]
+            quant, mom, proj = _expected_muon_state(p.shape, t)
+            if quant:
+                assert st["momentum_codes"].dtype == torch.int8 and "momentum_buffer" not in st
+                assert st["momentum_codes"].shape[1] == t.quant_block_size
+                assert st["momentum_codes"].numel() >= mom[0] * mom[1]
+                n_quant += 1
+            else:
+                assert st["momentum_buffer"].dtype == torch.float32 and tuple(st["momentum_buffer"].shape) == mom
+                assert "momentum_codes" not in st
+            if proj is not None:
+                assert tuple(st["projector"].shape) == proj
+                assert st["projector"].dtype == getattr(torch, t.galore_proj_dtype)
+                n_proj += 1
+            else:
+                assert "projector" not in st
+    assert (n_quant > 0) == t.use_8bit_optim and (n_proj > 0) == t.use_galore  # each flag visibly acts
 
 
 @pytest.mark.parametrize("optim", list(OPTIMIZERS))
 @pytest.mark.parametrize("combo", list(itertools.product([False, True], repeat=4)),
                          ids=lambda c: "".join("MCAG"[i] if on else "-" for i, on in enumerate(c)))
-def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, _cache, combo, optim):
+def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, _cache, combo, optim, observe_training):
+    obs = observe_training
     args = [a for key, on in zip(TOGGLES, combo) for a in ("--set", f"{key}={str(on).lower()}")]
     recs = _train(tmp_path, "run", "--total-steps", "3", "--set", "mtp_n_tokens=2", "--set", "num_workers=1",
                   "--set", "dim=32", *args, *OPTIMIZERS[optim])
@@ -363,6 +413,13 @@ def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, _cache, 
         assert ("mtp_ce_2" in r) == combo[0] and ("kept_frac" in r) == combo[1]
         if combo[1]:
             assert 0.6 <= r["kept_frac"] <= 1.0
+    # each toggle observed doing its work, not only accepted
+    (trainer,) = obs.trainers
+    assert (trainer.model.mtp is not None and len(trainer.model.mtp.heads) == 2) == combo[0]
+    assert type(obs.sources[0]) is (AsyncBatches if combo[2] else SyncBatches)
+    assert obs.live_workers[0] == (1 if combo[2] else 0)
+    assert obs.checkpointed_blocks == (3 * 2 if combo[3] else 0)  # 3 steps x 2 blocks
+    _assert_optimizer_variant(trainer)
 
 
 def test_torchrun_two_ranks_with_all_features(tmp_path, _cache):

@@ -123,8 +123,24 @@ def test_sample_next_top_p_support():
     assert abs((s == 1).float().mean().item() - 0.625) < 0.02
 
 
-def test_sample_next_deterministic():
-    logits = torch.randn(4, 50)
-    a = sample_next(logits, 0.8, 10, 0.9, torch.Generator().manual_seed(1))
-    b = sample_next(logits, 0.8, 10, 0.9, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+def test_sample_next_draws_from_the_generator_over_the_filtered_distribution():
+    """Not only "same seed, same sample" (any function of the seed passes that): the draw equals
+    torch.multinomial over a reference distribution built here (temperature, top-k, top-p written
+    out independently) with the same generator, and another seed gives other samples."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50)
+    temp, k, p = 0.8, 10, 0.9
+    z = logits / temp
+    kth = z.sort(dim=-1, descending=True).values[:, k - 1:k]
+    z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    ps, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = (ps.cumsum(-1) - ps) < p  # a token stays while the ones above it are short of p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    ref_probs = torch.where(keep, probs, 0.0)
+    ref = torch.multinomial(ref_probs / ref_probs.sum(-1, keepdim=True), 1,
+                            generator=torch.Generator().manual_seed(1)).squeeze(-1)
+    a = sample_next(logits, temp, k, p, torch.Generator().manual_seed(1))
+    assert torch.equal(a, ref)
+    assert torch.equal(a, sample_next(logits, temp, k, p, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, sample_next(logits, temp, k, p, torch.Generator().manual_seed(2)))

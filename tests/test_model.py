@@ -181,13 +181,26 @@ def test_shapes_and_loss(quant):
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5  # near uniform at init
 
 
-def test_init_is_deterministic():
+def test_init_is_deterministic_seeded_and_follows_the_documented_scales():
     torch.manual_seed(7)
     a = GPT(small_cfg())
     torch.manual_seed(7)
     b = GPT(small_cfg())
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
+    torch.manual_seed(8)  # the seed matters: a constant init would pass the check above
+    c = GPT(small_cfg())
+    assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
+    # GPT-2 init (gpt.py): N(0, 0.02) matrices, residual projections 0.02 / sqrt(2 n_layers), norms 1.
+    # Sample std of n normal draws: relative error ~ 1/sqrt(2n) <= 1.1% here (n >= 64 x 64): 10% is ~9 sigma.
+    out_std = 0.02 / math.sqrt(2 * a.cfg.n_layers)
+    for name, p in a.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+            assert torch.all(p == 1), name
+        elif name.endswith(("wo.weight", "w2.weight")):
+            assert p.std().item() == pytest.approx(out_std, rel=0.1), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
 
 
 def test_param_names_for_optimizer_split():

@@ -22,7 +22,8 @@ from .errors import UserError
 TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "dataset": (str, "synthetic | tokens | text | stdlib (default: stdlib, the Python standard library)"),
     "data_path": (str, "prepared data dir, .bin file, or text file/dir (for --dataset tokens/text)"),
-    "epochs": (float, "passes over the training tokens (when --total-steps is not given)"),
+    "epochs": (float, "passes over the training tokens; wins over an earlier source's step count "
+                      "(a preset's), not over --total-steps given with it"),
     "total_steps": (int, "optimizer steps to train for"),
     "batch_size": (int, "sequences per micro-batch (per process)"),
     "seq_len": (int, "tokens per sequence (<= the model's max_seq_len)"),
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nanochat-ternary {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model (default: tiny-cpu on the Python stdlib, ~5 min on 2 cores)")
+    p = sub.add_parser("train", help="train a model (default: tiny-cpu on the Python stdlib, ~5-7 min on 2 cores)")
     _add_config_args(p)
     for name, (typ, help_text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
@@ -134,11 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name, None) is not None}
-    # --epochs asks for a length in passes: a preset's default step count must not win over it
-    if "epochs" in out and "total_steps" not in out:
-        out["total_steps"] = 0
-    return out
+    # --epochs over a preset's step count: config.build_config's run-length rule, as for TOML and --set
+    return {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name, None) is not None}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

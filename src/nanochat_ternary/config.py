@@ -9,6 +9,13 @@ their TOML files load here. A few of their spellings are accepted as aliases (``
 ``dim``, ``learning_rate`` for ``lr``...). An unknown key is an error that names the closest valid
 key; a wrong type or out-of-range value is an error naming the field, the value and what is
 allowed. A field that belongs to a feature that is not built yet is accepted only at its off value.
+
+Run length, one rule for every source: ``total_steps > 0`` trains that many optimizer steps;
+``total_steps = 0`` trains ``epochs`` passes over the training tokens (1 when ``epochs`` is 0 too).
+A source that sets ``epochs > 0`` without setting ``total_steps`` also resets ``total_steps`` to 0,
+so a length in passes from a later source (a TOML file over its preset, a flag over the TOML,
+``--set`` over a flag) wins over a step count from an earlier one, such as a preset's default; a
+source that sets both keeps both, and ``total_steps`` wins.
 """
 
 from __future__ import annotations
@@ -76,8 +83,8 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum_steps: int = 1
-    total_steps: int = 0  # 0: derive from epochs (or the preset default)
-    epochs: float = 0.0  # passes over train.bin; used when total_steps == 0
+    total_steps: int = 0  # > 0: train this many steps; 0: train `epochs` passes (run-length rule above)
+    epochs: float = 0.0  # passes over the training tokens, used when total_steps == 0 (0: one pass)
     # optimizer
     lr: float = 0.02  # Muon learning rate (hidden matrices)
     adam_lr: float = 0.003  # AdamW learning rate (embeddings, head, norms)
@@ -115,7 +122,7 @@ class TrainConfig:
     data_path: str = ""
     n_samples: int = 2000  # synthetic dataset: number of sequences
     tokenizer_vocab_size: int = 4096  # for datasets tokenized on the fly (text, stdlib)
-    val_fraction: float = 0.01
+    val_fraction: float = 0.0  # held-out share; 0: the dataset's default (see data/datasets.py)
     # evaluation and logging
     eval_interval: int = 100
     eval_batches: int = 8
@@ -355,6 +362,21 @@ def apply_mapping(cfg: Config, data: dict[str, Any], source: str) -> None:
             set_value(cfg, k, v, source)
 
 
+def _keys_of(data: dict[str, Any], source: str) -> set[str]:
+    """The canonical field names a (possibly sectioned) mapping sets."""
+    keys: set[str] = set()
+    for k, v in data.items():
+        for kk in (v if isinstance(v, dict) else {k: v}):
+            keys.add(canonical_key(kk, source))
+    return keys
+
+
+def _apply_length_rule(cfg: Config, keys: set[str]) -> None:
+    """One source's run length (see the module docstring): epochs without total_steps means passes."""
+    if "epochs" in keys and "total_steps" not in keys and cfg.training.epochs > 0:
+        cfg.training.total_steps = 0
+
+
 def apply_preset(cfg: Config, name: str) -> None:
     if name not in PRESETS:
         match = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.0)
@@ -447,14 +469,19 @@ def build_config(
         apply_preset(cfg, preset)
     for src, data in sources:
         apply_mapping(cfg, data, src)
-    for k, v in (cli or {}).items():
-        if v is not None:
-            set_value(cfg, k, v, f"--{k.replace('_', '-')}")
+        _apply_length_rule(cfg, _keys_of(data, src))
+    flags = {k: v for k, v in (cli or {}).items() if v is not None}
+    for k, v in flags.items():
+        set_value(cfg, k, v, f"--{k.replace('_', '-')}")
+    _apply_length_rule(cfg, {canonical_key(k, "flag") for k in flags})
+    set_keys: set[str] = set()
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
         set_value(cfg, k, v.strip(), f"--set {k.strip()}")
+        set_keys.add(canonical_key(k, f"--set {k.strip()}"))
+    _apply_length_rule(cfg, set_keys)
     validate(cfg)
     return cfg
 
@@ -517,7 +544,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.collider_sparsity < 1, "collider_sparsity", t.collider_sparsity, "must be in [0, 1)")
     _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")
     _require(t.galore_scale > 0, "galore_scale", t.galore_scale, "must be > 0")
-    _require(0 < t.val_fraction < 0.5, "val_fraction", t.val_fraction, "must be in (0, 0.5)")
+    _require(0 <= t.val_fraction < 0.5, "val_fraction", t.val_fraction,
+             "must be in [0, 0.5); 0: the dataset's default split")
     _require(t.tokenizer_vocab_size >= 260, "tokenizer_vocab_size", t.tokenizer_vocab_size,
              "must be >= 260 (256 bytes + special tokens)")
     _require(t.dataset in ("", "synthetic", "tokens", "text", "stdlib"), "dataset", t.dataset,

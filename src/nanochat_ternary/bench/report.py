@@ -40,7 +40,16 @@ RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "wall_s": (NUM, "seconds the run took, start-up and evaluation included"),
     "train_curve": ((list,), "[[step, tokens, train loss], ...] every step"),
     "val_curve": ((list,), "[[step, tokens, val loss], ...] at each evaluation"),
+    # what the run observed its features doing (so a feature that silently stayed off shows)
+    "activation_bytes": ((int,), "bytes one micro-batch's forward saves for backward, parameters excluded "
+                                 "(measured after training; gradient checkpointing cuts it)"),
+    "loader_processes": ((int,), "most data-loader worker processes seen alive during training (0: sync)"),
+    "int8_momenta": ((int,), "Muon momenta stored as int8 blocks at the end (8-bit Muon)"),
+    "galore_projected": ((int,), "Muon matrices with a GaLore projector at the end"),
+    "mtp_heads": ((int,), "multi-token-prediction heads in the model (0: MTP off)"),
 }
+
+OBSERVED_FIELDS = ("activation_bytes", "loader_processes", "int8_momenta", "galore_projected", "mtp_heads")
 
 SUMMARY_METRICS = ("final_train_loss", "val_loss", "val_bpb", "tokens_per_s", "median_step_s",
                    "optimizer_state_bytes", "peak_memory_bytes", "data_wait_share", "kept_frac", "wall_s")
@@ -55,8 +64,16 @@ CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "summary": ((dict,), "per metric: {mean, std, min, max, spread, n} over the seeds that ran"),
 }
 
+PROVENANCE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "version": ((str,), "the nanochat-ternary package version"),
+    "commit": ((str, type(None)), "git commit of the code that ran (null: not run from a git checkout)"),
+    "dirty": ((bool, type(None)), "true: the code (files under src/ or benchmarks/, or pyproject.toml) "
+                                  "differed from that commit; null: unknown"),
+}
+
 TOP_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "schema_version": ((int,), "1"),
+    "schema_version": ((int,), "2 (1: before provenance and the per-run feature observations)"),
+    "provenance": ((dict,), "the code that produced it: version, commit, dirty (fields below)"),
     "date": ((str,), "UTC time the suite started (ISO 8601)"),
     "command": ((str,), "the command line that produced it"),
     "machine": ((dict,), "platform, cpu, cores, memory_bytes, torch, cuda device"),
@@ -82,12 +99,17 @@ def validate_results(obj: dict[str, Any]) -> list[str]:
                 errs.append(f"{where}: '{key}' is not finite ({d[key]})")
 
     check(obj, TOP_FIELDS, "results")
+    # schema 1 (before the per-run feature observations) is still read, e.g. docs/bench's older reports
+    run_fields = RUN_FIELDS if obj.get("schema_version", 2) >= 2 else \
+        {k: v for k, v in RUN_FIELDS.items() if k not in OBSERVED_FIELDS}
+    if isinstance(obj.get("provenance"), dict):
+        check(obj["provenance"], PROVENANCE_FIELDS, "results.provenance")
     for i, c in enumerate(obj.get("configs", [])):
         where = f"configs[{i}]"
         check(c, CONFIG_FIELDS, where)
         for j, r in enumerate(c.get("runs", [])):
             if r.get("status") == "ok":
-                check(r, RUN_FIELDS, f"{where}.runs[{j}]")
+                check(r, run_fields, f"{where}.runs[{j}]")
         for m, s in c.get("summary", {}).items():
             check(s, {k: (NUM, "") for k in ("mean", "std", "min", "max", "spread")} | {"n": ((int,), "")},
                   f"{where}.summary.{m}")
@@ -260,6 +282,16 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def provenance_line(p: dict[str, Any] | None) -> str:
+    """The report's code line; says so when the results predate provenance."""
+    from ..provenance import describe
+
+    if not p:
+        return "unknown (these results record no commit)"
+    line = describe(p)
+    return line + (f"; {p['note']}" if p.get("note") else "")
+
+
 def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> Path:
     st, m, d = results["settings"], results["machine"], results["data"]
     lines = [
@@ -267,6 +299,7 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> Path:
         "",
         f"- date: {results['date']}",
         f"- command: `{results['command']}`",
+        f"- code: {provenance_line(results.get('provenance'))}",
         f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
         f"{m.get('memory_bytes', 0) / 2**30:.0f} GiB, {m.get('platform', '')}; torch {m.get('torch', '?')}"
         + (f"; GPU {m['cuda_device']}" if m.get("cuda_device") else "; no GPU"),

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..config import build_config, packaged_config_dir, resolve_config_path
 from ..errors import UserError
+from ..provenance import describe, provenance
 from . import report
 from .peers import PEERS, peer_unavailable
 
@@ -237,9 +238,10 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
     entries = suite_entries(configs, peers)
     t0 = time.perf_counter()
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    prov = provenance()  # at the start: the code every run of the suite imports
     seeds = list(range(1, settings.seeds + 1))
     print(f"bench: {len(entries)} configurations x {len(seeds)} seed(s) on {settings.model}, "
-          f"{settings.steps} steps each; output in {out}", flush=True)
+          f"{settings.steps} steps each; output in {out}; code: {describe(prov)}", flush=True)
     data, shape = _prepare_data(settings)
     print(f"bench: data {data['name']}: {data['train_tokens']:,} train / {data['val_tokens']:,} val tokens; "
           f"{shape['tokens_per_step']:,} tokens/step", flush=True)
@@ -270,7 +272,8 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
     names = [c["name"] for c in configs_out if c["kind"] == "config"]
     baseline = "baseline" if "baseline" in names else (names[0] if names else None)
     results = {
-        "schema_version": 1,
+        "schema_version": 2,
+        "provenance": prov,
         "date": date,
         "command": command or "nanochat-train bench",
         "machine": machine_info(),

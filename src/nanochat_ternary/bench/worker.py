@@ -6,6 +6,12 @@ the ordinary :class:`~nanochat_ternary.train.trainer.Trainer` (the same code pat
 ``nanochat-train train``) and writes one JSON object: the run's measurements, or
 ``{"status": "failed", "error": ...}``. The exit status is 0 on success, 1 on failure.
 
+Besides the figures, each run records what it observed its features doing, so a configuration
+whose feature silently stayed off cannot pass as the feature: the bytes one micro-batch's forward
+keeps for backward (what gradient checkpointing cuts), the data-loader worker processes seen alive
+during training (async loader), the int8 and GaLore-projected momenta in the optimizer state, and
+the MTP heads in the model.
+
 SPEC (JSON): ``name``, ``config`` (TOML path or "" for the baseline of a peer), ``peer`` (a
 :data:`~.peers.PEERS` name or ""), ``model`` (preset), ``seed``, ``overrides`` (``key=value``
 strings applied last), ``run_dir``, ``log_file``.
@@ -15,9 +21,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,11 +43,60 @@ def _peak_memory(device: Any) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"  # Linux reports KiB
 
 
+class _ChildWatch:
+    """Samples how many child processes (data-loader workers) are alive, from a background thread."""
+
+    def __init__(self, period_s: float = 0.02) -> None:
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
+
+    def _run(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            try:
+                self.most = max(self.most, len(multiprocessing.active_children()))
+            except (RuntimeError, OSError):  # a child starting or exiting under us: sample again
+                continue
+
+    def __enter__(self) -> _ChildWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def activation_bytes(trainer: Any) -> int:
+    """Bytes of the tensors one training micro-batch's forward saves for backward (parameters
+    excluded: they are resident anyway), measured with autograd's saved-tensor hooks on the trained
+    model and objective. Gradient checkpointing exists to cut this."""
+    import torch
+
+    rt, model = trainer.rt, trainer.model
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = trainer.batches.get(0, 0)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
+        loss, _stats = model(x.to(rt.device), targets=y.to(rt.device), objective=trainer.objective)
+    del loss
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..config import build_config
-    from ..optim.factory import optimizer_state_bytes
+    from ..optim.factory import memory_report, optimizer_state_bytes
     from ..train.runtime import setup_runtime
     from ..train.trainer import Trainer
     from .peers import build_peer
@@ -55,10 +112,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(rt.device)
     try:
         trainer = Trainer(cfg, rt, optimizer_factory=factory)
-        res = trainer.fit()
+        with _ChildWatch() as children:
+            res = trainer.fit()
     finally:
         rt.shutdown()
-    peak, peak_kind = _peak_memory(rt.device)
+    peak, peak_kind = _peak_memory(rt.device)  # before the observation below allocates anything
+    acts = activation_bytes(trainer)
+    opt_rep = memory_report(trainer.optimizers)
 
     steps = len(res.step_times)
     losses = [res.losses[k] for k in sorted(res.losses)]
@@ -88,6 +148,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "val_curve": [[step, tps * step, loss] for step, loss in sorted(res.val_curve.items())],
         "device": str(rt.device),
         "threads": torch.get_num_threads(),
+        # what the run's features were observed doing (see the module docstring)
+        "activation_bytes": acts,
+        "loader_processes": children.most,
+        "int8_momenta": opt_rep["muon_int8_tensors"],
+        "galore_projected": opt_rep["galore_projected"],
+        "mtp_heads": len(trainer.model.mtp.heads) if trainer.model.mtp is not None else 0,
     }
 
 

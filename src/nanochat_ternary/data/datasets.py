@@ -9,6 +9,12 @@
                 benchmarks that must not depend on a corpus.
 * ``tokens``    an already prepared dir or ``.bin`` file (``--data-path``).
 
+Validation split (``val_fraction``; None: each dataset's default): ``stdlib`` and ``text`` hold out
+that fraction of their documents (default 0.01), a lone ``.bin`` its last fraction of tokens
+(default 0.01), ``synthetic`` generates ``max(4, round(n_samples * val_fraction))`` val documents
+from an independent stream (default ``max(4, n_samples // 50)``). A prepared dir's split was made by
+``prepare-data --val-fraction``: asking for another one is an error, not a silent no-op.
+
 Caching: prepared data lives under ``default_cache_dir()`` in a dir named by everything that
 determines its content (Python version and stdlib path; input paths, sizes and mtimes; vocab
 size; generator arguments; format version), so a second call costs only a memmap. Preparation is
@@ -49,6 +55,7 @@ from .tokenfile import write_tokens
 from .tokenizer import byte_tokenizer
 
 DATASET_NAMES = ("stdlib", "text", "synthetic", "tokens")
+DEFAULT_VAL_FRACTION = 0.01  # stdlib, text and lone .bin files when val_fraction is None
 #: Directory names never read as corpus text (installed third-party packages are not the stdlib).
 STDLIB_EXCLUDE_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
@@ -97,6 +104,13 @@ def _cached(cache_dir: Path | None, key: str, build: Callable[[Path], object]) -
     return load_prepared(target)
 
 
+def _vf_key(val_fraction: float | None) -> str:
+    """Cache-key suffix for a non-default split (empty for the default, so existing caches stay valid)."""
+    if val_fraction is None or val_fraction == DEFAULT_VAL_FRACTION:
+        return ""
+    return f"-vf{val_fraction:g}"
+
+
 def _short_hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
@@ -111,7 +125,8 @@ def stdlib_path() -> Path:
 
 
 def stdlib_dataset(
-    cache_dir: str | Path | None = None, vocab_size: int = 4096, show_progress: bool = True
+    cache_dir: str | Path | None = None, vocab_size: int = 4096, show_progress: bool = True,
+    val_fraction: float | None = None,
 ) -> PreparedData:
     """The running interpreter's standard library ``*.py`` sources (tests included, installed
     packages excluded), tokenized with a BPE of ``vocab_size`` and cached."""
@@ -120,7 +135,8 @@ def stdlib_dataset(
         raise DataError(f"the Python standard library sources are not on disk at {root}; pass --data-path")
     impl = platform.python_implementation().lower()
     ver = "{}.{}.{}".format(*sys.version_info[:3])
-    key = f"stdlib-{impl}{ver}-v{vocab_size}-f{PREPARED_FORMAT_VERSION}-{_short_hash(str(root))[:8]}"
+    key = (f"stdlib-{impl}{ver}-v{vocab_size}-f{PREPARED_FORMAT_VERSION}-{_short_hash(str(root))[:8]}"
+           + _vf_key(val_fraction))
 
     def build(target: Path) -> None:
         docs = collect_documents([root], glob="**/*.py", exclude_dirs=STDLIB_EXCLUDE_DIRS)
@@ -128,6 +144,7 @@ def stdlib_dataset(
             docs,
             target,
             vocab_size=vocab_size,
+            val_fraction=val_fraction or DEFAULT_VAL_FRACTION,
             show_progress=show_progress,
             source=f"python-stdlib:{impl}-{ver}:{root}",
         )
@@ -157,6 +174,7 @@ def text_dataset(
     glob: str = "**/*",
     parquet_column: str = "text",
     show_progress: bool = True,
+    val_fraction: float | None = None,
 ) -> PreparedData:
     """A text/code/parquet file or directory, prepared on first use and cached by a fingerprint
     of its files (paths, sizes, mtimes), so editing the corpus re-prepares it."""
@@ -175,7 +193,7 @@ def text_dataset(
     if not fp["files"]:
         raise DataError(f"no input files matched {glob!r} in {p}")
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in p.stem)[:40] or "data"
-    key = f"text-{stem}-v{vocab_size}-{_short_hash(fp)}"
+    key = f"text-{stem}-v{vocab_size}-{_short_hash(fp)}{_vf_key(val_fraction)}"
 
     def build(target: Path) -> None:
         docs = collect_documents([p], glob=glob, parquet_column=parquet_column)
@@ -183,6 +201,7 @@ def text_dataset(
             docs,
             target,
             vocab_size=vocab_size,
+            val_fraction=val_fraction or DEFAULT_VAL_FRACTION,
             show_progress=show_progress,
             extra_meta={"glob": glob, "parquet_column": parquet_column},
         )
@@ -250,10 +269,12 @@ def synthetic_dataset(
     seed: int = 0,
     out_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    val_fraction: float | None = None,
 ) -> PreparedData:
     """``n_samples`` training documents of up to ``seq_len`` bytes (each plus a separator, so
     about ``n_samples`` windows of ``seq_len`` tokens) and ``max(4, n_samples // 50)`` val documents
-    from an independent stream, tokenized with the byte tokenizer (vocab 257).
+    (``max(4, round(n_samples * val_fraction))`` when given) from an independent stream, tokenized
+    with the byte tokenizer (vocab 257).
 
     Written to ``out_dir`` if given (replacing a prepared dir there), else cached.
     """
@@ -262,7 +283,9 @@ def synthetic_dataset(
             "synthetic data needs n_samples >= 1, seq_len >= 1, seed >= 0;"
             f" got {n_samples}, {seq_len}, {seed}"
         )
-    n_val = max(4, n_samples // 50)
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    n_val = max(4, n_samples // 50 if val_fraction is None else round(n_samples * val_fraction))
 
     def build(target: Path) -> None:
         tok = byte_tokenizer()
@@ -304,7 +327,8 @@ def synthetic_dataset(
         target = Path(out_dir).expanduser()
         build(target)
         return load_prepared(target)
-    key = f"synthetic-n{n_samples}-t{seq_len}-s{seed}-f{PREPARED_FORMAT_VERSION}"
+    key = f"synthetic-n{n_samples}-t{seq_len}-s{seed}-f{PREPARED_FORMAT_VERSION}" + (
+        f"-vf{val_fraction:g}" if val_fraction is not None else "")
     return _cached(Path(cache_dir) if cache_dir is not None else None, key, build)
 
 
@@ -329,6 +353,7 @@ def load_dataset(
     glob: str = "**/*",
     parquet_column: str = "text",
     show_progress: bool = True,
+    val_fraction: float | None = None,
 ) -> PreparedData:
     """Resolve ``--dataset`` / ``--data-path`` to prepared data.
 
@@ -346,13 +371,20 @@ def load_dataset(
     if name in ("stdlib", "synthetic") and path is not None:
         raise DataError(f"dataset {name!r} takes no --data-path (got {path})")
     if name == "stdlib":
-        return stdlib_dataset(cache_dir, vocab_size, show_progress)
+        return stdlib_dataset(cache_dir, vocab_size, show_progress, val_fraction)
     if name == "synthetic":
-        return synthetic_dataset(n_samples, seq_len, seed, cache_dir=cache_dir)
+        return synthetic_dataset(n_samples, seq_len, seed, cache_dir=cache_dir, val_fraction=val_fraction)
     assert path is not None
     if name == "tokens":
-        return load_prepared(path)
-    return text_dataset(path, cache_dir, vocab_size, glob, parquet_column, show_progress)
+        pd = load_prepared(path, val_fraction or DEFAULT_VAL_FRACTION)
+        made = pd.meta.get("val_fraction")
+        if val_fraction is not None and "val_split" not in pd.meta and made != val_fraction:
+            # a prepared dir: its val.bin was cut at prepare time; a different request cannot apply
+            raise DataError(f"val_fraction = {val_fraction:g} cannot apply to {path}: its train/val split was made "
+                            f"by prepare-data (val_fraction {made if made is not None else 'unknown'}); "
+                            f"re-run prepare-data --val-fraction {val_fraction:g}, or leave val_fraction unset")
+        return pd
+    return text_dataset(path, cache_dir, vocab_size, glob, parquet_column, show_progress, val_fraction)
 
 
 __all__ = [

@@ -44,7 +44,8 @@ def _prepare(cfg: Config, show_progress: bool) -> PreparedData:
     t = cfg.training
     return load_dataset(t.dataset or None, t.data_path or None, cache_dir=default_cache_dir(),
                         vocab_size=t.tokenizer_vocab_size, n_samples=t.n_samples, seq_len=t.seq_len,
-                        seed=t.seed, show_progress=show_progress)
+                        seed=t.seed, show_progress=show_progress,
+                        val_fraction=t.val_fraction or None)  # 0: the dataset's own default split
 
 
 def load_training_data(cfg: Config, runtime: Runtime) -> LoadedData:
