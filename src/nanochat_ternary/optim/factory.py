@@ -33,6 +33,7 @@ from torch.nn import Parameter
 
 from ..config import ConfigError, TrainConfig
 from .galore import GaLoreMuon
+from .low_precision import cast_params_
 from .muon import Muon
 from .quantized import Muon8bit
 
@@ -79,9 +80,10 @@ def build_muon(params: list[Parameter], tcfg: TrainConfig) -> Muon:
         raise ConfigError("stochastic_rounding = true needs use_8bit_optim = true (it applies to the "
                           "int8 momentum)")
     base = dict(lr=tcfg.lr, momentum=tcfg.muon_momentum, ns_steps=tcfg.ns_steps,
-                weight_decay=tcfg.weight_decay)
+                weight_decay=tcfg.weight_decay, nesterov=tcfg.muon_nesterov, latent_rounding=tcfg.latent_rounding,
+                seed=tcfg.seed)
     quant = dict(quantize=tcfg.use_8bit_optim, block_size=tcfg.quant_block_size,
-                 stochastic_rounding=tcfg.stochastic_rounding, seed=tcfg.seed)
+                 stochastic_rounding=tcfg.stochastic_rounding)
     try:
         if tcfg.use_galore:
             return GaLoreMuon(params, **base, **quant, rank=tcfg.galore_rank,
@@ -114,9 +116,12 @@ def build_optimizers(
 ) -> list[torch.optim.Optimizer]:
     """``[Muon variant(block matrices), AdamW(everything else)]``; one with no params is left out.
 
-    The Muon variant follows ``use_8bit_optim`` / ``use_galore`` (see :func:`build_muon`).
+    The Muon variant follows ``use_8bit_optim`` / ``use_galore`` (see :func:`build_muon`). With
+    ``latent_dtype = "bfloat16"`` the Muon matrices are cast to bf16 here, in place: their storage
+    is the optimizer's business, since it decides how they are written back (stochastic rounding).
     """
     muon_params, adamw_params = split_params(model)
+    cast_params_(muon_params, getattr(torch, tcfg.latent_dtype))
     return _build(muon_params, adamw_params, tcfg, device)
 
 
