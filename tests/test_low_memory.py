@@ -248,3 +248,27 @@ def test_low_memory_options_resume_exactly(tmp_path, name):
     if straight.in_backward is not None:
         assert straight.in_backward.state_dict() == resumed.in_backward.state_dict()
         assert math.isfinite(straight.in_backward.last_grad_norm)
+
+
+# --------------------------------------------------------------------------------------------
+# nanochat-train memory: a measured real step
+
+
+def test_memory_of_a_real_step_shrinks_with_the_options():
+    from nanochat_ternary.train.memory import measure_training_step
+
+    sets = ["dim=128", "n_layers=2", "n_heads=2", "n_kv_heads=1", "vocab_size=256", "batch_size=2", "seq_len=32",
+            "device=cpu"]
+    off = measure_training_step(build_config("tiny-cpu", None, None, sets), steps=2)
+    on = measure_training_step(build_config("tiny-cpu", None, None, sets + [
+        "optimizer_in_backward=true", "latent_dtype=bfloat16", "use_8bit_optim=true"]), steps=2)
+    model = _model(dim=128, vocab_size=256)
+    muon, adamw = split_params(model)
+    n_muon, n_adamw = sum(p.numel() for p in muon), sum(p.numel() for p in adamw)
+    assert off["weights_bytes"] == 4 * (n_muon + n_adamw)
+    assert on["weights_bytes"] == 2 * n_muon + 4 * n_adamw
+    assert off["grads_peak_bytes"] == off["weights_bytes"]  # every gradient alive before the step
+    largest = max(p.numel() for p in muon)
+    assert on["grads_peak_bytes"] <= 4 * n_adamw + 2 * 2 * largest  # AdamW's + at most a couple of matrices
+    assert on["optimizer_state_bytes"] < off["optimizer_state_bytes"]
+    assert off["activations_saved_bytes"] > 0 and off["peak_bytes"] > 0
