@@ -229,7 +229,8 @@ LOW_MEMORY_SETS = {
     "bf16-sr": ["latent_dtype=bfloat16"],
     "ib-accum-8bit-bf16": ["optimizer_in_backward=true", "grad_accum_steps=2", "muon_nesterov=false",
                            "use_8bit_optim=true", "stochastic_rounding=true", "latent_dtype=bfloat16"],
-    "ib-galore-clip": ["optimizer_in_backward=true", "use_galore=true", "grad_clip=0.5"],
+    "ib-galore-clip-adamw8bit": ["optimizer_in_backward=true", "use_galore=true", "grad_clip=0.5",
+                                 "use_8bit_adamw=true", "stochastic_rounding=true"],
 }
 
 
@@ -272,3 +273,40 @@ def test_memory_of_a_real_step_shrinks_with_the_options():
     assert on["grads_peak_bytes"] <= 4 * n_adamw + 2 * 2 * largest  # AdamW's + at most a couple of matrices
     assert on["optimizer_state_bytes"] < off["optimizer_state_bytes"]
     assert off["activations_saved_bytes"] > 0 and off["peak_bytes"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW with int8 m and bf16 v (embeddings, head, norms)
+
+
+def test_adamw8bit_tracks_adamw_and_stores_3_bytes_per_param():
+    from nanochat_ternary.optim import AdamW8bit, optimizer_state_bytes
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(256, 128, generator=g)
+    start = torch.randn(256, 128, generator=g)
+    out = {}
+    for name in ("fp32", "8bit"):
+        p = torch.nn.Parameter(start.clone())
+        opt = (torch.optim.AdamW([p], lr=0.01, betas=(0.9, 0.95), weight_decay=0.0) if name == "fp32"
+               else AdamW8bit([p], lr=0.01, betas=(0.9, 0.95), block_size=128))
+        for _ in range(30):
+            opt.zero_grad()
+            ((p - target) ** 2).sum().backward()
+            opt.step()
+        out[name] = (p.detach().clone(), opt)
+    (a, _), (b, opt8) = out["fp32"], out["8bit"]
+    moved = (a - start).norm()
+    assert (a - b).norm() < 0.015 * moved, (float((a - b).norm()), float(moved))
+    assert optimizer_state_bytes(opt8) <= 3.04 * a.numel() + 64
+    # state_dict is plain tensors: loads back with weights_only, dtypes kept
+    import io
+
+    buf = io.BytesIO()
+    torch.save(opt8.state_dict(), buf)
+    buf.seek(0)
+    p2 = torch.nn.Parameter(b.clone())
+    opt2 = AdamW8bit([p2], lr=0.01, betas=(0.9, 0.95))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    st = opt2.state[p2]
+    assert st["m_codes"].dtype == torch.int8 and st["v"].dtype == torch.bfloat16 and st["step"] == 30

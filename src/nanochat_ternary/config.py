@@ -106,6 +106,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # Muon matrices updated in backward hooks, gradients freed at once
     latent_dtype: str = "float32"  # storage of the Muon matrices' latent weights: float32 | bfloat16
     latent_rounding: str = "stochastic"  # how bfloat16 latents are written back: stochastic | nearest
+    use_8bit_adamw: bool = False  # AdamW (embeddings, head, norms) with int8 first and bf16 second moment
     # data-efficiency and systems features (issue: training features)
     mtp_weight: float = 0.2
     use_collider: bool = False
