@@ -321,3 +321,21 @@ def test_trainer_in_backward_matches_normal_step_with_accumulation(tmp_path):
     inbwd = _run(tmp_path, "i", sets + ["optimizer_in_backward=true"], total=4)
     for (n, p), q in zip(normal.model.named_parameters(), inbwd.model.parameters()):
         assert ((p - q).abs().max() / p.abs().max()).item() < 1e-4, n
+
+
+@pytest.mark.parametrize("name", ["large_7b_24gb.toml", "medium_3b_10gb.toml"])
+def test_shipped_low_memory_configs_load_and_train_a_step(name):
+    """The shipped configs resolve (package data) with every option on, and their option set
+    trains (on a model shrunk to test size)."""
+    from nanochat_ternary.config import shipped_configs
+    from nanochat_ternary.train.memory import measure_training_step
+
+    assert name in shipped_configs()
+    cfg = build_config(name)
+    t = cfg.training
+    assert t.optimizer_in_backward and t.latent_dtype == "bfloat16" and t.use_8bit_adamw and t.use_galore
+    small = build_config(name, None, None, ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=1",
+                                            "vocab_size=256", "max_seq_len=64", "seq_len=32", "batch_size=2",
+                                            "galore_min_dim=32", "galore_rank=8", "device=cpu"])
+    rep = measure_training_step(small, steps=2)
+    assert rep["weights_by_dtype"]["bfloat16"] > 0 and rep["optimizer"]["galore_projected"] > 0

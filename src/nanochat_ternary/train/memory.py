@@ -31,6 +31,7 @@ import dataclasses
 import os
 import resource
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +118,15 @@ def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
                 saved[ptr] = x.untyped_storage().nbytes()
             return x
 
+        step_s: list[float] = []
         try:
             for step in range(steps):
+                t0 = time.perf_counter()
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
                     saved.clear()
                     loss, _ = trainer._train_step(step)
                     loss.item()
+                step_s.append(time.perf_counter() - t0)
                 acts_peak = max(acts_peak, sum(saved.values()))
         finally:
             for h in handles:
@@ -152,6 +156,7 @@ def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
         "activations_saved_bytes": acts_peak,
         "options": {k: getattr(t, k) for k in ("optimizer_in_backward", "latent_dtype", "latent_rounding",
                                                "use_8bit_optim", "use_galore", "gradient_checkpointing")},
+        "step_seconds": step_s,  # with the accounting hooks on: indicative only
         "threads": torch.get_num_threads(),
         "pid_cpu_count": os.cpu_count(),
     }
