@@ -229,8 +229,9 @@ LOW_MEMORY_SETS = {
     "bf16-sr": ["latent_dtype=bfloat16"],
     "ib-accum-8bit-bf16": ["optimizer_in_backward=true", "grad_accum_steps=2", "muon_nesterov=false",
                            "use_8bit_optim=true", "stochastic_rounding=true", "latent_dtype=bfloat16"],
-    "ib-galore-clip-adamw8bit": ["optimizer_in_backward=true", "use_galore=true", "grad_clip=0.5",
-                                 "use_8bit_adamw=true", "stochastic_rounding=true"],
+    "ib-galore-accum-clip-adamw8bit": ["optimizer_in_backward=true", "use_galore=true", "grad_clip=0.5",
+                                       "grad_accum_steps=2", "muon_nesterov=false", "use_8bit_adamw=true",
+                                       "stochastic_rounding=true"],
 }
 
 
