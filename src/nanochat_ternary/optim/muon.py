@@ -55,7 +55,12 @@ The step is split into hooks that subclasses replace: ``_momentum_update`` (adva
 return the matrix to orthogonalise; run on every rank), ``_orthogonalize`` and ``_apply_update``
 (only on the owning rank). :class:`~nanochat_ternary.optim.quantized.Muon8bit` keeps the momentum
 as int8 blocks; :class:`~nanochat_ternary.optim.galore.GaLoreMuon` projects momentum and
-Newton–Schulz into a rank-``r`` subspace (optionally with int8 momentum too). ``state_dict()``
+Newton–Schulz into a rank-``r`` subspace (optionally with int8 momentum too).
+
+Low memory (docs/low_memory.md): :meth:`Muon.step_param` steps one parameter from one micro-batch's
+gradient (the step inside the backward, :mod:`~nanochat_ternary.optim.in_backward`), and a bf16
+parameter is a 2-byte latent weight: the update runs in fp32 and is written back with stochastic
+rounding (:mod:`~nanochat_ternary.optim.low_precision`). ``state_dict()``
 holds only tensors and plain values (``torch.load(weights_only=True)`` reads it), and
 ``load_state_dict`` restores every state tensor with its saved dtype.
 """

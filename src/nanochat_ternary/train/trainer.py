@@ -4,6 +4,7 @@
         set lr from the schedule
         for each micro-batch:  loss = CE(model(x), y) / accum;  loss.backward()   (DDP all-reduces)
         clip the global grad norm;  Muon.step() on hidden matrices;  AdamW.step() on the rest
+        (optimizer_in_backward: Muon steps each matrix inside backward(), optim/in_backward.py)
         log · evaluate · checkpoint
 
 Everything a resumed run needs is either in the checkpoint (weights, optimizer states, RNG) or a
