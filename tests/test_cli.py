@@ -222,7 +222,7 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(tmp_path):
     common = ["--dataset", "synthetic", "--n-samples", "300", "--total-steps", "6",
               "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
               "--seq-len", "32", "--sample-tokens", "0", "--log-interval", "1", "--eval-interval", "0",
-              "--threads", "1"]
+              "--threads", "1", "--device", "cpu"]  # gloo ranks on CPU even where CUDA exists (test_gpu.py: NCCL)
     one = tmp_path / "one.jsonl"
     assert main(["train", *common, "--batch-size", "8", "--checkpoint-dir", str(tmp_path / "one"),
                  "--log-file", str(one)]) == 0

@@ -153,9 +153,10 @@ import json  # noqa: E402
 
 from nanochat_ternary.cli import main  # noqa: E402
 
+# --device cpu: these compare runs at fp32 tolerances; CUDA (bf16 autocast) has its own tests in test_gpu.py
 SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
          "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--dataset", "synthetic",
-         "--n-samples", "200", "--log-interval", "1", "--eval-interval", "0"]
+         "--n-samples", "200", "--log-interval", "1", "--eval-interval", "0", "--device", "cpu"]
 
 
 @pytest.fixture()

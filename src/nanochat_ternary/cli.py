@@ -1,7 +1,10 @@
 """``nanochat-train``: train, prepare data, generate, inspect.
 
 Every user mistake (bad config, missing data, corrupt checkpoint...) surfaces as a ``UserError``:
-one line on stderr, exit status 1, no traceback. Run under ``torchrun`` for data parallel training.
+one line on stderr, exit status 1, no traceback. Exit statuses: 0 done, 1 an error in the input or
+environment, 2 bad command line, 3 training diverged (train/guard.py), 75 stopped by a signal with a
+checkpoint saved (train/signals.py), 130 interrupted without a checkpoint. Run under ``torchrun``
+for data parallel training.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
@@ -190,7 +193,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = GPT(cfg.model)
     load_model_weights(model, ckpt)
     model.to(device)
-    ids = tok.encode(args.prompt) if args.prompt else []
+    # no prompt: start a fresh document, i.e. after the separator the data puts between documents
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     out: list[int] = []
@@ -333,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -135,6 +135,9 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: only the final checkpoint
     keep_last_checkpoints: int = 3  # 0: keep all
     resume: str = ""
+    allow_data_change: bool = False  # resume on data other than the checkpoint's (its fingerprint differs)
+    # faults: skip an update whose loss or grad norm is NaN/inf; stop after this many in a row
+    max_consecutive_skips: int = 5
     # run
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -504,6 +507,7 @@ def validate(cfg: Config) -> None:
     for key in ("total_steps", "warmup_steps", "eval_interval", "checkpoint_interval",
                 "keep_last_checkpoints", "threads", "galore_min_dim", "sample_tokens", "seed"):
         _require(getattr(t, key) >= 0, key, getattr(t, key), "must be >= 0")
+    _require(t.max_consecutive_skips >= 1, "max_consecutive_skips", t.max_consecutive_skips, "must be >= 1")
     _require(t.seq_len <= m.max_seq_len, "seq_len", t.seq_len,
              f"the model's context is max_seq_len = {m.max_seq_len}")
     _require(t.epochs >= 0, "epochs", t.epochs, "must be >= 0")

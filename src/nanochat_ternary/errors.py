@@ -1,8 +1,16 @@
-"""Errors meant for the user: the CLI prints their message on one line and exits non-zero."""
+"""Errors meant for the user: the CLI prints their message on one line and exits non-zero.
+
+Each class carries the exit status the CLI returns for it, so a wrapper script or a scheduler can
+tell "fix your input" (1) from "the run diverged" (3) from "stopped on a signal, resume me" (75)
+without parsing text. The statuses are listed in the README.
+"""
 
 
 class UserError(Exception):
     """Bad input (data, config, checkpoint, paths). The message is one line that names the problem."""
+
+    exit_status: int = 1
+    prefix: str = "error"
 
 
 class DataError(UserError):

@@ -14,6 +14,7 @@ on error and on Ctrl-C (it is also safe to call twice, and runs on garbage colle
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -62,6 +63,15 @@ class SyncBatches:
         pass
 
 
+def _leave_stop_signals_to_main(_worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: a worker it killed would fail the step in flight.
+    The main process stops at a step boundary on these signals and shuts the workers down itself
+    (and a worker exits on its own if the main process dies)."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class AsyncBatches:
     """Micro-batches ``start_step * accum ..`` prefetched by ``num_workers`` worker processes."""
 
@@ -73,7 +83,8 @@ class AsyncBatches:
         self.loader = DataLoader(_MicroBatches(batches), batch_size=None,
                                  sampler=_Range(start_step * accum, total_steps * accum),
                                  num_workers=num_workers, prefetch_factor=prefetch_factor,
-                                 pin_memory=pin_memory, persistent_workers=False)
+                                 pin_memory=pin_memory, persistent_workers=False,
+                                 worker_init_fn=_leave_stop_signals_to_main)
         self._it = iter(self.loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,16 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` ORed over ranks, on every rank: decisions that end or skip work (a stop request, a
+        non-finite step) must be the same everywhere, or the ranks that go on wait forever in the
+        next collective for the ones that stopped."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def all_reduce_mean(self, value: float) -> float:
         if not self.distributed:
             return value
@@ -52,6 +62,20 @@ class Runtime:
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+_COMM_FAILURE_MARKS = ("connection closed by peer", "connection reset", "broken pipe", "gloo", "nccl",
+                       "timed out", "socket")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """Whether an error raised inside a collective means another rank is gone (crashed, killed,
+    timed out). Gloo raises a plain ``RuntimeError`` for a peer that closed its sockets, so the
+    message is all there is to go by."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in msg for m in _COMM_FAILURE_MARKS)
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:

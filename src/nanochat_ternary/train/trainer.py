@@ -3,13 +3,19 @@
     for step in range(start, total):
         set lr from the schedule
         for each micro-batch:  loss = CE(model(x), y) / accum;  loss.backward()   (DDP all-reduces)
-        clip the global grad norm;  Muon.step() on hidden matrices;  AdamW.step() on the rest
+        clip the global grad norm
+        if loss and grad norm are finite:  Muon.step() on hidden matrices;  AdamW.step() on the rest
+        else: skip the update (guard.py: counted, logged, stop after too many in a row)
         (optimizer_in_backward: Muon steps each matrix inside backward(), optim/in_backward.py)
-        log · evaluate · checkpoint
+        log · evaluate · checkpoint · stop here if a signal asked to (signals.py)
 
 Everything a resumed run needs is either in the checkpoint (weights, optimizer states, RNG) or a
 pure function of (seed, step, rank) (the batches), so N steps + resume + N steps reproduces 2N
 straight steps exactly on CPU.
+
+Fault handling lives beside this file, each piece in its own module: stop requests from signals
+(signals.py), skipped non-finite steps (guard.py), the run-dir lock (lock.py), the data
+fingerprint checked on resume (fingerprint.py), durable atomic checkpoints (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -37,10 +43,14 @@ from ..optim.factory import build_optimizers, memory_report
 from ..optim.in_backward import install_in_backward
 from . import checkpoint as ckpt_io
 from .dataset import LoadedData, load_training_data
+from .fingerprint import check_resume_data, data_fingerprint
+from .guard import NonFiniteGuard
+from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
-from .runtime import Runtime
+from .runtime import Runtime, is_comm_failure
 from .schedule import lr_factor, set_lr
+from .signals import Preempted, StopRequests
 
 
 @dataclass
@@ -56,6 +66,7 @@ class TrainResult:
     val_loss: float | None = None
     val_bpb: float | None = None
     sample: str | None = None
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped (non-finite)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -74,6 +85,9 @@ class Trainer:
         self.cfg = cfg
         self.rt = runtime
         self.echo = echo if runtime.is_main else (lambda _msg: None)
+        # warnings go to stderr through tqdm, so a line is never glued to the progress bar
+        self.warn: Callable[[str], None] = ((lambda msg: tqdm.write(msg, file=sys.stderr))
+                                            if runtime.is_main else (lambda _msg: None))
         t = cfg.training
 
         # ---- resume target (read first: it fixes the run dir and the model shape)
@@ -95,7 +109,10 @@ class Trainer:
         elif self.data.vocab_size > m.vocab_size:
             raise UserError(f"the data has token ids up to {self.data.vocab_size - 1} but the model's "
                             f"vocab_size is {m.vocab_size} (use --set vocab_size={self.data.vocab_size})")
+        self.fingerprint = data_fingerprint(self.data.train, self.data.tokenizer_path, self.data.vocab_size)
         if resume_meta is not None:
+            check_resume_data(resume_meta.get("data_fingerprint"), self.fingerprint, self.resume_ckpt,
+                              t.allow_data_change, self.warn)
             saved_model = resume_meta["config"].get("model", {})
             diffs = [f"{k}={saved_model.get(k)!r} (config {v!r})" for k, v in vars(m).items()
                      if k in saved_model and saved_model[k] != v]
@@ -133,12 +150,23 @@ class Trainer:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
-        # ---- run dir
+        # ---- run dir (locked by the main rank until the run ends)
+        self.lock: RunLock | None = None
         self.run_dir = self._choose_run_dir()
         self.start_step = 0
         self.tokens_seen = 0
+        self.last_checkpoint: Path | None = self.resume_ckpt  # the newest good one, named when things fail
         if self.resume_ckpt is not None:
-            self._restore(self.resume_ckpt, resume_meta)
+            try:
+                self._restore(self.resume_ckpt, resume_meta)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Release the run dir (idempotent; ``fit`` calls it when it ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------------------------------
     def _choose_run_dir(self) -> Path:
@@ -157,9 +185,15 @@ class Trainer:
             run_dir = Path("runs") / name
         if self.rt.is_main:
             ckpt_io.ensure_writable_dir(run_dir)
+            self.lock = RunLock(run_dir)
+            self.lock.acquire(warn=self.warn)
+            stale = ckpt_io.remove_stale_temp(run_dir)  # safe: no other run writes here
+            if stale:
+                self.echo(f"removed {len(stale)} unfinished checkpoint write(s) left by a crash: {', '.join(stale)}")
             existing = ckpt_io.list_checkpoints(run_dir)
             resuming_here = self.resume_ckpt is not None and self.resume_ckpt.parent.resolve() == run_dir.resolve()
             if existing and not resuming_here:
+                self.close()
                 raise UserError(f"checkpoint dir {run_dir} already holds checkpoints (latest {existing[-1].name}); "
                                 f"continue it with --resume {run_dir} or choose another --checkpoint-dir")
         return run_dir
@@ -188,6 +222,10 @@ class Trainer:
         self.echo(f"resumed from {ckpt} at step {self.start_step}")
 
     def _save(self, step: int, metrics: dict[str, Any]) -> Path | None:
+        """Write checkpoint ``step`` (main rank) and wait for it on every rank. Raises
+        ``CheckpointWriteError`` when the filesystem refuses and ``CheckpointError`` on NaN/inf."""
+        path = None
+        err: CheckpointError | None = None
         if self.rt.is_main:
             rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
             if self.rt.device.type == "cuda":
@@ -195,23 +233,57 @@ class Trainer:
             state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng}
             if self.in_backward is not None:
                 state["in_backward"] = self.in_backward.state_dict()
+            config = self.cfg.to_dict()
+            config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
             meta = {
-                "config": self.cfg.to_dict(),
+                "config": config,
                 "tokens_seen": self.tokens_seen,
                 "data_position": {"step": step, "epoch": self.batches.epoch_of(step),
                                   "seed": self.cfg.training.seed, "world_size": self.rt.world_size},
                 "total_steps": self.total_steps,
                 "data": self.data.describe(),
+                "data_fingerprint": self.fingerprint,
                 "metrics": metrics,
                 "torch_version": torch.__version__,
             }
-            path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
-                                           tokenizer_path=self.data.tokenizer_path,
-                                           keep_last=self.cfg.training.keep_last_checkpoints)
-        else:
-            path = None
-        self.rt.barrier()
+            try:
+                path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
+                                               tokenizer_path=self.data.tokenizer_path,
+                                               keep_last=self.cfg.training.keep_last_checkpoints)
+                self.last_checkpoint = path
+            except CheckpointError as e:
+                err = e
+        self.rt.barrier()  # after the main rank's attempt, failed or not, so no rank waits forever
+        if err is not None:
+            raise err
         return path
+
+    def _save_or_warn(self, step: int, metrics: dict[str, Any]) -> None:
+        """An interval checkpoint the disk refuses does not end the run: the previous checkpoint is
+        intact, the partial one is gone, and the next interval tries again (a full disk is often
+        freed by the user or by ``keep_last_checkpoints`` pruning). Only the final save is fatal."""
+        try:
+            self._save(step, metrics)
+        except ckpt_io.CheckpointWriteError as e:
+            self.warn(f"warning: {e}; training goes on and retries at the next interval "
+                      f"(last checkpoint: {self.last_checkpoint or 'none yet'})")
+
+    def _save_on_exit(self, step: int, metrics: dict[str, Any], why: str) -> Path:
+        """The checkpoint at the end of a run or on a stop request; failure is a one-line error."""
+        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.step_dir_name(step) \
+                and self.last_checkpoint.parent == self.run_dir:
+            return self.last_checkpoint  # the interval checkpoint of this very step
+        try:
+            path = self._save(step, metrics)
+        except ckpt_io.CheckpointWriteError as e:
+            raise CheckpointError(f"{why}: {e}; the last checkpoint is {self.last_checkpoint or 'none'}") from None
+        return path if path is not None else self.run_dir / ckpt_io.step_dir_name(step)
+    def _preempted(self, step: int, signal_name: str, metrics: dict[str, Any]) -> Preempted:
+        """Save the checkpoint of ``step`` (the last finished one) and say how to continue."""
+        why = f"{signal_name or 'a signal on another rank'} at step {step}"
+        path = self._save_on_exit(step, metrics, f"stopped by {why}")
+        return Preempted(f"{why}: checkpoint saved in {path}; continue with: "
+                         f"nanochat-train train --resume {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,9 +305,11 @@ class Trainer:
         tpb = self.data.val_tokens_per_byte
         return val_loss, (val_loss * tpb / math.log(2) if tpb else None)
 
-    def _train_step(self, step: int, source: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step. ``source`` yields the step's micro-batches in order (sync or async);
-        without one they are computed here. Time spent waiting for data goes to ``data_wait_s``."""
+    def _train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
+        """One optimizer step: (loss averaged over ranks, grad norm, skipped). ``source`` yields the
+        step's micro-batches in order (sync or async); without one they are computed here. Time
+        spent waiting for data goes to ``data_wait_s``. A non-finite loss or grad norm on any rank
+        skips the update on every rank, leaving weights and optimizer state untouched."""
         t = self.cfg.training
         set_lr(self.optimizers, lr_factor(step, self.total_steps, t.warmup_steps, t.decay_start_frac,
                                           t.min_lr_ratio))
@@ -265,12 +339,25 @@ class Trainer:
         else:
             max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        for opt in self.optimizers:
-            opt.step()
+        # one collective: the mean loss over ranks and whether any rank saw a non-finite value
+        ce = means["ce"].detach().double()
+        both = torch.stack([ce, (~torch.isfinite(ce) | ~torch.isfinite(grad_norm.detach())).double()])
+        if self.rt.distributed:
+            dist.all_reduce(both)
+        loss_mean, nonfinite = both[0].item() / self.rt.world_size, bool(both[1].item() > 0)
+        if not nonfinite:
+            for opt in self.optimizers:
+                opt.step()
         self.model.zero_grad(set_to_none=True)
-        return means["ce"], grad_norm
+        return loss_mean, float(grad_norm), nonfinite
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         cfg, t, rt = self.cfg, self.cfg.training, self.rt
         self.echo(format_config(cfg))
         n_params = self.model.num_params()
@@ -293,76 +380,97 @@ class Trainer:
         t0 = time.perf_counter()
         interval_t0, interval_steps = t0, 0
         last_metrics: dict[str, Any] = {}
-        step = self.start_step
+        guard = NonFiniteGuard(t.max_consecutive_skips)
+        stops = StopRequests(announce=rt.is_main)
         opt_report_done = False
         source = make_batch_source(self.batches, self.start_step, self.total_steps,
                                    use_async=t.use_async_loader, num_workers=t.num_workers,
                                    prefetch_batches=t.prefetch_batches, device=rt.device)
         interval_wait = 0.0
+        step = self.start_step
         try:
-            for step in range(self.start_step, self.total_steps):
-                ts = time.perf_counter()
-                loss_t, grad_norm_t = self._train_step(step, source)
-                loss = rt.all_reduce_mean(loss_t.item())  # .item() syncs: the step's work is done
-                result.step_times.append(time.perf_counter() - ts)
-                result.data_waits.append(self.data_wait_s)
-                result.step_stats.append(dict(self.step_stats))
-                interval_wait += self.data_wait_s
-                self.tokens_seen += self.tokens_per_step
-                interval_steps += 1
-                done = step + 1
-                if not opt_report_done:
-                    self._report_optimizer_memory()
-                    opt_report_done = True
-                is_log = done % t.log_interval == 0 or done == self.total_steps or done == self.start_step + 1
-                is_eval = (t.eval_interval > 0 and done % t.eval_interval == 0) or done == self.total_steps
-                result.losses[done] = loss
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged: loss is {loss} at step {done} "
-                                    f"(try a lower --set lr=... or --set adam_lr=...)")
-                if is_log or is_eval:
-                    now = time.perf_counter()
-                    rec: dict[str, Any] = {
-                        "step": done,
-                        "loss": loss,
-                        "lr": float(self.optimizers[0].param_groups[0]["lr"]),
-                        "grad_norm": float(grad_norm_t),
-                        "tok_per_s": interval_steps * self.tokens_per_step / max(now - interval_t0, 1e-9),
-                        "elapsed_s": now - t0,
-                        "tokens_seen": self.tokens_seen,
-                        # mean seconds per step spent waiting for the batch (since the last record)
-                        "data_wait_s": interval_wait / interval_steps,
-                        **{k: self.rt.all_reduce_mean(v) for k, v in self.step_stats.items()},
-                    }
-                    interval_t0, interval_steps, interval_wait = now, 0, 0.0
-                    if is_eval:
-                        rec["val_loss"], rec["val_bpb"] = self.evaluate()
-                        result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
-                        result.val_curve[done] = rec["val_loss"]
-                        bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
-                        if rt.is_main:  # tqdm.write is a classmethod: it ignores disable=
-                            bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")
-                    logger.log(rec)
-                    last_metrics = rec
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
-                                    refresh=False)
-                bar.update(1)
-                if t.checkpoint_interval > 0 and done % t.checkpoint_interval == 0 and done != self.total_steps:
-                    self._save(done, last_metrics)
+            with stops:
+                for step in range(self.start_step, self.total_steps):
+                    ts = time.perf_counter()
+                    loss, grad_norm, skipped = self._train_step(step, source)
+                    done = step + 1  # the weights now hold step `done` (its update, or its skip)
+                    result.step_times.append(time.perf_counter() - ts)
+                    result.data_waits.append(self.data_wait_s)
+                    result.step_stats.append(dict(self.step_stats))
+                    interval_wait += self.data_wait_s
+                    self.tokens_seen += self.tokens_per_step
+                    interval_steps += 1
+                    if not opt_report_done and not skipped:
+                        self._report_optimizer_memory()
+                        opt_report_done = True
+                    result.losses[done] = loss
+                    guard.record(done, skipped)
+                    if skipped:
+                        result.skipped_steps.append(done)
+                        self.warn(guard.skip_line(done, loss, grad_norm))
+                    is_log = (done % t.log_interval == 0 or done == self.total_steps or done == self.start_step + 1
+                              or skipped)
+                    is_eval = ((t.eval_interval > 0 and done % t.eval_interval == 0) or done == self.total_steps) \
+                        and not guard.exhausted
+                    if is_log or is_eval:
+                        now = time.perf_counter()
+                        rec: dict[str, Any] = {
+                            "step": done,
+                            "loss": loss,
+                            "lr": float(self.optimizers[0].param_groups[0]["lr"]),
+                            "grad_norm": grad_norm,
+                            "tok_per_s": interval_steps * self.tokens_per_step / max(now - interval_t0, 1e-9),
+                            "elapsed_s": now - t0,
+                            "tokens_seen": self.tokens_seen,
+                            # mean seconds per step spent waiting for the batch (since the last record)
+                            "data_wait_s": interval_wait / interval_steps,
+                            "skipped_steps": guard.total,  # non-finite steps skipped so far in this process
+                            **({"skipped": True} if skipped else {}),
+                            **{k: self.rt.all_reduce_mean(v) for k, v in self.step_stats.items()},
+                        }
+                        interval_t0, interval_steps, interval_wait = now, 0, 0.0
+                        if is_eval:
+                            rec["val_loss"], rec["val_bpb"] = self.evaluate()
+                            result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
+                            result.val_curve[done] = rec["val_loss"]
+                            bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
+                            if rt.is_main:  # tqdm.write is a classmethod: it ignores disable=
+                                bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")
+                        logger.log(rec)
+                        if not skipped:
+                            last_metrics = rec
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                                        refresh=False)
+                    bar.update(1)
+                    if guard.exhausted:
+                        raise guard.diverged(done, self.last_checkpoint)
+                    if t.checkpoint_interval > 0 and done % t.checkpoint_interval == 0 and done != self.total_steps:
+                        self._save_or_warn(done, last_metrics)
+                    if done < self.total_steps and rt.any_rank(stops.requested):
+                        raise self._preempted(done, stops.name, last_metrics)
+                bar.close()
+                # still under the handlers: a signal now waits for the final checkpoint
+                result.step = self.total_steps
+                result.final_checkpoint = self._save_on_exit(self.total_steps, last_metrics,
+                                                             f"training finished at step {self.total_steps}")
+        except RuntimeError as e:
+            if not (rt.distributed and is_comm_failure(e)):
+                raise
+            # another rank died: say so in one line (its own message is above, under torchrun)
+            where = f"; last checkpoint: {self.last_checkpoint or 'none'}" if rt.is_main else ""
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"rank {rt.rank}: lost contact with the other ranks during step {step + 1} ({first}); "
+                            f"another rank failed or was killed, see its message{where}") from None
         except KeyboardInterrupt:
-            bar.close()
-            done = step  # the step in flight did not finish
-            if done > self.start_step:
-                path = self._save(done, last_metrics)
-                self.echo(f"interrupted: checkpoint saved at step {done} in {path}")
-            logger.close()
+            self.warn(f"interrupted again: stopped at once without saving (the step in flight may be half "
+                      f"applied); last checkpoint: {self.last_checkpoint or 'none'}")
             raise
         finally:
+            bar.close()
+            logger.close()
             source.close()  # stops loader workers on normal exit, error and Ctrl-C alike
-        bar.close()
-        logger.close()
-        result.step = self.total_steps
-        result.final_checkpoint = self._save(self.total_steps, last_metrics)
+        if not rt.is_main:
+            result.final_checkpoint = None
         if result.final_checkpoint is not None:
             self.echo(f"checkpoint: {result.final_checkpoint}")
         if t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
@@ -384,10 +492,11 @@ class Trainer:
         t = self.cfg.training
         tok = load_tokenizer(self.data.tokenizer_path)
         prompt = t.sample_prompt
-        ids = tok.encode(prompt) if prompt else []
+        # an empty prompt starts a fresh document: after the separator the data puts between documents
+        ids = tok.encode(prompt) if prompt else [tok.eot_id]
         out = list(generate(self.model, ids, max_tokens=t.sample_tokens, temperature=0.8, top_k=50,
                             top_p=0.95, seed=t.seed))
-        text = tok.decode(ids + out)
+        text = tok.decode((ids if prompt else []) + out)
         self.echo(f"--- sample ({t.sample_tokens} tokens, prompt {prompt!r}) ---\n{text}\n---")
         return text
 
