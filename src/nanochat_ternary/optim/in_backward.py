@@ -50,8 +50,9 @@ Scope
 * Data parallel runs are refused: DDP reduces gradients in buckets after its own hooks, so the
   post-accumulate hook would see the local gradient; reducing each matrix in its hook is the way
   to lift this (not built).
-* A non-finite gradient is applied to a Muon matrix before the step's norm is known: a run with
-  in-backward steps cannot skip a bad step for those matrices (the divergence check still stops it).
+* A non-finite gradient is applied to a Muon matrix before the step's norm is known: the
+  trainer's skip of a non-finite step (guard.py) then skips only AdamW's step (its counting and
+  stop rule still hold).
 """
 
 from __future__ import annotations
