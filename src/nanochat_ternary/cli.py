@@ -100,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("memory", help="measured optimizer state of a config's variant vs fp32 Muon (one real step)")
+    p = sub.add_parser("memory", help="measured peak memory of real training steps of a config on this device "
+                                      "(weights, grads, optimizer state, activations), and its optimizer state "
+                                      "vs fp32 Muon")
     _add_config_args(p)
+    p.add_argument("--steps", type=int, default=2, help="training steps to measure (default 2: the second runs "
+                                                         "with the optimizer state in place)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="matched benchmark of configurations (default: the E3 suite) -> REPORT.md",
@@ -266,26 +270,42 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from .model.gpt import GPT
     from .model.info import model_info
     from .optim.factory import measure_optimizer_state
+    from .train.memory import measure_training_step
 
     cfg = build_config(args.config, args.config_file, None, args.set)
+    if args.steps < 1:
+        raise UserError(f"memory: --steps must be >= 1, got {args.steps}")
     info = model_info(cfg)
-    # measuring allocates params + grads + the variant's state + the fp32 baseline's state
-    need = info["params"] * 4 * 5
+    # a real step holds weights, grads, optimizer state (fp32: ~16 B/param) plus activations
+    need = info["params"] * 16
     avail = _available_memory_bytes()
-    if avail is not None and need > 0.8 * avail:
+    on_cpu = cfg.training.device == "cpu" or (cfg.training.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and avail is not None and need > 0.8 * avail:
         raise UserError(f"measuring {cfg.preset or 'this config'} ({info['params'] / 1e9:.2f}B params) needs "
                         f"~{need / 2**30:.0f} GiB; this machine has {avail / 2**30:.0f} GiB available. "
                         f"Not measured (run it on a bigger machine)")
+    step = measure_training_step(cfg, steps=args.steps)
     with torch.device("meta"):
         model = GPT(cfg.model)
     rep = measure_optimizer_state(model, cfg.training, baseline=True, seed=cfg.training.seed)
     rep["preset"] = cfg.preset
+    rep["step"] = step
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
     mib = 2**20
-    print(f"optimizer state after one step (measured from the state tensors), {cfg.preset or 'custom'}, "
-          f"variant {rep['variant']}")
+    b, s_len, k = step["batch"]
+    print(f"{step['steps']} training step(s) of {cfg.preset or 'custom'} ({step['params'] / 1e6:.1f}M params, "
+          f"batch {b} x {s_len} x {k} micro-batches) on {step['device']}, measured:")
+    print(f"  peak           {step['peak_bytes'] / mib:>10.1f} MiB   ({step['peak_source']})")
+    by = ", ".join(f"{v / mib:.1f} MiB {d}" for d, v in step["weights_by_dtype"].items())
+    print(f"  weights        {step['weights_bytes'] / mib:>10.1f} MiB   ({by})")
+    print(f"  gradients      {step['grads_peak_bytes'] / mib:>10.1f} MiB   (most alive at once in the backward)")
+    print(f"  optimizer      {step['optimizer_state_bytes'] / mib:>10.1f} MiB   (state tensors after the steps)")
+    print(f"  activations    {step['activations_saved_bytes'] / mib:>10.1f} MiB   (saved for the backward, one "
+          f"micro-batch)")
+    print("  options: " + ", ".join(f"{k}={v}" for k, v in step["options"].items()))
+    print(f"optimizer state after one step (measured from the state tensors), variant {rep['variant']}")
     print(f"  Muon : {rep['muon_params']:>13,} params  {rep['muon_state_bytes'] / mib:>10.2f} MiB  "
           f"{rep['bytes_per_muon_param']:.3f} B/param  (int8 momenta: {rep['muon_int8_tensors']}, "
           f"GaLore-projected: {rep['galore_projected']})")

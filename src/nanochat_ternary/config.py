@@ -108,6 +108,12 @@ class TrainConfig:
     galore_min_dim: int = 256
     galore_scale: float = 1.0
     galore_proj_dtype: str = "bfloat16"  # storage dtype of the GaLore projectors (float32, bfloat16, ...)
+    muon_nesterov: bool = True  # Nesterov-style Muon update (false: plain EMA momentum)
+    # low-memory training (issue: big models on small GPUs; docs/low_memory.md)
+    optimizer_in_backward: bool = False  # Muon matrices updated in backward hooks, gradients freed at once
+    latent_dtype: str = "float32"  # storage of the Muon matrices' latent weights: float32 | bfloat16
+    latent_rounding: str = "stochastic"  # how bfloat16 latents are written back: stochastic | nearest
+    use_8bit_adamw: bool = False  # AdamW (embeddings, head, norms) with int8 first and bf16 second moment
     # data-efficiency and systems features (issue: training features)
     mtp_weight: float = 0.2
     use_collider: bool = False
@@ -544,6 +550,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.collider_sparsity < 1, "collider_sparsity", t.collider_sparsity, "must be in [0, 1)")
     _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")
     _require(t.galore_scale > 0, "galore_scale", t.galore_scale, "must be > 0")
+    _validate_low_memory(t)
     _require(0 <= t.val_fraction < 0.5, "val_fraction", t.val_fraction,
              "must be in [0, 0.5); 0: the dataset's default split")
     _require(t.tokenizer_vocab_size >= 260, "tokenizer_vocab_size", t.tokenizer_vocab_size,
@@ -555,6 +562,20 @@ def validate(cfg: Config) -> None:
     dev = t.device
     _require(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "device",
              dev, "allowed: auto, cpu, cuda, cuda:N")
+
+
+def _validate_low_memory(t: TrainConfig) -> None:
+    """The low-memory options and the combinations they cannot serve (one line each)."""
+    _require(t.latent_dtype in ("float32", "bfloat16"), "latent_dtype", t.latent_dtype,
+             "allowed: 'float32', 'bfloat16'")
+    _require(t.latent_rounding in ("stochastic", "nearest"), "latent_rounding", t.latent_rounding,
+             "allowed: 'stochastic', 'nearest'")
+    _require(not (t.latent_rounding == "nearest" and t.latent_dtype == "float32"), "latent_rounding",
+             t.latent_rounding, "it applies to bfloat16 latents: set latent_dtype = 'bfloat16' too")
+    if t.optimizer_in_backward and t.grad_accum_steps > 1 and t.muon_nesterov:
+        raise ConfigError(f"optimizer_in_backward = true with grad_accum_steps = {t.grad_accum_steps} needs "
+                          "muon_nesterov = false (Nesterov's update needs the whole step's gradient beside the "
+                          "momentum, which the in-backward step never holds)")
 
 
 def format_config(cfg: Config) -> str:

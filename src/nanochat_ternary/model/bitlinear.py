@@ -144,6 +144,14 @@ def _fake_quant_act(x: Tensor) -> Tensor:
     return out.mul_(absmax.div_(ACT_QMAX))
 
 
+def _compute_dtype(w: Tensor, x: Tensor) -> Tensor:
+    """``w`` in ``x``'s dtype when ``w`` is a low-precision latent (bf16 shadow weights, see
+    optim/low_precision.py): the group scales and the ternary rounding are computed in the
+    activations' precision (fp32), one matrix at a time. The gradient autograd hands back to a
+    bf16 weight is cast to bf16."""
+    return w.to(x.dtype) if w.dtype != x.dtype and w.element_size() < x.element_size() else w
+
+
 class _WeightQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, group_size: int) -> Tensor:  # type: ignore[override]
@@ -179,7 +187,7 @@ class _BitLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_q, w)
         ctx.group_size = group_size
         ctx.has_bias = bias is not None
-        return F.linear(x_q, _fake_quant_weight(w, group_size), bias)
+        return F.linear(x_q, _fake_quant_weight(_compute_dtype(w, x_q), group_size), bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -187,7 +195,7 @@ class _BitLinearFn(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_q = _fake_quant_weight(w, ctx.group_size).to(grad_out.dtype)
+            w_q = _fake_quant_weight(_compute_dtype(w, x_q), ctx.group_size).to(grad_out.dtype)
             grad_x = grad_out.matmul(w_q)  # [..., in] = dL/dy @ ternary(W)
         if ctx.needs_input_grad[1]:
             grad_w = g2.t().mm(x_q.reshape(-1, x_q.shape[-1]).to(grad_out.dtype))  # [out, in]
@@ -270,7 +278,7 @@ class BitLinear(nn.Module):
     def forward(self, x: Tensor, x_is_quantized: bool = False) -> Tensor:
         """``x: [..., in] -> [..., out]``. ``x_is_quantized``: ``x`` came from ``quantize_input``."""
         if not self.quantize:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, _compute_dtype(self.weight, x), self.bias)
         if not x_is_quantized:
             x = quantize_activations(x)
         return bitlinear(x, self.weight, self.bias, self.group_size)

@@ -1,5 +1,6 @@
 """Optimizers: Muon (fp32, 8-bit, GaLore) for the hidden matrices, AdamW for the rest."""
 
+from .adamw_lowmem import AdamW8bit
 from .factory import (
     build_muon,
     build_optimizers,
@@ -15,6 +16,7 @@ from .muon import Muon, zeropower_via_newtonschulz5
 from .quantized import BlockQuantized, Muon8bit
 
 __all__ = [
+    "AdamW8bit",
     "BlockQuantized",
     "GaLoreMuon",
     "Muon",

@@ -12,7 +12,8 @@ zero (nanoGPT/nanochat practice). ``weight_decay`` in the config is Muon's (deco
 
 The Muon variant follows the config: ``use_8bit_optim`` -> :class:`Muon8bit` (int8 momentum),
 ``use_galore`` -> :class:`GaLoreMuon` (projected momentum; int8 too with both flags), else fp32
-:class:`Muon`. AdamW keeps fp32 state.
+:class:`Muon`. AdamW keeps fp32 state, or with ``use_8bit_adamw`` int8 ``m`` + bf16 ``v``
+(:class:`~nanochat_ternary.optim.adamw_lowmem.AdamW8bit`).
 
 Memory is measured, never computed: :func:`memory_report` sums the bytes of every tensor in the
 optimizers' state after a step; :func:`measure_optimizer_state` does one step on fresh tensors of a
@@ -32,7 +33,9 @@ from torch import nn
 from torch.nn import Parameter
 
 from ..config import ConfigError, TrainConfig
+from .adamw_lowmem import AdamW8bit
 from .galore import GaLoreMuon
+from .low_precision import cast_params_
 from .muon import Muon
 from .quantized import Muon8bit
 
@@ -75,13 +78,14 @@ def _adamw_impl(params: list[Parameter], device: torch.device) -> dict[str, bool
 
 def build_muon(params: list[Parameter], tcfg: TrainConfig) -> Muon:
     """The Muon variant ``tcfg`` asks for: Muon, Muon8bit, GaLoreMuon (with int8 momentum or not)."""
-    if tcfg.stochastic_rounding and not tcfg.use_8bit_optim:
-        raise ConfigError("stochastic_rounding = true needs use_8bit_optim = true (it applies to the "
-                          "int8 momentum)")
+    if tcfg.stochastic_rounding and not (tcfg.use_8bit_optim or tcfg.use_8bit_adamw):
+        raise ConfigError("stochastic_rounding = true needs use_8bit_optim = true or use_8bit_adamw = true (it "
+                          "applies to the int8 momentum / first moment)")
     base = dict(lr=tcfg.lr, momentum=tcfg.muon_momentum, ns_steps=tcfg.ns_steps,
-                weight_decay=tcfg.weight_decay)
+                weight_decay=tcfg.weight_decay, nesterov=tcfg.muon_nesterov, latent_rounding=tcfg.latent_rounding,
+                seed=tcfg.seed)
     quant = dict(quantize=tcfg.use_8bit_optim, block_size=tcfg.quant_block_size,
-                 stochastic_rounding=tcfg.stochastic_rounding, seed=tcfg.seed)
+                 stochastic_rounding=tcfg.stochastic_rounding)
     try:
         if tcfg.use_galore:
             return GaLoreMuon(params, **base, **quant, rank=tcfg.galore_rank,
@@ -99,7 +103,11 @@ def _build(muon_params: list[Parameter], adamw_params: list[Parameter], tcfg: Tr
     optimizers: list[torch.optim.Optimizer] = []
     if muon_params:
         optimizers.append(build_muon(muon_params, tcfg))
-    if adamw_params:
+    if adamw_params and tcfg.use_8bit_adamw:
+        optimizers.append(AdamW8bit(adamw_params, lr=tcfg.adam_lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                                    weight_decay=0.0, block_size=tcfg.quant_block_size,
+                                    stochastic_rounding=tcfg.stochastic_rounding, seed=tcfg.seed))
+    elif adamw_params:
         optimizers.append(torch.optim.AdamW(adamw_params, lr=tcfg.adam_lr, betas=tuple(tcfg.adam_betas),
                                             eps=tcfg.adam_eps, weight_decay=0.0,
                                             **_adamw_impl(adamw_params, torch.device(device))))
@@ -114,9 +122,12 @@ def build_optimizers(
 ) -> list[torch.optim.Optimizer]:
     """``[Muon variant(block matrices), AdamW(everything else)]``; one with no params is left out.
 
-    The Muon variant follows ``use_8bit_optim`` / ``use_galore`` (see :func:`build_muon`).
+    The Muon variant follows ``use_8bit_optim`` / ``use_galore`` (see :func:`build_muon`). With
+    ``latent_dtype = "bfloat16"`` the Muon matrices are cast to bf16 here, in place: their storage
+    is the optimizer's business, since it decides how they are written back (stochastic rounding).
     """
     muon_params, adamw_params = split_params(model)
+    cast_params_(muon_params, getattr(torch, tcfg.latent_dtype))
     return _build(muon_params, adamw_params, tcfg, device)
 
 

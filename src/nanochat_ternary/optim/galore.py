@@ -131,6 +131,7 @@ class GaLoreMuon(Muon8bit):
         stochastic_rounding: bool = False,
         min_quant_numel: int = DEFAULT_MIN_QUANT_NUMEL,
         seed: int = 0,
+        latent_rounding: str = "stochastic",
     ) -> None:
         for name, value, low in (("rank", rank, 1), ("update_freq", update_freq, 1), ("min_dim", min_dim, 0),
                                  ("oversample", oversample, 0), ("power_iters", power_iters, 0)):
@@ -141,8 +142,9 @@ class GaLoreMuon(Muon8bit):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                          weight_decay=weight_decay, ns_dtype=ns_dtype, quantize=quantize,
                          block_size=block_size, stochastic_rounding=stochastic_rounding,
-                         min_quant_numel=min_quant_numel, seed=seed, rank=rank, update_freq=update_freq,
-                         min_dim=min_dim, scale=scale, proj_dtype=_dtype_name(proj_dtype, _PROJ),
+                         min_quant_numel=min_quant_numel, seed=seed, latent_rounding=latent_rounding,
+                         rank=rank, update_freq=update_freq, min_dim=min_dim, scale=scale,
+                         proj_dtype=_dtype_name(proj_dtype, _PROJ),
                          oversample=oversample, power_iters=power_iters)
 
     @property
@@ -197,10 +199,15 @@ class GaLoreMuon(Muon8bit):
                 C = P_new.T if old is None else P_new.T @ old.float()  # r x r (or r x side)
                 carried = C @ M if left else M @ C.T
             state["projector"] = new
-        P = state["projector"].float()
-        R = P.T @ grad if left else grad @ P
+        R = self._project(p, grad, state, group)
         M = carried if carried is not None else self._load_momentum(state, R.shape, grad.device, group)
         return R, M
+
+    def _project(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        if not self.projected(p.shape, group):
+            return grad
+        P = state["projector"].float()
+        return P.T @ grad if p.size(0) <= p.size(1) else grad @ P
 
     def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
         if self.projected(p.shape, group):

@@ -55,7 +55,12 @@ The step is split into hooks that subclasses replace: ``_momentum_update`` (adva
 return the matrix to orthogonalise; run on every rank), ``_orthogonalize`` and ``_apply_update``
 (only on the owning rank). :class:`~nanochat_ternary.optim.quantized.Muon8bit` keeps the momentum
 as int8 blocks; :class:`~nanochat_ternary.optim.galore.GaLoreMuon` projects momentum and
-Newton–Schulz into a rank-``r`` subspace (optionally with int8 momentum too). ``state_dict()``
+Newton–Schulz into a rank-``r`` subspace (optionally with int8 momentum too).
+
+Low memory (docs/low_memory.md): :meth:`Muon.step_param` steps one parameter from one micro-batch's
+gradient (the step inside the backward, :mod:`~nanochat_ternary.optim.in_backward`), and a bf16
+parameter is a 2-byte latent weight: the update runs in fp32 and is written back with stochastic
+rounding (:mod:`~nanochat_ternary.optim.low_precision`). ``state_dict()``
 holds only tensors and plain values (``torch.load(weights_only=True)`` reads it), and
 ``load_state_dict`` restores every state tensor with its saved dtype.
 """
@@ -69,6 +74,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .low_precision import (
+    LATENT_ROUNDINGS,
+    STREAM_LATENT,
+    is_low_precision,
+    seeded_generator,
+    write_latent,
+)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -124,6 +137,11 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: dtype of the Newton–Schulz iteration: a torch dtype or its name ("float32",
             "bfloat16"); None picks bf16 on CUDA and fp32 otherwise. Stored by name in the param
             groups so that ``state_dict()`` holds only plain values.
+        latent_rounding: how a bf16/fp16 parameter (a low-precision latent weight) is written back
+            after the fp32 update: "stochastic" (unbiased, see
+            :mod:`~nanochat_ternary.optim.low_precision`) or "nearest". fp32 parameters are updated
+            in place and never rounded.
+        seed: seeds the stochastic-rounding streams (with parameter index and step).
     """
 
     variant_name = "muon"
@@ -137,8 +155,13 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         weight_decay: float = 0.0,
         ns_dtype: torch.dtype | str | None = None,
+        *,
+        latent_rounding: str = "stochastic",
+        seed: int = 0,
     ) -> None:
-        super().__init__(params, muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype))
+        self._index: dict[int, int] = {}
+        super().__init__(params, muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype,
+                                               latent_rounding, seed))
 
     @property
     def variant(self) -> str:
@@ -154,6 +177,21 @@ class Muon(torch.optim.Optimizer):
                 self.param_groups.pop()
                 raise ValueError(f"Muon only takes 2-D parameters, got one of shape {tuple(p.shape)} "
                                  "(give embeddings, norms and scalars to AdamW)")
+        if group["latent_rounding"] not in LATENT_ROUNDINGS:
+            self.param_groups.pop()
+            raise ValueError(f"Muon: latent_rounding must be one of {LATENT_ROUNDINGS}, "
+                             f"got {group['latent_rounding']!r}")
+        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _param_index(self, p: Tensor) -> int:
+        """Position of ``p`` in the flattened parameter list: the key of its random streams."""
+        return self._index[id(p)]
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} is not in this optimizer")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
@@ -178,7 +216,7 @@ class Muon(torch.optim.Optimizer):
             if p in self.state:
                 self._check_state(p, self.state[p], owner[id(p)])
 
-    _STATE_KEYS: frozenset[str] = frozenset({"momentum_buffer"})
+    _STATE_KEYS: frozenset[str] = frozenset({"momentum_buffer", "latent_step"})
 
     def _momentum_numel(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> int:
         """How many values the momentum of ``p`` holds (GaLore: the projected size)."""
@@ -213,15 +251,75 @@ class Muon(torch.optim.Optimizer):
         return zeropower_via_newtonschulz5(update, steps=group["ns_steps"], dtype=dtype)
 
     def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
+        """``p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) direction``, in fp32.
+
+        An fp32 ``p`` is updated in place. A low-precision latent (bf16/fp16 ``p``) is read into
+        fp32, updated there and written back with ``latent_rounding`` (stochastic: from a stream
+        keyed by ``(seed, parameter index, latent_step)``, so it resumes exactly).
+        """
         lr, wd = group["lr"], group["weight_decay"]
         scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+        low = is_low_precision(p)
+        w = p.float() if low else p
         if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.add_(direction.to(p.dtype), alpha=-lr * scale)
+            w.mul_(1 - lr * wd)
+        w.add_(direction.to(w.dtype), alpha=-lr * scale)
+        if low:
+            state = self.state[p]
+            step = state.get("latent_step", 0)
+            gen = None
+            if group["latent_rounding"] == "stochastic":
+                gen = seeded_generator(p.device, group["seed"], STREAM_LATENT, self._param_index(p), step)
+            write_latent(p, w, stochastic=gen is not None, generator=gen)
+            state["latent_step"] = step + 1
 
     def _update_param(self, p: Tensor, group: dict[str, Any]) -> None:
         update = self._momentum_update(p, p.grad, self.state[p], group)
         self._apply_update(p, self._orthogonalize(update, group), group)
+
+    # --- the step of one parameter inside the backward (optim/in_backward.py) -------------------
+
+    def _accumulate(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
+                    micro: int, n_micro: int) -> Tensor | None:
+        """Add micro-batch ``micro`` of ``n_micro`` into the (plain EMA) momentum.
+
+        ``buf <- mu buf`` at the first micro-batch, ``buf <- buf + (1 - mu) g_k`` at every one, so
+        after the last ``buf = mu buf_old + (1 - mu) sum_k g_k``: the normal step's momentum for
+        the accumulated gradient, up to float summation order. Returns the matrix to orthogonalise
+        after the last micro-batch (``buf``: Nesterov is refused with accumulation, see
+        :meth:`step_param`), else None.
+        """
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                        memory_format=torch.contiguous_format)
+        buf = state["momentum_buffer"]
+        if micro == 0:
+            buf.mul_(group["momentum"])
+        buf.add_(grad.float(), alpha=1 - group["momentum"])
+        return buf if micro == n_micro - 1 else None
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, grad: Tensor, micro: int = 0, n_micro: int = 1) -> None:
+        """Update one parameter from micro-batch ``micro`` of ``n_micro`` of its gradient ``grad``.
+
+        With ``n_micro == 1`` this is exactly what :meth:`step` does for ``p`` (same code). With
+        more, each micro-batch's gradient goes straight into the momentum (see
+        :meth:`_accumulate`) and the update is applied at the last one. The Nesterov update
+        ``(1 - mu) G + mu buf_new`` needs the step's whole gradient ``G`` next to the momentum (two
+        matrices where the plain EMA needs one: no single running buffer can hold both), so
+        accumulation requires ``nesterov=False``. Single process only (gradients are not reduced).
+        """
+        group = self._group_of(p)
+        state = self.state[p]
+        if n_micro == 1:
+            update: Tensor | None = self._momentum_update(p, grad, state, group)
+        else:
+            if group["nesterov"]:
+                raise ValueError(f"{type(self).__name__}.step_param: accumulating {n_micro} micro-batches "
+                                 "into the momentum needs nesterov=False")
+            update = self._accumulate(p, grad, state, group, micro, n_micro)
+        if update is not None:
+            self._apply_update(p, self._orthogonalize(update, group), group)
 
     # --- step ----------------------------------------------------------------------------------
 
@@ -282,7 +380,8 @@ def _finish_round(work: Any, params: list[Tensor], recv: list[Tensor], rank: int
 
 
 def muon_defaults(lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
-                  ns_dtype: torch.dtype | str | None) -> dict[str, Any]:
+                  ns_dtype: torch.dtype | str | None, latent_rounding: str = "stochastic",
+                  seed: int = 0) -> dict[str, Any]:
     """Validated Muon hyperparameters as a param-group defaults dict."""
     if lr < 0:
         raise ValueError(f"Muon: lr must be >= 0, got {lr}")
@@ -292,8 +391,11 @@ def muon_defaults(lr: float, momentum: float, nesterov: bool, ns_steps: int, wei
         raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
     if weight_decay < 0:
         raise ValueError(f"Muon: weight_decay must be >= 0, got {weight_decay}")
+    if latent_rounding not in LATENT_ROUNDINGS:
+        raise ValueError(f"Muon: latent_rounding must be one of {LATENT_ROUNDINGS}, got {latent_rounding!r}")
     return dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                weight_decay=weight_decay, ns_dtype=_dtype_name(ns_dtype))
+                weight_decay=weight_decay, ns_dtype=_dtype_name(ns_dtype), latent_rounding=latent_rounding,
+                seed=seed)
 
 
 def _dtype_name(dtype: torch.dtype | str | None, what: str = "Muon: ns_dtype") -> str | None:

@@ -38,35 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .low_precision import (  # noqa: F401  (derive_seed, STREAM_PROJECTOR: re-exported for galore and tests)
+    STREAM_MICRO,
+    STREAM_PROJECTOR,
+    STREAM_ROUNDING,
+    derive_seed,
+    seeded_generator,
+)
 from .muon import Muon, muon_defaults
 
 QMAX = 127
 DEFAULT_MIN_QUANT_NUMEL = 4096
-_MASK64 = (1 << 64) - 1
-
-# stream tags for derive_seed: which use of randomness a generator is for
-STREAM_ROUNDING = 1
-STREAM_PROJECTOR = 2
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixing ``keys`` (splitmix64 chain): distinct keys give unrelated seeds."""
-    h = 0
-    for k in keys:
-        h = _splitmix64(h ^ (int(k) & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-def seeded_generator(device: torch.device, *keys: int) -> torch.Generator:
-    """A generator on ``device`` seeded by :func:`derive_seed` of ``keys``."""
-    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
 def n_blocks_for(numel: int, block_size: int) -> int:
@@ -167,15 +149,16 @@ class Muon8bit(Muon):
         stochastic_rounding: bool = False,
         min_quant_numel: int = DEFAULT_MIN_QUANT_NUMEL,
         seed: int = 0,
+        latent_rounding: str = "stochastic",
         **extra_defaults: Any,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"{type(self).__name__}: block_size must be >= 1, got {block_size}")
         if min_quant_numel < 0:
             raise ValueError(f"{type(self).__name__}: min_quant_numel must be >= 0, got {min_quant_numel}")
-        defaults = muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype)
+        defaults = muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype, latent_rounding, seed)
         defaults.update(quantize=quantize, block_size=block_size, stochastic_rounding=stochastic_rounding,
-                        min_quant_numel=min_quant_numel, seed=seed, **extra_defaults)
+                        min_quant_numel=min_quant_numel, **extra_defaults)
         self._index: dict[int, int] = {}
         torch.optim.Optimizer.__init__(self, params, defaults)
 
@@ -183,15 +166,7 @@ class Muon8bit(Muon):
     def variant(self) -> str:
         return self.variant_name if any(g["quantize"] for g in self.param_groups) else "muon"
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-
-    def _param_index(self, p: Tensor) -> int:
-        """Position of ``p`` in the flattened parameter list: the key of its random streams."""
-        return self._index[id(p)]
-
-    _STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_scales", "step"})
+    _STATE_KEYS = Muon._STATE_KEYS | {"momentum_codes", "momentum_scales", "step"}
 
     def _check_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super()._check_state(p, state, group)
@@ -221,7 +196,9 @@ class Muon8bit(Muon):
         return state["momentum_buffer"]
 
     def _store_momentum(self, p: Tensor, state: dict[str, Any], buf: Tensor, group: dict[str, Any],
-                        step: int) -> None:
+                        step: int, micro: int | None = None) -> None:
+        """Write ``buf`` back (int8 when quantised). ``micro``: an intermediate micro-batch of the
+        in-backward step, whose stochastic rounding draws from its own stream."""
         if not self._quantized(buf.numel(), group):
             if state.get("momentum_buffer") is not buf:
                 state.pop("momentum_codes", None)
@@ -236,15 +213,20 @@ class Muon8bit(Muon):
         q = BlockQuantized(state["momentum_codes"], state["momentum_scales"], buf.shape)
         gen = None
         if group["stochastic_rounding"]:
-            gen = seeded_generator(buf.device, group["seed"], STREAM_ROUNDING, self._param_index(p), step)
+            keys = (STREAM_ROUNDING, self._param_index(p), step) + (() if micro is None else (STREAM_MICRO, micro))
+            gen = seeded_generator(buf.device, group["seed"], *keys)
         q.assign(buf, stochastic=group["stochastic_rounding"], generator=gen)
 
     # --- the momentum step -------------------------------------------------------------------------
 
     def _prepare(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
                  step: int) -> tuple[Tensor, Tensor]:
-        """``(gradient in momentum space, fp32 momentum)``; GaLore projects here."""
+        """``(gradient in momentum space, fp32 momentum)``; GaLore projects (and refreshes) here."""
         return grad, self._load_momentum(state, grad.shape, grad.device, group)
+
+    def _project(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """The gradient in momentum space with the current projector (none here: the identity)."""
+        return grad
 
     def _momentum_update(self, p: Tensor, grad: Tensor, state: dict[str, Any],
                          group: dict[str, Any]) -> Tensor:
@@ -256,3 +238,31 @@ class Muon8bit(Muon):
         self._store_momentum(p, state, buf, group, step)
         state["step"] = step + 1
         return update
+
+    def _accumulate(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
+                    micro: int, n_micro: int) -> Tensor | None:
+        """:meth:`Muon._accumulate` with the momentum stored by this variant (int8 or fp32).
+
+        The first micro-batch goes through :meth:`_prepare` (GaLore refreshes its projector from
+        it at a refresh step: with accumulation the projector sees that micro-batch's gradient,
+        not the whole step's), the others are only projected. Each micro-batch dequantises, adds
+        and requantises the momentum: with int8 momentum that is ``n_micro - 1`` extra roundings
+        per step, each within half a quantisation step per value (unbiased with
+        ``stochastic_rounding``); fp32 momentum adds none.
+        """
+        step = state.get("step", 0)
+        mu = group["momentum"]
+        grad = grad.float()
+        if micro == 0:
+            g, buf = self._prepare(p, grad, state, group, step)
+            buf.mul_(mu)
+        else:
+            g = self._project(p, grad, state, group)
+            buf = self._load_momentum(state, g.shape, g.device, group)
+        buf.add_(g, alpha=1 - mu)
+        last = micro == n_micro - 1
+        self._store_momentum(p, state, buf, group, step, None if last else micro)
+        if not last:
+            return None
+        state["step"] = step + 1
+        return buf

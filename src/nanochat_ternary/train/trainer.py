@@ -6,6 +6,7 @@
         clip the global grad norm
         if loss and grad norm are finite:  Muon.step() on hidden matrices;  AdamW.step() on the rest
         else: skip the update (guard.py: counted, logged, stop after too many in a row)
+        (optimizer_in_backward: Muon steps each matrix inside backward(), optim/in_backward.py)
         log · evaluate · checkpoint · stop here if a signal asked to (signals.py)
 
 Everything a resumed run needs is either in the checkpoint (weights, optimizer states, RNG) or a
@@ -39,6 +40,7 @@ from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report
+from ..optim.in_backward import install_in_backward
 from . import checkpoint as ckpt_io
 from .dataset import LoadedData, load_training_data
 from .fingerprint import check_resume_data, data_fingerprint
@@ -140,6 +142,9 @@ class Trainer:
             self.optimizers = optimizer_factory(self.model, t)
         else:
             self.optimizers = build_optimizers(self.model, t, runtime.device)
+        # optimizer_in_backward: Muon matrices are updated in backward hooks (optim/in_backward.py)
+        self.in_backward = (install_in_backward(self.optimizers, t.grad_accum_steps, t.grad_clip, runtime.distributed)
+                            if t.optimizer_in_backward else None)
         self.ddp: torch.nn.Module = self.model
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -205,6 +210,8 @@ class Trainer:
                 opt.load_state_dict(sd)
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({e})") from None
+        if self.in_backward is not None and "in_backward" in state:
+            self.in_backward.load_state_dict(state["in_backward"])
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -224,6 +231,8 @@ class Trainer:
             if self.rt.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
             state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng}
+            if self.in_backward is not None:
+                state["in_backward"] = self.in_backward.state_dict()
             config = self.cfg.to_dict()
             config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
             meta = {
@@ -316,6 +325,8 @@ class Trainer:
             sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
             with sync, self.rt.autocast():
                 loss, stats = self.ddp(x, targets=y, objective=self.objective)
+            if self.in_backward is not None:
+                self.in_backward.begin_micro_batch(micro)
             with sync:
                 (loss / t.grad_accum_steps).backward()
             for k, v in stats.items():
@@ -323,8 +334,11 @@ class Trainer:
         # logged per step: plain next-token CE as ``loss``; mtp_ce_k / kept_frac when enabled
         means = {k: v / t.grad_accum_steps for k, v in stat_sums.items()}
         self.step_stats = {k: float(v) for k, v in means.items() if k != "ce"}
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.in_backward is not None:  # Muon matrices already stepped; clip by the previous step's norm
+            grad_norm = self.in_backward.finish_step()
+        else:
+            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         # one collective: the mean loss over ranks and whether any rank saw a non-finite value
         ce = means["ce"].detach().double()
         both = torch.stack([ce, (~torch.isfinite(ce) | ~torch.isfinite(grad_norm.detach())).double()])

@@ -1,0 +1,72 @@
+"""Step time of each low-memory option (issue #10), interleaved A/B rounds in one process.
+
+Every option gets its own Trainer on the same model, data and seed; the rounds alternate the
+options so that a change of machine load hits all of them alike. Reported: the median seconds per
+optimizer step of each option over all rounds (the first step of each Trainer, which allocates the
+optimizer state, is excluded) and its ratio to the baseline.
+
+    python benchmarks/low_memory_step_time.py                       # d20 on 4 x 128 tokens
+    python benchmarks/low_memory_step_time.py --config nano-125m --batch-size 2 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanochat_ternary.config import build_config
+from nanochat_ternary.train.runtime import setup_runtime
+from nanochat_ternary.train.trainer import Trainer
+
+OPTIONS: dict[str, list[str]] = {
+    "baseline": [],
+    "in-backward": ["optimizer_in_backward=true"],
+    "bf16-latents-sr": ["latent_dtype=bfloat16"],
+    "adamw-8bit": ["use_8bit_adamw=true"],
+    "all": ["optimizer_in_backward=true", "latent_dtype=bfloat16", "use_8bit_adamw=true"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="d20")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per option per round")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="lowmem-time-"))
+    trainers = {}
+    for name, sets in OPTIONS.items():
+        cfg = build_config(args.config, None, None, sets + [
+            "dataset=synthetic", "n_samples=400", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}",
+            "sample_tokens=0", "device=cpu", f"checkpoint_dir={tmp / name}", "warmup_steps=0"])
+        trainers[name] = Trainer(cfg, setup_runtime("cpu", args.threads), echo=lambda _m: None)
+        trainers[name]._train_step(0)  # allocates the optimizer state: not timed
+    times: dict[str, list[float]] = {name: [] for name in OPTIONS}
+    step = 1
+    for _ in range(args.rounds):
+        for name, tr in trainers.items():
+            for k in range(args.steps):
+                t0 = time.perf_counter()
+                tr._train_step(step + k)  # returns Python numbers: the step's work is done
+                times[name].append(time.perf_counter() - t0)
+        step += args.steps
+    base = statistics.median(times["baseline"])
+    print(f"# {args.config}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), "
+          f"{args.rounds} interleaved rounds x {args.steps} steps")
+    print(f"{'option':<18} {'s/step (median)':>16} {'vs baseline':>12}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<18} {med:>16.3f} {med / base:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
