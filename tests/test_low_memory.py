@@ -150,6 +150,29 @@ def test_in_backward_clips_by_the_previous_steps_norm():
         _assert_models_close(other, got, rtol=1e-5, atol=1e-6)
 
 
+def test_in_backward_skips_a_matrix_whose_gradient_is_not_finite():
+    """The Trainer's guard decides after backward; a matrix stepped inside it must refuse a NaN
+    gradient itself, or the NaN would reach the weights before anything could skip the step."""
+    tcfg = TrainConfig(grad_clip=0.0, lr=0.02)
+    model = _model()
+    opts = build_optimizers(model, tcfg, torch.device("cpu"))
+    ib = install_in_backward(opts, 1, 0.0)
+    muon_params, _ = split_params(model)
+    poisoned = muon_params[0]
+    poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))  # runs before accumulation
+    before = {id(p): p.detach().clone() for p in muon_params}
+    x, y = _batches(1)[0]
+    ib.begin_micro_batch(0)
+    model(x, targets=y).backward()
+    norm = ib.finish_step()
+    assert not torch.isfinite(norm)  # the step's norm tells the Trainer's guard to skip the rest
+    assert ib.skipped_matrices == 1
+    assert torch.equal(poisoned.detach(), before[id(poisoned)])  # untouched, not NaN
+    assert poisoned.grad is None and opts[0].state.get(poisoned, {}).get("momentum_buffer") is None
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p.detach(), before[id(p)]) for p in muon_params[1:])  # the others stepped
+
+
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_in_backward_8bit_accumulation_adds_one_bounded_rounding_per_micro_batch(stochastic):
     """With int8 momentum each intermediate micro-batch requantises the momentum: the update then

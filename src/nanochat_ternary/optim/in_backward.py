@@ -104,6 +104,7 @@ class InBackwardStep:
         self.clip_coef = 1.0  # c_t: from the previous step's norm
         self.last_grad_norm: float | None = None
         self.hook_calls = 0  # matrices updated in the current micro-batch's backward (tests read it)
+        self.skipped_matrices = 0  # matrices whose update a non-finite gradient skipped (whole run)
         self._sq: Tensor | None = None  # this step's sum of squared Muon gradient norms
         self._handles = [p.register_post_accumulate_grad_hook(self._hook)
                          for g in opt.param_groups for p in g["params"]]
@@ -132,6 +133,14 @@ class InBackwardStep:
             return
         sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         self._sq = sq if self._sq is None else self._sq + sq
+        if not torch.isfinite(sq):
+            # The Trainer's non-finite guard decides after backward, too late for a matrix stepped
+            # here: skip this matrix's update (weights and momentum untouched). The step's norm is
+            # now non-finite, so the guard also skips the other parameters and counts the step.
+            # (One host sync per matrix: the price of never letting a NaN into the weights.)
+            p.grad = None
+            self.skipped_matrices += 1
+            return
         if self.clip_coef != 1.0:
             grad.mul_(self.clip_coef)
         self.opt.step_param(p, grad, self.micro, self.n_micro)

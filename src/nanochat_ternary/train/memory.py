@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..data.datasets import DEFAULT_VAL_FRACTION
 from ..data.tokenfile import dtype_for_vocab, write_tokens
 from ..optim.factory import memory_report
 from .runtime import setup_runtime
@@ -77,9 +78,9 @@ def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
     t = cfg.training
     with tempfile.TemporaryDirectory(prefix="nanochat-memory-") as tmp:
         # random token ids of the model's vocab (no tokenizer: the model keeps its vocab_size)
-        # enough that the validation split (val_fraction) still holds two batches
+        # enough that the validation split (val_fraction; 0: a lone .bin's default) still holds two batches
         per_batch = t.batch_size * (t.seq_len + 1)
-        n_tokens = max(4 * per_batch * t.grad_accum_steps * (steps + 1), int(2 * per_batch / t.val_fraction)) + 4096
+        n_tokens = max(4 * per_batch * t.grad_accum_steps * (steps + 1), int(2 * per_batch / (t.val_fraction or DEFAULT_VAL_FRACTION))) + 4096
         rng = np.random.default_rng(0)
         data = Path(tmp) / "tokens.bin"
         write_tokens(data, rng.integers(0, cfg.model.vocab_size, n_tokens, dtype=np.int64)
