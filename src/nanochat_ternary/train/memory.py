@@ -80,7 +80,8 @@ def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
         # random token ids of the model's vocab (no tokenizer: the model keeps its vocab_size)
         # enough that the validation split (val_fraction; 0: a lone .bin's default) still holds two batches
         per_batch = t.batch_size * (t.seq_len + 1)
-        n_tokens = max(4 * per_batch * t.grad_accum_steps * (steps + 1), int(2 * per_batch / (t.val_fraction or DEFAULT_VAL_FRACTION))) + 4096
+        val_fraction = t.val_fraction or DEFAULT_VAL_FRACTION
+        n_tokens = max(4 * per_batch * t.grad_accum_steps * (steps + 1), int(2 * per_batch / val_fraction)) + 4096
         rng = np.random.default_rng(0)
         data = Path(tmp) / "tokens.bin"
         write_tokens(data, rng.integers(0, cfg.model.vocab_size, n_tokens, dtype=np.int64)
