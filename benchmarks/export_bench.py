@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-preset", help="only decode speed, of a random-init model of this preset "
                                            "(group_size 256, the checkpoint's tokenizer and vocab)")
     ap.add_argument("--speed-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for --speed-preset (e.g. ffn_hidden=2048: TQ needs rows % 256 == 0)")
+                    help="config override for --speed-preset (e.g. ffn_hidden=2048: TQ needs rows %% 256 == 0)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet = lambda *_: None
