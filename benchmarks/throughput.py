@@ -1,7 +1,6 @@
-"""Training throughput: our ternary GPT + Muon vs a plain-PyTorch fp32 GPT + AdamW, same shape.
+"""Training throughput: our ternary GPT + Muon vs a plain-PyTorch GPT + AdamW, same shape.
 
-Both models run in the same process on the CPU (this script builds everything on the CPU device;
-it measures no GPU), interleaved step by step (A, B, A, B, ...) so that machine noise hits both
+CPU (default): both models run in the same process on the CPU in fp32, interleaved step by step (A, B, A, B, ...) so that machine noise hits both
 alike; the reported figure is the ratio of median step times. MFU is a derived figure, not a
 measurement: tok/s (measured) x FLOP/token from the 6N + 6LDT formula / this machine's fp32 matmul
 peak (measured at start with a large square ``torch.mm``). The first line records the code's
@@ -9,8 +8,19 @@ provenance (package version, git commit, dirty flag); ``--json`` includes it.
 
 Target (issue #2): ours >= 0.85x the reference's tok/s at >= 8K tokens per optimizer step.
 
+CUDA (``--device cuda``, issue #9): ours exactly as ``nanochat-train train`` runs it (the
+trainer's own step on random tokens: compile per the config's ``compile`` field, bf16 autocast,
+the chunked loss head, Muon + AdamW, clipping, the finite check) against the peer in bf16 autocast
+with fused AdamW, eager and under ``torch.compile`` (one model and optimizer, two call paths),
+interleaved step by step; optionally ours with ``compile=false`` too. Each side reports the median
+step time, tok/s, MFU against the bf16 matmul peak measured at the start of the same run, and its
+peak memory: ``max_memory_allocated`` during its step minus what the other sides keep resident
+(their weights and optimizer state), i.e. what it would peak at alone.
+
     python benchmarks/throughput.py                       # d20 and nano-125m shapes, 8K tokens/step
     python benchmarks/throughput.py --models d20 --tokens-per-step 16384 --steps 3
+    python benchmarks/throughput.py --device cuda --models d20,nano-125m --tokens-per-step 32768 \
+        --micro-batch 32 --seq-len 1024 --steps 10 --warmup 3 --json-out results.json
 """
 
 from __future__ import annotations
@@ -176,6 +186,180 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+def measure_bf16_peak(n: int = 8192, reps: int = 10) -> float:
+    """bf16 TFLOP/s of a large square matmul on the current GPU (best of ``reps``, CUDA events)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / best / 1e12
+
+
+class _Side:
+    """One contender on the GPU: a step function, its resident bytes, and what its steps measured."""
+
+    def __init__(self, name: str, step, resident: int, first_s: float) -> None:
+        self.name, self.step, self.resident, self.first_s = name, step, resident, first_s
+        self.times: list[float] = []
+        self.peaks: list[int] = []
+
+
+def _cuda_step_time(step) -> tuple[float, int]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated()
+
+
+def bench_shape_cuda(preset: str, tokens_per_step: int, micro_batch: int, seq: int, steps: int, warmup: int,
+                     sides: list[str], extra: list[str]) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from nanochat_ternary.train.memory import random_token_trainer
+    from nanochat_ternary.train.runtime import setup_runtime
+
+    accum = max(1, tokens_per_step // (micro_batch * seq))
+    overrides = [f"seq_len={seq}", f"batch_size={micro_batch}", f"grad_accum_steps={accum}", "device=cuda",
+                 "warmup_steps=0"] + extra
+    cfg = build_config(preset, overrides=overrides)
+    m = cfg.model
+    rt = setup_runtime("cuda")
+    total = warmup + steps + 1
+    tmp = tempfile.TemporaryDirectory(prefix="throughput-")
+    built: dict[str, _Side] = {}
+    trainers = []
+
+    def resident_now() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    def add_trainer(name: str, compile_setting: str) -> None:
+        c = build_config(preset, overrides=overrides + [f"compile={compile_setting}"])
+        before = resident_now()
+        torch.manual_seed(0)
+        tr = random_token_trainer(c, rt, Path(tmp.name) / name, total)
+        trainers.append(tr)
+        counter = iter(range(10**9))
+        step = lambda: tr._train_step(next(counter))  # noqa: E731 - the trainer's own step
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            step()
+        built[name] = _Side(name, step, resident_now() - before, first)
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, m.vocab_size, (micro_batch, seq), generator=gen).cuda(),
+                torch.randint(0, m.vocab_size, (micro_batch, seq), generator=gen).cuda()) for _ in range(accum)]
+    if "ours" in sides:
+        add_trainer("ours", cfg.training.compile)
+    if "ours-eager" in sides:
+        add_trainer("ours-eager", "false")
+    if "peer-eager" in sides or "peer-compiled" in sides:
+        before = resident_now()
+        torch.manual_seed(0)
+        ref = RefGPT(m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.hidden_dim, m.vocab_size, m.max_seq_len,
+                     m.weight_tied).cuda()
+        opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
+        compiled_ref = torch.compile(ref)
+
+        def peer_step(model) -> None:
+            for x, y in batches:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, y)
+                (loss / accum).backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            opt.step()
+            ref.zero_grad(set_to_none=True)
+
+        peer_names = [n for n in ("peer-eager", "peer-compiled") if n in sides]
+        firsts = {}
+        for name in peer_names:
+            model = ref if name == "peer-eager" else compiled_ref
+            t0 = time.perf_counter()
+            peer_step(model)
+            torch.cuda.synchronize()
+            firsts[name] = time.perf_counter() - t0
+            for _ in range(warmup - 1):
+                peer_step(model)
+        res = resident_now() - before
+        for name in peer_names:
+            model = ref if name == "peer-eager" else compiled_ref
+            built[name] = _Side(name, (lambda mm=model: peer_step(mm)), res, firsts[name])
+    # resident bytes per owner (the peer's two paths share one model and optimizer)
+    owner = {name: ("peer" if name.startswith("peer") else name) for name in built}
+    resident = {owner[name]: side.resident for name, side in built.items()}
+    for _ in range(steps):  # interleaved: A, B, C, A, B, C, ...
+        for name, side in built.items():
+            dt, peak = _cuda_step_time(side.step)
+            side.times.append(dt)
+            side.peaks.append(peak - sum(v for k, v in resident.items() if k != owner[name]))
+    for tr in trainers:
+        tr.close()
+    tmp.cleanup()
+    n_matmul = GPT(m).num_params(non_embedding=True) + m.vocab_size * m.dim
+    tokens = accum * micro_batch * seq
+    out = {"preset": preset, "tokens_per_step": tokens, "micro_batch": micro_batch, "seq_len": seq,
+           "grad_accum": accum, "flops_per_token": flops_per_token(n_matmul, m.n_layers, m.dim, seq),
+           "overrides": extra, "sides": {}}
+    for side in built.values():
+        med = statistics.median(side.times)
+        out["sides"][side.name] = {"step_s": med, "tok_s": tokens / med, "step_s_all": side.times,
+                                   "peak_bytes": max(side.peaks), "resident_bytes": side.resident,
+                                   "first_step_s": side.first_s}
+    return out
+
+
+def main_cuda(args, prov: dict) -> None:
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    dev = torch.cuda.get_device_name()
+    peak = measure_bf16_peak()
+    print(f"# machine: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}; bf16 matmul peak "
+          f"{peak:.0f} TFLOP/s (8192^3 mm, best of 10; MFU = tok/s x formula FLOP/token / this peak)")
+    results = []
+    for preset in args.models.split(","):
+        r = bench_shape_cuda(preset.strip(), args.tokens_per_step, args.micro_batch, args.seq_len, args.steps,
+                             args.warmup, sides, args.set)
+        r["peak_tflops"] = peak
+        for s in r["sides"].values():
+            s["mfu"] = s["tok_s"] * r["flops_per_token"] / (peak * 1e12)
+        results.append(r)
+        base = r["sides"].get("peer-compiled")
+        print(f"\n{r['preset']}: {r['tokens_per_step']} tokens/step = {r['grad_accum']} x {r['micro_batch']} x "
+              f"{r['seq_len']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}")
+        print(f"  {'side':<14} {'tok/s':>10} {'step ms':>8} {'MFU':>6} {'peak GiB':>9} {'first s':>8} "
+              f"{'vs peer-compiled':>16}")
+        for name, s in r["sides"].items():
+            ratio = f"{s['tok_s'] / base['tok_s']:.3f}" if base else "-"
+            print(f"  {name:<14} {s['tok_s']:>10.0f} {s['step_s'] * 1e3:>8.1f} {s['mfu']:>6.1%} "
+                  f"{s['peak_bytes'] / 2**30:>9.2f} {s['first_step_s']:>8.1f} {ratio:>16}")
+        torch.cuda.empty_cache()
+    if args.json or args.json_out:
+        blob = json.dumps({"provenance": prov, "device": dev, "bf16_peak_tflops": peak, "results": results},
+                          indent=2)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                f.write(blob)
+        if args.json:
+            print(blob)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="d20,nano-125m")
@@ -185,11 +369,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per model (after one warm-up)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--warmup", type=int, default=3, help="CUDA: untimed steps per side (compiling included)")
+    ap.add_argument("--sides", default="ours,peer-eager,peer-compiled",
+                    help="CUDA: any of ours, ours-eager, peer-eager, peer-compiled")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="CUDA: config override for ours (repeatable), e.g. --set compile=false")
+    ap.add_argument("--json-out", default="", help="write the JSON results to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     prov = provenance()
     print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+        main_cuda(args, prov)
+        return
     peak = measure_matmul_peak()
     load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

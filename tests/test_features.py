@@ -65,9 +65,10 @@ def test_gradient_checkpointing_matches_losses_and_grads(quant):
 
 def test_gradient_checkpointing_objective_chunks_the_head_and_matches(monkeypatch):
     from nanochat_ternary.config import TrainConfig
+    from nanochat_ternary.model import linear_ce
     from nanochat_ternary.train import objective as obj_mod
 
-    monkeypatch.setattr(obj_mod, "CE_CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(linear_ce, "CPU_CHUNK_ROWS", 7)  # several chunks, a ragged last one
     torch.manual_seed(0)
     mcfg = tiny_cfg()
     model = GPT(mcfg)

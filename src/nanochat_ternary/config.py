@@ -123,6 +123,8 @@ class TrainConfig:
     num_workers: int = 2
     prefetch_batches: int = 4
     gradient_checkpointing: bool = False
+    # speed (issue: GPU speed; docs/gpu.md): "auto" compiles on CUDA only, "true" / "false" force it
+    compile: str = "auto"
     # data
     dataset: str = ""  # "" = auto: stdlib without data_path, else tokens/text by the path | synthetic
     data_path: str = ""
@@ -252,6 +254,9 @@ ALIASES: dict[str, str] = {
 # TOML sections are only grouping: a key is resolved by its name wherever it appears.
 KNOWN_SECTIONS = ("model", "training", "optimizer", "data", "hardware", "run")
 
+# String fields that take "auto", "true" or "false" (TOML booleans accepted).
+TRISTATE_FIELDS = frozenset({"compile"})
+
 # Fields of features that are not built yet: accepted only at the off value shown.
 # A feature's issue removes its entries here when it lands.
 NOT_AVAILABLE_YET: dict[str, Any] = {}
@@ -329,6 +334,11 @@ def coerce(key: str, value: Any, source: str) -> Any:
                 pass
         raise bad("expected a number")
     if typ in ("str", str):
+        if key in TRISTATE_FIELDS:  # "auto" | "true" | "false", given as a TOML bool or a string
+            text = ("true" if value else "false") if isinstance(value, bool) else value
+            if isinstance(text, str) and text.lower() in ("auto", "true", "false"):
+                return text.lower()
+            raise bad("expected auto, true or false")
         if isinstance(value, str):
             return value
         raise bad("expected a string")

@@ -36,6 +36,8 @@ RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "peak_memory_bytes": ((int,), "peak RSS of the run's process (CPU) or max CUDA memory allocated"),
     "peak_memory_kind": ((str,), "'rss' or 'cuda_max_allocated'"),
     "data_wait_share": (NUM, "share of step time spent waiting for the next batch"),
+    "gpu_util": (OPT_NUM, "mean NVML GPU utilization in percent after step 1 (null off CUDA or without "
+                          "nvidia-ml-py; absent in results from before it was measured)"),
     "kept_frac": (OPT_NUM, "Collider: mean fraction of tokens backpropagated (null when off)"),
     "wall_s": (NUM, "seconds the run took, start-up and evaluation included"),
     "train_curve": ((list,), "[[step, tokens, train loss], ...] every step"),
@@ -49,10 +51,13 @@ RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "mtp_heads": ((int,), "multi-token-prediction heads in the model (0: MTP off)"),
 }
 
+OPTIONAL_RUN_FIELDS = frozenset({"gpu_util"})  # may be absent (older results)
+
 OBSERVED_FIELDS = ("activation_bytes", "loader_processes", "int8_momenta", "galore_projected", "mtp_heads")
 
 SUMMARY_METRICS = ("final_train_loss", "val_loss", "val_bpb", "tokens_per_s", "median_step_s",
-                   "optimizer_state_bytes", "peak_memory_bytes", "data_wait_share", "kept_frac", "wall_s")
+                   "optimizer_state_bytes", "peak_memory_bytes", "data_wait_share", "gpu_util", "kept_frac",
+                   "wall_s")
 
 CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "name": ((str,), "configuration name (the TOML's stem, or peer:NAME)"),
@@ -92,6 +97,8 @@ def validate_results(obj: dict[str, Any]) -> list[str]:
     def check(d: dict, spec: dict, where: str) -> None:
         for key, (types, _doc) in spec.items():
             if key not in d:
+                if key in OPTIONAL_RUN_FIELDS:
+                    continue
                 errs.append(f"{where}: missing '{key}'")
             elif not isinstance(d[key], types) or (isinstance(d[key], bool) and bool not in types):
                 errs.append(f"{where}: '{key}' has type {type(d[key]).__name__}")

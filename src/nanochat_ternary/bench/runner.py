@@ -224,6 +224,7 @@ def _one_line(label: str, r: dict[str, Any]) -> str:
         return f"{label}: {r.get('status', 'failed').upper()}: {r.get('error')}"
     bpb = f" (bpb {r['val_bpb']:.3f})" if r.get("val_bpb") is not None else ""
     kept = f", kept {r['kept_frac']:.2f}" if r.get("kept_frac") is not None else ""
+    kept += f", GPU busy {r['gpu_util']:.0f}%" if r.get("gpu_util") is not None else ""
     return (f"{label}: val {r['val_loss']:.4f}{bpb}, train {r['final_train_loss']:.4f}, "
             f"{r['tokens_per_s']:,.0f} tok/s, state {r['optimizer_state_bytes'] / 2**20:.2f} MiB, "
             f"peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB, data wait {r['data_wait_share']:.1%}{kept}, "

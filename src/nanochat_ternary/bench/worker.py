@@ -142,6 +142,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "data_wait_share": sum(res.data_waits) / sum(res.step_times),
+        "gpu_util": res.gpu_util,
         "kept_frac": statistics.fmean(kept) if kept else None,
         "wall_s": time.perf_counter() - t_start,
         "train_curve": [[step, tps * step, loss] for step, loss in sorted(res.losses.items())],

@@ -228,6 +228,9 @@ class GPT(nn.Module):
         # Recompute each block's activations in backward (set by the trainer from the config's
         # ``gradient_checkpointing``). Only used while training with grad enabled and no KV cache.
         self.gradient_checkpointing = False
+        # torch.compile'd blocks for training (compile_blocks); a plain list, so not submodules:
+        # the state dict and .to() see only the blocks themselves, which the compiled ones wrap.
+        self.compiled_blocks: list[nn.Module] | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -264,6 +267,13 @@ class GPT(nn.Module):
         cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
         self.rope_cos, self.rope_sin = cos, sin  # [max_seq_len, hd/2] fp32
 
+    def compile_blocks(self) -> None:
+        """Compile every block for training (see model/compile.py). All blocks share one graph."""
+        from .compile import compile_module, configure_dynamo
+
+        configure_dynamo()
+        self.compiled_blocks = [compile_module(block) for block in self.blocks]
+
     # ----------------------------------------------------------------------------------------
 
     def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
@@ -279,8 +289,10 @@ class GPT(nn.Module):
         cos = self.rope_cos[start:start + T]  # [T, hd/2]
         sin = self.rope_sin[start:start + T]
         x = self.tok_emb(idx)  # [B, T, D]
-        ckpt = self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
-        for block in self.blocks:
+        train = self.training and kv_cache is None and torch.is_grad_enabled()
+        ckpt = self.gradient_checkpointing and train
+        blocks = self.compiled_blocks if (train and self.compiled_blocks is not None) else self.blocks
+        for block in blocks:
             if ckpt:
                 # non-reentrant: keeps only the block's input; backward reruns the block's forward
                 # (BitLinear is deterministic, so the recompute is bit-identical)

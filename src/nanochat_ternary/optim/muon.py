@@ -85,6 +85,7 @@ from .low_precision import (
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+STACK_ELEMENTS = 1 << 27  # most values in one batched Newton–Schulz stack (512 MB in fp32)
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
@@ -142,9 +143,12 @@ class Muon(torch.optim.Optimizer):
             :mod:`~nanochat_ternary.optim.low_precision`) or "nearest". fp32 parameters are updated
             in place and never rounded.
         seed: seeds the stochastic-rounding streams (with parameter index and step).
+        stacked: step same-shape matrices as one batched stack (see :meth:`_use_stacks`); None:
+            on CUDA only.
     """
 
     variant_name = "muon"
+    stacked: bool | None = None  # see _use_stacks (subclasses that build their own defaults inherit it)
 
     def __init__(
         self,
@@ -158,8 +162,10 @@ class Muon(torch.optim.Optimizer):
         *,
         latent_rounding: str = "stochastic",
         seed: int = 0,
+        stacked: bool | None = None,
     ) -> None:
         self._index: dict[int, int] = {}
+        self.stacked = stacked
         super().__init__(params, muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype,
                                                latent_rounding, seed))
 
@@ -337,12 +343,56 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _step_local(self) -> None:
-        # One matrix at a time: on CPU a single 768-wide fp32 matmul already runs near the cores'
-        # peak, and stacking same-shape matrices into one batched chain measured no faster.
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
+            params = [p for p in group["params"] if p.grad is not None]
+            if self._use_stacks(params):
+                for stack in _same_shape_stacks(params):
+                    self._update_stack(stack, group)
+            else:
+                for p in params:
                     self._update_param(p, group)
+
+    def _use_stacks(self, params: list[Tensor]) -> bool:
+        """Stacked (batched) steps: for plain Muon on fp32 matrices, on CUDA unless ``stacked`` says.
+
+        On CPU one matrix at a time: a single 768-wide fp32 matmul already runs near the cores' peak,
+        and stacking measured no faster there. On a GPU one small matmul leaves most of the chip idle
+        and every launch costs microseconds, so each same-shape stack runs as one batched chain
+        (``bmm``) and the momentum / weight updates as ``_foreach`` kernels. Subclasses that replace a
+        piece of the update (8-bit momentum, GaLore) and low-precision latents keep the per-matrix path.
+        """
+        if not params:
+            return False
+        stacked = self.stacked if self.stacked is not None else params[0].is_cuda
+        plain = all(getattr(type(self), name) is getattr(Muon, name)
+                    for name in ("_momentum_update", "_orthogonalize", "_apply_update", "_update_param"))
+        return stacked and plain and all(p.dtype == torch.float32 for p in params)
+
+    def _update_stack(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """The step of :meth:`_update_param` for same-shape fp32 matrices at once (same maths).
+
+        Newton–Schulz runs on stacks of at most ``STACK_ELEMENTS`` values (``[n, rows, cols]``
+        through ``bmm``): the stack is a copy, so its size bounds the extra memory."""
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                            memory_format=torch.contiguous_format)
+            bufs.append(state["momentum_buffer"])
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)  # buf <- mu buf + (1 - mu) g
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        per = max(1, STACK_ELEMENTS // params[0].numel())
+        for i in range(0, len(params), per):
+            chunk = params[i:i + per]
+            ortho = self._orthogonalize(torch.stack(updates[i:i + per]), group)  # [n, rows, cols]
+            if wd != 0:
+                torch._foreach_mul_(chunk, 1 - lr * wd)
+            torch._foreach_add_(chunk, list(ortho.unbind(0)), alpha=-lr * scale)
+            del ortho
 
     def _step_distributed(self, world: int, rank: int) -> None:
         entries = [(p, group) for group in self.param_groups for p in group["params"]]
@@ -370,6 +420,14 @@ class Muon(torch.optim.Optimizer):
             pending = (work, params, recv)
         if pending is not None:
             _finish_round(*pending, rank)
+
+
+def _same_shape_stacks(params: list[Tensor]) -> list[list[Tensor]]:
+    """``params`` grouped by (shape, device), in first-seen order."""
+    stacks: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        stacks.setdefault((tuple(p.shape), p.device), []).append(p)
+    return list(stacks.values())
 
 
 def _finish_round(work: Any, params: list[Tensor], recv: list[Tensor], rank: int) -> None:

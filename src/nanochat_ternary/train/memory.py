@@ -42,7 +42,7 @@ from ..config import Config
 from ..data.datasets import DEFAULT_VAL_FRACTION
 from ..data.tokenfile import dtype_for_vocab, write_tokens
 from ..optim.factory import memory_report
-from .runtime import setup_runtime
+from .runtime import Runtime, setup_runtime
 
 
 def _rss_bytes(field: str = "VmRSS") -> int | None:
@@ -69,27 +69,35 @@ def _peak_rss_bytes() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def random_token_trainer(cfg: Config, rt: Runtime, workdir: Path, steps: int):
+    """A :class:`~nanochat_ternary.train.trainer.Trainer` for ``cfg`` on a small file of random token
+    ids of the model's vocab, with its run dir in ``workdir``: the trainer's real step
+    (``_train_step``), without the dataset, evaluation, samples or checkpoints of a run. ``cfg`` is
+    not modified. Call ``close()`` on it when done."""
+    from .trainer import Trainer
+
+    t = cfg.training
+    # enough that the validation split (val_fraction; 0: a lone .bin's default) still holds two batches
+    per_batch = t.batch_size * (t.seq_len + 1)
+    val_fraction = t.val_fraction or DEFAULT_VAL_FRACTION
+    n_tokens = max(4 * per_batch * t.grad_accum_steps * (steps + 1), int(2 * per_batch / val_fraction)) + 4096
+    rng = np.random.default_rng(0)
+    data = workdir / "tokens.bin"
+    write_tokens(data, rng.integers(0, cfg.model.vocab_size, n_tokens, dtype=np.int64)
+                 .astype(dtype_for_vocab(cfg.model.vocab_size)), cfg.model.vocab_size)
+    run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), training=dataclasses.replace(
+        t, dataset="tokens", data_path=str(data), total_steps=steps, eval_interval=0,
+        sample_tokens=0, checkpoint_dir=str(workdir / "run"), checkpoint_interval=0, resume="",
+        log_file="", tensorboard="", use_async_loader=False))
+    return Trainer(run_cfg, rt, echo=lambda _m: None)
+
+
 def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
     """Run ``steps`` real training steps of ``cfg`` and report their measured memory (see the
     module docstring). ``cfg`` is not modified; its data settings are replaced by a small file of
     random token ids of the model's vocab (the memory of a step does not depend on the data)."""
-    from .trainer import Trainer
-
     t = cfg.training
     with tempfile.TemporaryDirectory(prefix="nanochat-memory-") as tmp:
-        # random token ids of the model's vocab (no tokenizer: the model keeps its vocab_size)
-        # enough that the validation split (val_fraction; 0: a lone .bin's default) still holds two batches
-        per_batch = t.batch_size * (t.seq_len + 1)
-        val_fraction = t.val_fraction or DEFAULT_VAL_FRACTION
-        n_tokens = max(4 * per_batch * t.grad_accum_steps * (steps + 1), int(2 * per_batch / val_fraction)) + 4096
-        rng = np.random.default_rng(0)
-        data = Path(tmp) / "tokens.bin"
-        write_tokens(data, rng.integers(0, cfg.model.vocab_size, n_tokens, dtype=np.int64)
-                     .astype(dtype_for_vocab(cfg.model.vocab_size)), cfg.model.vocab_size)
-        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), training=dataclasses.replace(
-            t, dataset="tokens", data_path=str(data), total_steps=steps, eval_interval=0,
-            sample_tokens=0, checkpoint_dir=str(Path(tmp) / "run"), checkpoint_interval=0, resume="",
-            log_file="", tensorboard="", use_async_loader=False))
         rt = setup_runtime(t.device, t.threads)
         cuda = rt.device.type == "cuda"
         rss0 = _rss_bytes() or 0
@@ -98,7 +106,7 @@ def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
             torch.cuda.synchronize(rt.device)
             torch.cuda.reset_peak_memory_stats(rt.device)
             base_alloc = torch.cuda.memory_allocated(rt.device)
-        trainer = Trainer(run_cfg, rt, echo=lambda _m: None)
+        trainer = random_token_trainer(cfg, rt, Path(tmp), steps)
         model = trainer.model
         params = list({id(p): p for p in model.parameters()}.values())
         weights = sum(p.nbytes for p in params)

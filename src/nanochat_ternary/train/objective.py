@@ -8,8 +8,12 @@ Logged scalars (fp32 tensors, detached): ``ce`` (plain next-token CE over all to
 trainer logs as ``loss`` so runs with and without the features are comparable), ``mtp_ce_k`` for
 each head, ``kept_frac`` (Collider). Validation always uses the plain CE (``GPT.forward``).
 
-Multi-token prediction, memory: each head's (head -> shared unembedding -> CE) runs inside a
-non-reentrant ``torch.utils.checkpoint``, so the forward keeps only the head's input ``h`` (shared
+The LM head: with ``chunked_head`` (CUDA, or gradient checkpointing) the main CE and every MTP
+head's CE go through :func:`~..model.linear_ce.linear_cross_entropy`, which never holds more than
+one chunk of logits. Otherwise the plain head computes the ``[B*T, V]`` logits (fastest on CPU).
+
+Multi-token prediction, memory without the chunked head: each head's (head -> shared unembedding
+-> CE) runs inside a non-reentrant ``torch.utils.checkpoint``, so the forward keeps only the head's input ``h`` (shared
 with the trunk) and its targets; the head's ``[B*T, V]`` logits are freed right after its CE. In
 backward each head is recomputed (one head's projection + unembedding matmul) and backpropagated on
 its own, its gradient accumulating into ``h``'s. Peak memory therefore grows by about one head's
@@ -31,6 +35,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..config import ModelConfig, TrainConfig
+from ..model.linear_ce import linear_cross_entropy
 from ..model.mtp import mtp_targets
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +115,14 @@ class KeptRowsCE(torch.autograd.Function):
 class Objective:
     """Callable ``(model, h, targets) -> (loss to backpropagate, {name: logged scalar})``."""
 
-    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, chunked_head: bool | None = None,
+                 compiled: bool = False) -> None:
+        # chunked_head: the LM head and CE through linear_cross_entropy (model/linear_ce.py), for the
+        # main loss and every MTP head, so no [B*T, V] logits exist. None: when the model runs with
+        # gradient checkpointing (the trainer turns it on for CUDA too). compiled: its per-chunk
+        # softmax runs through torch.compile.
+        self.chunked_head = chunked_head
+        self.compiled = compiled
         self.use_mtp = mcfg.use_mtp
         self.mtp_weight = tcfg.mtp_weight
         self.use_collider = tcfg.use_collider
@@ -120,6 +132,8 @@ class Objective:
     def __call__(self, model, h: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         stats: dict[str, Tensor] = {}
         V = model.lm_head.weight.shape[0]
+        chunked = (self.chunked_head if self.chunked_head is not None
+                   else getattr(model, "gradient_checkpointing", False)) and torch.is_grad_enabled()
         if self.use_collider:
             h2 = h.reshape(-1, h.shape[-1])
             y = targets.reshape(-1)
@@ -129,8 +143,8 @@ class Objective:
             n_valid = valid.sum().clamp(min=1)
             stats["ce"] = (tok_loss.sum() / n_valid).detach()
             stats["kept_frac"] = (keep.sum() / n_valid).detach().float()
-        elif getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled():
-            loss = _chunked_ce(model, h, targets)  # with checkpointing: no [B*T, V] logits kept
+        elif chunked:
+            loss = linear_cross_entropy(h, model.lm_head.weight, targets, self.compiled)  # no [B*T, V] logits
             stats["ce"] = loss.detach()
         else:
             logits = model.logits(h)
@@ -141,7 +155,9 @@ class Objective:
             mtp_losses = []
             for k, head in enumerate(model.mtp.heads, start=1):
                 yk = mtp_targets(targets, k)
-                if torch.is_grad_enabled():
+                if chunked:
+                    ce_k = linear_cross_entropy(head(h), model.lm_head.weight, yk, self.compiled)
+                elif torch.is_grad_enabled():
                     ce_k = torch.utils.checkpoint.checkpoint(_head_ce, model, head, h, yk,
                                                              use_reentrant=False)
                 else:
@@ -150,70 +166,6 @@ class Objective:
                 mtp_losses.append(ce_k)
             loss = loss + self.mtp_weight * torch.stack(mtp_losses).mean()
         return loss, stats
-
-
-CE_CHUNK_ROWS = 1024
-
-
-class ChunkedLinearCE(torch.autograd.Function):
-    """Summed next-token CE through the LM head, ``sum_i CE(h_i · Wᵀ, y_i)``, that never holds more
-    than one chunk of logits and needs no recomputation: the gradient is computed in the forward.
-
-    For each chunk of ``CE_CHUNK_ROWS`` rows (``c`` rows, ``V`` classes)::
-
-        z = h_c · Wᵀ            [c, V]  (fp32)
-        loss += Σ (logsumexp(z) − z[y])            over rows with y >= 0
-        G = softmax(z) − onehot(y)   (0 on rows with y = −1)
-        dh_c = G · W            dW += Gᵀ · h_c
-
-    and the backward only scales the stored ``dh`` ``[N, D]`` and ``dW`` ``[V, D]`` by the incoming
-    gradient (a scalar). The matmuls are the same three a plain head does (forward, input-grad,
-    weight-grad), so this costs no extra time, while the ``[N, V]`` logits and their softmax never
-    exist beyond one chunk. What the forward keeps for the backward is ``dh`` and one weight-sized
-    ``dW`` instead of the logits. Used with gradient checkpointing, where memory is the point.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        n = h.shape[0]
-        w32 = w.float()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # [N, D]
-        grad_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None  # [V, D]
-        for i in range(0, n, chunk):
-            hc, yc = h[i:i + chunk], y[i:i + chunk]
-            valid = yc >= 0
-            tgt = yc.clamp(min=0)
-            z = F.linear(hc, w).float()  # [c, V]
-            lse = torch.logsumexp(z, dim=-1)  # [c]
-            total += torch.where(valid, lse - z.gather(1, tgt[:, None]).squeeze(1), 0.0).sum()
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
-            g.mul_(valid[:, None])
-            if grad_h is not None:
-                grad_h[i:i + chunk] = (g @ w32).to(h.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), hc.float())
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = w.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, g_total: Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * g_total.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * g_total).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None
-
-
-def _chunked_ce(model, h: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token CE (ignoring targets of -1) through :class:`ChunkedLinearCE`: the logits of
-    only ``CE_CHUNK_ROWS`` tokens exist at a time. Same value as the plain CE up to float
-    summation order."""
-    h2 = h.reshape(-1, h.shape[-1])
-    y = targets.reshape(-1)
-    n_valid = (y >= 0).sum().clamp(min=1)
-    return ChunkedLinearCE.apply(h2, model.lm_head.weight, y, CE_CHUNK_ROWS) / n_valid
 
 
 def _head_ce(model, head, h: Tensor, yk: Tensor) -> Tensor:

@@ -38,12 +38,14 @@ from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
 from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
+from ..model.compile import compile_enabled, compile_error_line, is_compile_error
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report
 from ..optim.in_backward import install_in_backward
 from . import checkpoint as ckpt_io
 from .dataset import LoadedData, load_training_data
 from .fingerprint import check_resume_data, data_fingerprint
+from .gpu_monitor import GpuUtilization
 from .guard import NonFiniteGuard
 from .lock import RunLock
 from .metrics import MetricsLogger
@@ -67,6 +69,8 @@ class TrainResult:
     val_bpb: float | None = None
     sample: str | None = None
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped (non-finite)
+    gpu_util: float | None = None  # mean NVML GPU utilization (percent) over the run; None off CUDA
+    compile_s: float | None = None  # first step's time when compiled (compiling included)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -136,7 +140,14 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = GPT(m).to(runtime.device)
         self.model.gradient_checkpointing = t.gradient_checkpointing
-        self.objective = Objective(m, t)  # loss (+ MTP heads) (+ Collider filter); see objective.py
+        # torch.compile (model/compile.py): the blocks and the loss head's softmax, on CUDA by default
+        self.compiled = compile_enabled(t.compile, runtime.device)
+        if self.compiled:
+            self.model.compile_blocks()
+        # loss (+ MTP heads) (+ Collider filter); see objective.py. On CUDA the LM head never makes
+        # [B*T, V] logits (model/linear_ce.py); on CPU only with gradient checkpointing.
+        self.objective = Objective(m, t, chunked_head=t.gradient_checkpointing or runtime.device.type == "cuda",
+                                   compiled=self.compiled)
         self.step_stats: dict[str, float] = {}
         if optimizer_factory is not None:
             self.optimizers = optimizer_factory(self.model, t)
@@ -388,13 +399,28 @@ class Trainer:
                                    prefetch_batches=t.prefetch_batches, device=rt.device)
         interval_wait = 0.0
         step = self.start_step
+        gpu = GpuUtilization(rt.device)  # NVML busy share, logged as gpu_util (gpu_monitor.py)
+        if rt.device.type == "cuda" and not gpu.available:
+            self.warn(f"note: GPU utilization is not measured ({gpu.unavailable_reason}); "
+                      f"pip install nvidia-ml-py to log gpu_util")
         try:
             with stops:
                 for step in range(self.start_step, self.total_steps):
                     ts = time.perf_counter()
-                    loss, grad_norm, skipped = self._train_step(step, source)
+                    try:
+                        loss, grad_norm, skipped = self._train_step(step, source)
+                    except Exception as e:
+                        if self.compiled and is_compile_error(e):
+                            raise UserError(compile_error_line(e)) from None
+                        raise
                     done = step + 1  # the weights now hold step `done` (its update, or its skip)
                     result.step_times.append(time.perf_counter() - ts)
+                    if self.compiled and step == self.start_step:
+                        result.compile_s = result.step_times[-1]
+                        if rt.is_main:
+                            bar.write(f"torch.compile: first step {result.compile_s:.1f} s (compiling the blocks and "
+                                      f"the loss head); later steps run the compiled code")
+                    gpu.start()  # after the first step: compiling is not GPU work
                     result.data_waits.append(self.data_wait_s)
                     result.step_stats.append(dict(self.step_stats))
                     interval_wait += self.data_wait_s
@@ -425,6 +451,7 @@ class Trainer:
                             # mean seconds per step spent waiting for the batch (since the last record)
                             "data_wait_s": interval_wait / interval_steps,
                             "skipped_steps": guard.total,  # non-finite steps skipped so far in this process
+                            **({"gpu_util": u} if (u := gpu.take()) is not None else {}),
                             **({"skipped": True} if skipped else {}),
                             **{k: self.rt.all_reduce_mean(v) for k, v in self.step_stats.items()},
                         }
@@ -466,6 +493,8 @@ class Trainer:
                       f"applied); last checkpoint: {self.last_checkpoint or 'none'}")
             raise
         finally:
+            gpu.stop()
+            result.gpu_util = gpu.overall()
             bar.close()
             logger.close()
             source.close()  # stops loader workers on normal exit, error and Ctrl-C alike

@@ -1,0 +1,125 @@
+"""LM head + cross-entropy without the ``[N, V]`` logits: the loss of a batch, one chunk of rows
+at a time.
+
+Why
+---
+A plain head computes ``logits = h · Wᵀ`` for every token (``N × V``: at 32 × 1024 tokens and a
+50K vocabulary that is 1.6 G values, 6.6 GB in fp32), keeps them for the backward and makes a
+softmax of the same size there. Nothing needs them all at once: the loss and both gradients of a
+row depend on that row's logits only. So, for each chunk of ``c`` rows (``V`` classes)::
+
+    z    = h_c · Wᵀ                      [c, V]   (matmul in the compute dtype, then fp32)
+    loss += Σ (logsumexp(z) − z[y])      over rows with y >= 0
+    G    = softmax(z) − onehot(y)        (0 on rows with y = −1)
+    dh_c = G · W                         [c, D]
+    dW  += Gᵀ · h_c                      [V, D]   (accumulated in fp32)
+
+The forward returns the summed loss and keeps ``dh`` ``[N, D]`` and ``dW`` ``[V, D]``; the backward
+only scales them by the incoming (scalar) gradient. The three matmuls are the ones a plain head
+does (forward, input gradient, weight gradient), so the work is the same, and the softmax and the
+one-hot subtraction happen while the chunk's logits are hot. Peak memory above ``h`` is one chunk's
+logits plus ``dW``.
+
+Precision: on CUDA under bf16 autocast the matmuls take bf16 operands (as the plain head's do) and
+the logits, the log-sum-exp and ``dW``'s accumulation are fp32; elsewhere everything is in ``h``'s
+dtype. With ``compiled=True`` the per-chunk body runs through ``torch.compile`` (one fused kernel
+for the softmax, the one-hot and the masking instead of several passes over ``[c, V]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_ELEMENTS = 1 << 27  # logits values per chunk on CUDA: 128 M (512 MB in fp32)
+CPU_CHUNK_ROWS = 1024
+
+
+def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: on CUDA as many as keep one chunk's fp32 logits near 512 MB (a multiple of
+    256 rows, for whole matmul tiles); on CPU 1024 (cache-sized, as measured before)."""
+    if device.type != "cuda":
+        return CPU_CHUNK_ROWS
+    rows = max(256, (CHUNK_ELEMENTS // max(vocab, 1)) // 256 * 256)
+    return min(rows, max(n_rows, 1))
+
+
+def logit_grads(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk's summed loss (fp32) and ``G = softmax(z) − onehot(y)`` in ``z``'s dtype, for
+    logits ``z [c, V]`` and targets ``y [c]`` (rows with ``y = -1`` get a zero row and no loss)."""
+    zf = z.float()  # [c, V]
+    valid = y >= 0
+    tgt = y.clamp(min=0)
+    lse = torch.logsumexp(zf, dim=-1)  # [c]
+    loss = torch.where(valid, lse - zf.gather(1, tgt[:, None]).squeeze(1), 0.0).sum()
+    g = zf.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
+    g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+    return loss, g.mul_(valid[:, None]).to(z.dtype)
+
+
+_compiled_logit_grads: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+
+
+def _logit_grads_fn(compiled: bool) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    global _compiled_logit_grads
+    if not compiled:
+        return logit_grads
+    if _compiled_logit_grads is None:
+        _compiled_logit_grads = torch.compile(logit_grads, dynamic=False, fullgraph=True)
+    return _compiled_logit_grads
+
+
+class ChunkedLinearCE(torch.autograd.Function):
+    """``sum_i CE(h_i · Wᵀ, y_i)`` over rows with ``y_i >= 0``, chunk by chunk; see the module
+    docstring. ``h [N, D]``, ``w [V, D]``, ``y [N]``."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk: int,  # type: ignore[override]
+                compiled: bool = False) -> Tensor:
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        body = _logit_grads_fn(compiled)
+        with torch.autocast(dev, enabled=False):
+            hc_all = h.to(dtype)  # [N, D] in the compute dtype
+            wc = w.to(dtype)  # [V, D]
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # [N, D]
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] \
+                else None  # [V, D], fp32 accumulator
+            for i in range(0, h.shape[0], chunk):
+                hc = hc_all[i:i + chunk]  # [c, D]
+                loss, g = body(F.linear(hc, wc), y[i:i + chunk])  # g: [c, V]
+                total += loss
+                if grad_h is not None:
+                    grad_h[i:i + chunk] = g @ wc
+                if grad_w is not None:
+                    if g.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)  # no [V, D] temporary
+                    else:
+                        grad_w += g.t() @ hc
+                del g
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g_total: Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g_total.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * g_total).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, compiled: bool = False) -> Tensor:
+    """Mean next-token CE of ``h [..., D]`` through the head ``w [V, D]`` against ``targets [...]``
+    (``-1`` ignored), never holding more than one chunk of logits. Equal to
+    ``F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=-1)`` up to float summation
+    order (and, under autocast, the bf16 rounding the plain head's matmul has too)."""
+    h2 = h.reshape(-1, h.shape[-1])
+    y = targets.reshape(-1)
+    n_valid = (y >= 0).sum().clamp(min=1)
+    rows = chunk_rows(h2.shape[0], w.shape[0], h2.device)
+    return ChunkedLinearCE.apply(h2, w, y, rows, compiled) / n_valid
