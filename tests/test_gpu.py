@@ -71,3 +71,11 @@ def test_torchrun_nccl_two_gpus_match_one_gpu_with_double_batch(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for s in a:
         assert abs(a[s] - b[s]) < BF16_LOSS_TOL, (s, a[s], b[s])
+
+
+def test_cuda_training_compiles_by_default_and_logs_gpu_utilization(tmp_path):
+    """compile = auto compiles on CUDA, and the log carries NVML's busy share (when nvidia-ml-py is
+    installed, as on the GPU machines this project measures on)."""
+    pytest.importorskip("pynvml")
+    log = _train(tmp_path, "util", "--total-steps", "60")
+    assert any("gpu_util" in r and 0 <= r["gpu_util"] <= 100 for r in log[1:])

@@ -231,3 +231,29 @@ def test_gpu_monitor_averages_nvml_samples(monkeypatch):
     assert first is not None and 60.0 <= first <= 100.0  # samples after 40 are 60, 80, 100, ...
     assert mon.take() == pytest.approx(first)  # everything since start, once
     assert mon.take() is None
+
+
+def test_padded_head_rows_get_no_probability():
+    """A 16-bit head is padded to a multiple of 64 rows (aligned GEMMs); the padding columns of the
+    logits must take no probability, in the eager body and in the compiled one (which masks them
+    with -inf instead of writing in place). Reference: float64 softmax over the real columns."""
+    torch.manual_seed(2)
+    c, vocab, vp = 6, 50, linear_ce.padded_vocab(50, torch.bfloat16)
+    assert vp == 64 and linear_ce.padded_vocab(50, torch.float32) == 50
+    z = torch.randn(c, vp)
+    z[:, vocab:] = 0.0  # what zero rows of the head give
+    y = torch.tensor([3, 0, 49, -1, 7, 7])
+    valid = y >= 0
+    ref_p = torch.softmax(z[:, :vocab].double(), dim=-1)
+    ref_loss = -torch.log(ref_p[valid, y[valid]]).sum()
+    ref_g = ref_p.clone()
+    ref_g[torch.arange(c)[valid], y[valid]] -= 1.0
+    ref_g[~valid] = 0.0
+    bodies = [linear_ce.logit_grads]
+    if _has_cxx():
+        bodies.append(torch.compile(linear_ce.logit_grads, dynamic=False, fullgraph=True))
+    for body in bodies:
+        loss, g = body(z.clone(), y, vocab)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g[:, :vocab].double(), ref_g, rtol=1e-5, atol=1e-6)
+        assert g[:, vocab:].abs().max() == 0

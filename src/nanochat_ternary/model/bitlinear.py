@@ -184,10 +184,18 @@ class _BitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_q: Tensor, w: Tensor, bias: Tensor | None,  # type: ignore[override]
                 group_size: int) -> Tensor:
+        w_q = _fake_quant_weight(_compute_dtype(w, x_q), group_size)
+        ctx.quant_dtype = x_q.dtype  # the weight is quantized in the activations' precision
+        dev = x_q.device.type
+        if torch.is_autocast_enabled(dev):
+            # the matmul's operands in the autocast dtype, cast here rather than inside F.linear so
+            # that the 16-bit input is what the backward keeps (half the bytes, no second cast)
+            x_q = x_q.to(torch.get_autocast_dtype(dev))
+            w_q = w_q.to(x_q.dtype)
         ctx.save_for_backward(x_q, w)
         ctx.group_size = group_size
         ctx.has_bias = bias is not None
-        return F.linear(x_q, _fake_quant_weight(_compute_dtype(w, x_q), group_size), bias)
+        return F.linear(x_q, w_q, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -195,7 +203,8 @@ class _BitLinearFn(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_q = _fake_quant_weight(_compute_dtype(w, x_q), ctx.group_size).to(grad_out.dtype)
+            w_for_quant = w.to(ctx.quant_dtype) if w.element_size() < ctx.quant_dtype.itemsize else w
+            w_q = _fake_quant_weight(w_for_quant, ctx.group_size).to(grad_out.dtype)
             grad_x = grad_out.matmul(w_q)  # [..., in] = dL/dy @ ternary(W)
         if ctx.needs_input_grad[1]:
             grad_w = g2.t().mm(x_q.reshape(-1, x_q.shape[-1]).to(grad_out.dtype))  # [out, in]

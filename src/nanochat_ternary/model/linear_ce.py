@@ -47,12 +47,24 @@ def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
     return min(rows, max(n_rows, 1))
 
 
-def logit_grads(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def logit_grads(z: Tensor, y: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """One chunk's summed loss (fp32) and ``G = softmax(z) − onehot(y)`` in ``z``'s dtype, for
-    logits ``z [c, V]`` and targets ``y [c]`` (rows with ``y = -1`` get a zero row and no loss)."""
-    zf = z.float()  # [c, V]
+    logits ``z [c, Vp]`` of which the first ``vocab`` columns are real (the rest come from zero
+    padding rows of the head and get probability 0) and targets ``y [c]`` (rows with ``y = -1`` get
+    a zero row and no loss)."""
     valid = y >= 0
     tgt = y.clamp(min=0)
+    cols = torch.arange(z.shape[1], device=z.device)[None, :]  # [1, Vp]
+    if torch.compiler.is_compiling():
+        # one reduction pass and one elementwise pass over [c, Vp] (inductor fuses the rest)
+        zf = z.float().masked_fill(cols >= vocab, float("-inf")) if vocab < z.shape[1] else z.float()
+        lse = torch.logsumexp(zf, dim=-1)  # [c]
+        loss = torch.where(valid, lse - zf.gather(1, tgt[:, None]).squeeze(1), 0.0).sum()
+        g = (torch.exp(zf - lse[:, None]) - (cols == tgt[:, None]).float()) * valid[:, None]
+        return loss, g.to(z.dtype)
+    zf = z.float()  # [c, Vp]; eager: in place, no [c, Vp] temporaries beyond this one
+    if vocab < z.shape[1]:
+        zf[:, vocab:] = float("-inf")
     lse = torch.logsumexp(zf, dim=-1)  # [c]
     loss = torch.where(valid, lse - zf.gather(1, tgt[:, None]).squeeze(1), 0.0).sum()
     g = zf.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
@@ -60,10 +72,17 @@ def logit_grads(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss, g.mul_(valid[:, None]).to(z.dtype)
 
 
-_compiled_logit_grads: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+_compiled_logit_grads: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None = None
 
 
-def _logit_grads_fn(compiled: bool) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def padded_vocab(vocab: int, dtype: torch.dtype) -> int:
+    """Rows of the head as the matmuls see it: 16-bit operands need every row stride to be a
+    multiple of 16 bytes for the fast tensor-core GEMMs (a 50257-row head falls back to kernels
+    several times slower on H100), so a 16-bit head is padded with zero rows to a multiple of 64."""
+    return 64 * ((vocab + 63) // 64) if dtype in (torch.bfloat16, torch.float16) else vocab
+
+
+def _logit_grads_fn(compiled: bool) -> Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]:
     global _compiled_logit_grads
     if not compiled:
         return logit_grads
@@ -84,14 +103,19 @@ class ChunkedLinearCE(torch.autograd.Function):
         body = _logit_grads_fn(compiled)
         with torch.autocast(dev, enabled=False):
             hc_all = h.to(dtype)  # [N, D] in the compute dtype
-            wc = w.to(dtype)  # [V, D]
+            vocab, vp = w.shape[0], padded_vocab(w.shape[0], dtype)
+            if vp == vocab:
+                wc = w.to(dtype)  # [V, D]
+            else:
+                wc = torch.zeros(vp, w.shape[1], dtype=dtype, device=w.device)  # [Vp, D], zero rows
+                wc[:vocab] = w
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # [N, D]
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] \
-                else None  # [V, D], fp32 accumulator
+            grad_w = torch.zeros(wc.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] \
+                else None  # [Vp, D], fp32 accumulator
             for i in range(0, h.shape[0], chunk):
                 hc = hc_all[i:i + chunk]  # [c, D]
-                loss, g = body(F.linear(hc, wc), y[i:i + chunk])  # g: [c, V]
+                loss, g = body(F.linear(hc, wc), y[i:i + chunk], vocab)  # g: [c, Vp]
                 total += loss
                 if grad_h is not None:
                     grad_h[i:i + chunk] = g @ wc
@@ -101,6 +125,8 @@ class ChunkedLinearCE(torch.autograd.Function):
                     else:
                         grad_w += g.t() @ hc
                 del g
+            if grad_w is not None and vp != vocab:
+                grad_w = grad_w[:vocab]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total

@@ -138,7 +138,9 @@ class Trainer:
 
         # ---- model and optimizers
         torch.manual_seed(t.seed)
-        self.model = GPT(m).to(runtime.device)
+        # built on its device: a CUDA model is initialised there (seconds for billions of weights)
+        with torch.device(runtime.device):
+            self.model = GPT(m)
         self.model.gradient_checkpointing = t.gradient_checkpointing
         # torch.compile (model/compile.py): the blocks and the loss head's softmax, on CUDA by default
         self.compiled = compile_enabled(t.compile, runtime.device)
