@@ -363,3 +363,26 @@ def test_shipped_low_memory_configs_load_and_train_a_step(name):
                                             "galore_min_dim=32", "galore_rank=8", "device=cpu"])
     rep = measure_training_step(small, steps=2)
     assert rep["weights_by_dtype"]["bfloat16"] > 0 and rep["optimizer"]["galore_projected"] > 0
+
+
+def test_adamw8bit_in_slices_equals_whole_tensor_step(monkeypatch):
+    """The step runs in slices of whole blocks (bounded fp32 temporaries for a huge embedding);
+    the maths is elementwise within a block, so slicing changes nothing: equal to the whole-tensor
+    step exactly (round-to-nearest, fp32 weights), including a ragged last block."""
+    import nanochat_ternary.optim.adamw_lowmem as mod
+
+    torch.manual_seed(0)
+    whole = torch.nn.Parameter(torch.randn(37, 29))  # 1073 values: 9 blocks of 128, the last ragged
+    sliced = torch.nn.Parameter(whole.detach().clone())
+    opt_w = mod.AdamW8bit([whole], lr=1e-2, weight_decay=0.1)
+    opt_s = mod.AdamW8bit([sliced], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(37, 29)
+        whole.grad, sliced.grad = g.clone(), g.clone()
+        opt_w.step()
+        monkeypatch.setattr(mod, "CHUNK_ELEMENTS", 256)  # 2 blocks per slice: 5 slices
+        opt_s.step()
+        monkeypatch.setattr(mod, "CHUNK_ELEMENTS", 1 << 24)
+    assert torch.equal(whole, sliced)
+    for key in ("m_codes", "m_scales", "v"):
+        assert torch.equal(opt_w.state[whole][key], opt_s.state[sliced][key])

@@ -51,6 +51,7 @@ from torch import Tensor
 from .low_precision import STREAM_LATENT, STREAM_ROUNDING, is_low_precision, seeded_generator, write_latent
 from .quantized import BlockQuantized, n_blocks_for
 
+CHUNK_ELEMENTS = 1 << 24  # values per slice of the step: 64 MB fp32 temporaries
 STREAM_ADAMW = 5  # keys this optimizer's streams apart from Muon's (same seed, same param indices)
 
 
@@ -99,7 +100,6 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -112,26 +112,47 @@ class AdamW8bit(torch.optim.Optimizer):
                     state["v"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
                 step = state["step"] + 1
                 idx = self._index(p)
-                g = p.grad.float()
-                mq = BlockQuantized(state["m_codes"], state["m_scales"], p.shape)
-                v = state["v"].float()
-                m = mq.dequantize().mul_(v.sqrt()).lerp_(g, 1 - b1)  # r sqrt(v_old) = m
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                state["v"].copy_(v)
-                v = state["v"].float()  # what the next step reads back
-                root = v.sqrt()
-                denom = (root / (1 - b2 ** step) ** 0.5).add_(group["eps"])
-                low = is_low_precision(p)
-                w = p.float() if low else p
-                if group["weight_decay"]:
-                    w.mul_(1 - group["lr"] * group["weight_decay"])
-                w.addcdiv_(m, denom, value=-group["lr"] / (1 - b1 ** step))
-                sr = group["stochastic_rounding"]
-                r = torch.where(root > 0, m / root, torch.zeros_like(m))
-                mq.assign(r, stochastic=sr, generator=seeded_generator(
-                    p.device, group["seed"], STREAM_ADAMW, STREAM_ROUNDING, idx, step) if sr else None)
-                if low:
-                    write_latent(p, w, stochastic=True, generator=seeded_generator(
-                        p.device, group["seed"], STREAM_ADAMW, STREAM_LATENT, idx, step))
+                sr, low = group["stochastic_rounding"], is_low_precision(p)
+                gen_r = seeded_generator(p.device, group["seed"], STREAM_ADAMW, STREAM_ROUNDING, idx, step) \
+                    if sr else None
+                gen_l = seeded_generator(p.device, group["seed"], STREAM_ADAMW, STREAM_LATENT, idx, step) \
+                    if low else None
+                # in slices of whole blocks: the fp32 temporaries are one slice's, not the tensor's
+                # (a 128000 x 4096 embedding would need ~10 GB of them at once)
+                bs, n = group["block_size"], p.numel()
+                per = max(bs, CHUNK_ELEMENTS // bs * bs) if p.is_contiguous() else n
+                flat_p, flat_g, flat_v = p.view(-1) if per < n else p, p.grad.reshape(-1), state["v"].view(-1)
+                for start in range(0, n, per):
+                    end = min(n, start + per)
+                    b0, b1 = start // bs, (end + bs - 1) // bs
+                    self._update_slice(flat_p[start:end] if per < n else p, flat_g[start:end],
+                                       state["m_codes"][b0:b1], state["m_scales"][b0:b1], flat_v[start:end],
+                                       group, step, gen_r, gen_l)
                 state["step"] = step
         return loss
+
+    @staticmethod
+    def _update_slice(p: Tensor, grad: Tensor, codes: Tensor, scales: Tensor, v_store: Tensor,
+                      group: dict[str, Any], step: int, gen_r: torch.Generator | None,
+                      gen_l: torch.Generator | None) -> None:
+        """The step for ``p`` (the parameter or a flat slice of whole blocks of it) with its flat
+        gradient, int8 first-moment blocks, scales and bf16 second moment (module docstring)."""
+        b1, b2 = group["betas"]
+        g = grad.float().view(p.shape)
+        mq = BlockQuantized(codes, scales, p.shape)
+        v = v_store.float().view(p.shape)
+        m = mq.dequantize().mul_(v.sqrt()).lerp_(g, 1 - b1)  # r sqrt(v_old) = m
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        v_store.copy_(v.view(v_store.shape))
+        v = v_store.float().view(p.shape)  # what the next step reads back
+        root = v.sqrt()
+        denom = (root / (1 - b2 ** step) ** 0.5).add_(group["eps"])
+        low = gen_l is not None
+        w = p.float() if low else p
+        if group["weight_decay"]:
+            w.mul_(1 - group["lr"] * group["weight_decay"])
+        w.addcdiv_(m, denom, value=-group["lr"] / (1 - b1 ** step))
+        r = torch.where(root > 0, m / root, torch.zeros_like(m))
+        mq.assign(r, stochastic=gen_r is not None, generator=gen_r)
+        if low:
+            write_latent(p, w, stochastic=True, generator=gen_l)
