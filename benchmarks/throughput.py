@@ -145,7 +145,8 @@ def make_step(model: nn.Module, optimizers: list, accum: int, batches: list, cli
     return step
 
 
-def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, steps: int) -> dict:
+def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, steps: int,
+                compiled: bool = False) -> dict:
     cfg = build_config(preset, overrides=[f"seq_len={seq}", f"batch_size={micro_batch}"])
     m = cfg.model
     accum = max(1, tokens_per_step // (micro_batch * seq))
@@ -162,12 +163,26 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
     run_ours = make_step(ours, ours_opts, accum, batches)
     run_ref = make_step(ref, ref_opts, accum, batches)
 
+    run_comp = None
+    if compiled:  # ours again, same init, with the blocks under torch.compile (compile = true)
+        torch.manual_seed(0)
+        ours_c = GPT(m)
+        ours_c.compile_blocks()
+        run_comp = make_step(ours_c, build_optimizers(ours_c, cfg.training, torch.device("cpu")), accum, batches)
     run_ours(), run_ref()  # warm-up (allocations, optimizer state creation)
-    t_ours, t_ref = [], []
+    first_compiled = run_comp() if run_comp else None  # compiling included
+    t_ours, t_ref, t_comp = [], [], []
     for _ in range(steps):
         t_ours.append(run_ours())
+        if run_comp:
+            t_comp.append(run_comp())
         t_ref.append(run_ref())
     tokens = accum * micro_batch * seq
+    extra = {}
+    if run_comp:
+        extra = {"compiled_step_s": statistics.median(t_comp), "compiled_tok_s": tokens / statistics.median(t_comp),
+                 "compiled_ratio": statistics.median(t_ref) / statistics.median(t_comp),
+                 "compiled_first_step_s": first_compiled}
     n_matmul = ours.num_params(non_embedding=True) + m.vocab_size * m.dim  # blocks + LM head
     return {
         "preset": preset,
@@ -183,6 +198,7 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
         "ours_opt_step_s": statistics.median(run_ours.opt_times[1:]),  # Muon (Newton-Schulz) + AdamW
         "ref_opt_step_s": statistics.median(run_ref.opt_times[1:]),
         "flops_per_token": flops_per_token(n_matmul, m.n_layers, m.dim, seq),
+        **extra,
     }
 
 
@@ -370,6 +386,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--cpu-compiled", action="store_true",
+                    help="CPU: also time ours with the blocks under torch.compile (interleaved)")
     ap.add_argument("--warmup", type=int, default=3, help="CUDA: untimed steps per side (compiling included)")
     ap.add_argument("--sides", default="ours,peer-eager,peer-compiled",
                     help="CUDA: any of ours, ours-eager, peer-eager, peer-compiled")
@@ -395,7 +413,8 @@ def main() -> None:
           f"{'ours MFU':>8} {'ref MFU':>8} {'ours opt s':>10} {'ref opt s':>9}  target >= 0.85")
     results = []
     for preset in args.models.split(","):
-        r = bench_shape(preset.strip(), args.tokens_per_step, args.micro_batch, args.seq_len, args.steps)
+        r = bench_shape(preset.strip(), args.tokens_per_step, args.micro_batch, args.seq_len, args.steps,
+                        compiled=args.cpu_compiled)
         r["ours_mfu"] = r["ours_tok_s"] * r["flops_per_token"] / (peak * 1e9)
         r["ref_mfu"] = r["ref_tok_s"] * r["flops_per_token"] / (peak * 1e9)
         r["peak_gflops"] = peak
@@ -404,6 +423,9 @@ def main() -> None:
               f"{r['ratio']:>6.3f} {r['ours_mfu']:>8.1%} {r['ref_mfu']:>8.1%} {r['ours_opt_step_s']:>10.2f} "
               f"{r['ref_opt_step_s']:>9.2f}  "
               f"{'PASS' if r['ratio'] >= 0.85 else 'MISS'}")
+        if "compiled_tok_s" in r:
+            print(f"{'':<10} {'':>8} compiled: {r['compiled_tok_s']:.1f} tok/s, {r['compiled_ratio']:.3f}x the ref "
+                  f"(first step {r['compiled_first_step_s']:.0f} s, compiling included)")
     if args.json:
         print(json.dumps({"provenance": prov, "results": results}, indent=2))
 
