@@ -257,3 +257,29 @@ def test_padded_head_rows_get_no_probability():
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g[:, :vocab].double(), ref_g, rtol=1e-5, atol=1e-6)
         assert g[:, vocab:].abs().max() == 0
+
+
+@pytest.mark.parametrize("latent", [torch.float32, torch.bfloat16])
+def test_bitlinear_under_autocast_matches_plain_formulation(latent):
+    """Under bf16 autocast (CUDA's training mode, here on CPU) BitLinear casts its quantized input
+    to bf16 itself and keeps that cast for the backward. Reference, written here: the fake-quantized
+    operands (weight quantized in fp32 even for a bf16 latent) through a plain bf16 F.linear, and the
+    straight-through gradients dL/dx = g @ W_q, dL/dW = gᵀ @ x_q. Both sides round the same bf16
+    operands, so they agree exactly."""
+    from nanochat_ternary.model.bitlinear import BitLinear, _fake_quant_act, _fake_quant_weight
+
+    torch.manual_seed(3)
+    lin = BitLinear(256, 96, group_size=128)
+    lin.weight.data = lin.weight.data.to(latent)
+    x = torch.randn(3, 10, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    g = torch.randn_like(y, dtype=torch.float32)
+    y.float().backward(g)
+    xq = _fake_quant_act(x.detach()).bfloat16()
+    wq = _fake_quant_weight(lin.weight.detach().float(), 128).bfloat16()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and lin.weight.grad.dtype == latent
+    assert torch.equal(y, F.linear(xq, wq))
+    assert torch.equal(x.grad, (g.bfloat16() @ wq).float())
+    ref_gw = (g.bfloat16().reshape(-1, 96).t() @ xq.reshape(-1, 256)).to(latent)
+    assert torch.equal(lin.weight.grad, ref_gw)
