@@ -1,10 +1,11 @@
 """Training throughput: our ternary GPT + Muon vs a plain-PyTorch GPT + AdamW, same shape.
 
-CPU (default): both models run in the same process on the CPU in fp32, interleaved step by step (A, B, A, B, ...) so that machine noise hits both
-alike; the reported figure is the ratio of median step times. MFU is a derived figure, not a
-measurement: tok/s (measured) x FLOP/token from the 6N + 6LDT formula / this machine's fp32 matmul
-peak (measured at start with a large square ``torch.mm``). The first line records the code's
-provenance (package version, git commit, dirty flag); ``--json`` includes it.
+CPU (default): both models run in the same process on the CPU in fp32, interleaved step by step
+(A, B, A, B, ...) so that machine noise hits both alike; the reported figure is the ratio of
+median step times. MFU is a derived figure, not a measurement: tok/s (measured) x FLOP/token from
+the 6N + 6LDT formula / this machine's fp32 matmul peak (measured at start with a large square
+``torch.mm``). The first line records the code's provenance (package version, git commit, dirty
+flag); ``--json`` includes it.
 
 Target (issue #2): ours >= 0.85x the reference's tok/s at >= 8K tokens per optimizer step.
 

@@ -272,8 +272,16 @@ def test_bitlinear_under_autocast_matches_plain_formulation(latent):
     lin = BitLinear(256, 96, group_size=128)
     lin.weight.data = lin.weight.data.to(latent)
     x = torch.randn(3, 10, 256, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    saved: list[tuple[torch.dtype, tuple]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = lin(x)
+    # what the backward keeps of the input: its bf16 cast only, no fp32 copy
+    assert (torch.bfloat16, (3, 10, 256)) in saved and (torch.float32, (3, 10, 256)) not in saved
     g = torch.randn_like(y, dtype=torch.float32)
     y.float().backward(g)
     xq = _fake_quant_act(x.detach()).bfloat16()
