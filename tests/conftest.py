@@ -16,6 +16,31 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+# A tiny model on synthetic data, one record per step. --device cpu: runs compared with these args are
+# compared at fp32 tolerances; CUDA (bf16 autocast) has its own tests in test_gpu.py.
+SMALL_CPU_RUN = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+                 "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--dataset", "synthetic",
+                 "--n-samples", "200", "--log-interval", "1", "--eval-interval", "0", "--device", "cpu"]
+
+
+def train_small(tmp_path: Path, name: str, *args: str) -> list[dict]:
+    """``nanochat-train train`` with SMALL_CPU_RUN (+ ``args``) in ``tmp_path/name``; its log records."""
+    import json
+
+    from nanochat_ternary.cli import main
+
+    log = tmp_path / f"{name}.jsonl"
+    rc = main(["train", *SMALL_CPU_RUN, "--checkpoint-dir", str(tmp_path / name), "--log-file", str(log), *args])
+    assert rc == 0
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.fixture()
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Dataset caches under the test session's temp dir, not the user's."""
+    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
+
+
 def write_corpus(d: Path, n_files: int = 12, n_lines: int = 60) -> Path:
     """A small directory of Python-looking text files (deterministic), for text-dataset runs."""
     d.mkdir(parents=True, exist_ok=True)

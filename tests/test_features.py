@@ -152,27 +152,13 @@ def test_async_loader_propagates_worker_errors_and_shuts_down():
 
 import json  # noqa: E402
 
-from nanochat_ternary.cli import main  # noqa: E402
+from conftest import SMALL_CPU_RUN, train_small  # noqa: E402
 
-# --device cpu: these compare runs at fp32 tolerances; CUDA (bf16 autocast) has its own tests in test_gpu.py
-SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
-         "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--dataset", "synthetic",
-         "--n-samples", "200", "--log-interval", "1", "--eval-interval", "0", "--device", "cpu"]
+SMALL = SMALL_CPU_RUN
+_train = train_small
 
 
-@pytest.fixture()
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
-
-
-def _train(tmp_path, name: str, *args: str) -> list[dict]:
-    log = tmp_path / f"{name}.jsonl"
-    rc = main(["train", *SMALL, "--checkpoint-dir", str(tmp_path / name), "--log-file", str(log), *args])
-    assert rc == 0
-    return [json.loads(line) for line in log.read_text().splitlines()]
-
-
-def test_cli_async_loader_and_checkpointing_reproduce_sync_run(tmp_path, _cache, observe_training):
+def test_cli_async_loader_and_checkpointing_reproduce_sync_run(tmp_path, isolated_cache, observe_training):
     obs = observe_training
     base = _train(tmp_path, "sync", "--total-steps", "6", "--grad-accum-steps", "2")
     assert obs.checkpointed_blocks == 0 and type(obs.sources[0]) is SyncBatches
@@ -403,7 +389,7 @@ def _assert_optimizer_variant(trainer) -> None:
 @pytest.mark.parametrize("optim", list(OPTIMIZERS))
 @pytest.mark.parametrize("combo", list(itertools.product([False, True], repeat=4)),
                          ids=lambda c: "".join("MCAG"[i] if on else "-" for i, on in enumerate(c)))
-def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, _cache, combo, optim, observe_training):
+def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, isolated_cache, combo, optim, observe_training):
     obs = observe_training
     args = [a for key, on in zip(TOGGLES, combo) for a in ("--set", f"{key}={str(on).lower()}")]
     recs = _train(tmp_path, "run", "--total-steps", "3", "--set", "mtp_n_tokens=2", "--set", "num_workers=1",
@@ -423,7 +409,7 @@ def test_every_toggle_combination_trains_with_every_optimizer(tmp_path, _cache, 
     _assert_optimizer_variant(trainer)
 
 
-def test_torchrun_two_ranks_with_all_features(tmp_path, _cache):
+def test_torchrun_two_ranks_with_all_features(tmp_path, isolated_cache):
     """DDP sees every parameter it uses: MTP heads and Collider run inside the wrapped forward."""
     import os
     import subprocess

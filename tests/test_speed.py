@@ -5,12 +5,12 @@ in test_gpu.py."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SMALL_CPU_RUN, train_small
 
 from nanochat_ternary.cli import main
 from nanochat_ternary.config import ConfigError, build_config
@@ -19,20 +19,8 @@ from nanochat_ternary.model.linear_ce import ChunkedLinearCE, linear_cross_entro
 from nanochat_ternary.optim.muon import Muon, zeropower_via_newtonschulz5
 from nanochat_ternary.train.gpu_monitor import GpuUtilization
 
-SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
-         "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--dataset", "synthetic",
-         "--n-samples", "200", "--log-interval", "1", "--eval-interval", "0", "--device", "cpu"]
-
-
-@pytest.fixture()
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
-
-
-def _train(tmp_path, name: str, *args: str) -> list[dict]:
-    log = tmp_path / f"{name}.jsonl"
-    assert main(["train", *SMALL, "--checkpoint-dir", str(tmp_path / name), "--log-file", str(log), *args]) == 0
-    return [json.loads(line) for line in log.read_text().splitlines()]
+SMALL = SMALL_CPU_RUN
+_train = train_small
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +31,7 @@ def _has_cxx() -> bool:
 
 
 @pytest.mark.skipif(not _has_cxx(), reason="inductor's CPU backend needs a C++ compiler (none on PATH)")
-def test_compiled_training_matches_eager(tmp_path, _cache, observe_training):
+def test_compiled_training_matches_eager(tmp_path, isolated_cache, observe_training):
     """Four steps with gradient checkpointing and MTP (the most layered path: compiled blocks
     inside torch.utils.checkpoint, the compiled per-chunk softmax of the chunked head for the main
     loss and each MTP head) against the same run eager. fp32 on both sides; inductor reorders the
@@ -70,7 +58,7 @@ def test_compiled_training_matches_eager(tmp_path, _cache, observe_training):
         assert abs(a["mtp_ce_1"] - b["mtp_ce_1"]) <= 2e-3 * abs(a["mtp_ce_1"])
 
 
-def test_compile_failure_is_one_line_naming_the_way_out(tmp_path, _cache, monkeypatch, capsys):
+def test_compile_failure_is_one_line_naming_the_way_out(tmp_path, isolated_cache, monkeypatch, capsys):
     from nanochat_ternary.model import compile as compile_mod
 
     def broken_backend(gm, example_inputs):
