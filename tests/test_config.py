@@ -3,12 +3,12 @@
 import pytest
 
 from nanochat_ternary.config import (
-    NOT_AVAILABLE_YET,
     PRESETS,
     Config,
     ConfigError,
     build_config,
 )
+from nanochat_ternary.config_checks import NOT_AVAILABLE_YET
 
 
 def test_defaults_are_tiny_cpu():

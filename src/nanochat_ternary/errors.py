@@ -13,6 +13,10 @@ class UserError(Exception):
     prefix: str = "error"
 
 
+class ConfigError(UserError):
+    """A bad configuration value or source; its message is one line meant for the user."""
+
+
 class DataError(UserError):
     """Missing, empty, truncated or inconsistent data."""
 
