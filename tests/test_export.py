@@ -178,7 +178,8 @@ def test_pack_codes_round_trip():
         assert torch.equal(unpack_codes(packed, n), codes)
 
 
-@pytest.mark.parametrize("extra", [(), ("weight_tied=false", "use_mtp=true", "mtp_n_tokens=2", "group_size=128")])
+@pytest.mark.parametrize("extra", [(), ("weight_tied=false", "use_mtp=true", "mtp_n_tokens=2", "group_size=128"),
+                                   ("act_quant=a4.8",), ("act_quant=fp4",)])
 def test_packed_same_logits_and_tokens_and_size(tmp_path, tokenizer_file, one_thread, extra):
     run = make_checkpoint(tmp_path / "run", tokenizer_file, *extra)
     out = tmp_path / "m.safetensors"

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 # Fields of features that are not built yet: accepted only at the off value shown.
 # A feature's issue removes its entries here when it lands.
 NOT_AVAILABLE_YET: dict[str, Any] = {
-    "act_quant": "int8", "act_quant_switch_step": 0, "adamw_state": "fp32", "init_from": "", "fire": False,
+    "init_from": "", "fire": False,
 }
 
 
@@ -73,6 +73,7 @@ def validate(cfg: Config) -> None:
     _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")
     _require(t.galore_scale > 0, "galore_scale", t.galore_scale, "must be > 0")
     _validate_low_memory(t)
+    _validate_act_quant(cfg)
     _require(0 <= t.val_fraction < 0.5, "val_fraction", t.val_fraction,
              "must be in [0, 0.5); 0: the dataset's default split")
     _require(t.tokenizer_vocab_size >= 260, "tokenizer_vocab_size", t.tokenizer_vocab_size,
@@ -94,7 +95,40 @@ def _validate_low_memory(t: TrainConfig) -> None:
              "allowed: 'stochastic', 'nearest'")
     _require(not (t.latent_rounding == "nearest" and t.latent_dtype == "float32"), "latent_rounding",
              t.latent_rounding, "it applies to bfloat16 latents: set latent_dtype = 'bfloat16' too")
+    # AdamW's state (embedding, head, norms): "8bit" is the older use_8bit_adamw = true, FOAM folds the moments
+    _require(t.adamw_state in ("fp32", "8bit", "foam"), "adamw_state", t.adamw_state,
+             "allowed: 'fp32', '8bit', 'foam'")
+    _require(0 <= t.foam_fold_level <= 10, "foam_fold_level", t.foam_fold_level,
+             "must be in [0, 10]: moments kept per block of 2^level values, 0 is plain AdamW")
+    if t.use_8bit_adamw and t.adamw_state == "foam":
+        raise ConfigError("use_8bit_adamw = true with adamw_state = 'foam' asks for two AdamW states: choose one "
+                          "(use_8bit_adamw = true is adamw_state = '8bit')")
     if t.optimizer_in_backward and t.grad_accum_steps > 1 and t.muon_nesterov:
         raise ConfigError(f"optimizer_in_backward = true with grad_accum_steps = {t.grad_accum_steps} needs "
                           "muon_nesterov = false (Nesterov's update needs the whole step's gradient beside the "
                           "momentum, which the in-backward step never holds)")
+
+
+ACT_QUANT_CHOICES = ("int8", "int4", "fp4", "a4.8")  # model/act_quant.py's (a test keeps them equal)
+
+
+def _validate_act_quant(cfg: Config) -> None:
+    """BitLinear's activation format and its int8-first schedule."""
+    m, t = cfg.model, cfg.training
+    _require(m.act_quant in ACT_QUANT_CHOICES, "act_quant", m.act_quant,
+             "allowed: " + ", ".join(repr(c) for c in ACT_QUANT_CHOICES))
+    _require(m.act_block_size >= 1, "act_block_size", m.act_block_size, "must be >= 1")
+    _require(t.act_quant_switch_step >= 0, "act_quant_switch_step", t.act_quant_switch_step, "must be >= 0")
+    if m.act_quant != "int8":
+        _require(m.quantization == "ternary", "act_quant", m.act_quant,
+                 "activation formats apply to ternary BitLinears: quantization = 'none' runs in full precision")
+    if m.act_quant == "fp4":
+        for key, width in (("dim", m.dim), ("hidden width", m.hidden_dim)):
+            _require(width % m.act_block_size == 0, "act_block_size", m.act_block_size,
+                     f"fp4 blocks must divide the {key} ({width})")
+    if t.act_quant_switch_step > 0:
+        _require(m.act_quant != "int8", "act_quant_switch_step", t.act_quant_switch_step,
+                 "switches from int8 to act_quant: set act_quant to int4, fp4 or a4.8")
+        if t.total_steps > 0:
+            _require(t.act_quant_switch_step < t.total_steps, "act_quant_switch_step", t.act_quant_switch_step,
+                     f"must be < total_steps = {t.total_steps} (the run would never switch)")

@@ -84,7 +84,8 @@ def write_packed(ck: LoadedCheckpoint, out: Path, log: Callable[[str], None] = p
 
 
 class PackedBitLinear(nn.Module):
-    """A BitLinear whose ternary weight is fixed: ``y = quant8(x) @ (t * s).T``.
+    """A BitLinear whose ternary weight is fixed: ``y = quant(x) @ (t * s).T`` (int8 or the model's
+    ``act_quant`` format).
 
     Same interface as :class:`~nanochat_ternary.model.bitlinear.BitLinear` for inference
     (``quantize_input``, ``forward(x, x_is_quantized)``), same activation quantizer and matmul, and
@@ -95,17 +96,19 @@ class PackedBitLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = tt.shape
         self.group_size = tt.group_size
+        self.act_format = "int8"  # set with the model's act_quant (GPT.set_act_quant), as BitLinear's
+        self.act_block_size = 16
         self.register_buffer("weight_q", tt.dequantize())
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        return quantize_activations(x)
+        return quantize_activations(x, self.act_format, self.act_block_size)
 
     def quantized_weight(self) -> Tensor:
         return self.weight_q
 
     def forward(self, x: Tensor, x_is_quantized: bool = False) -> Tensor:
         if not x_is_quantized:
-            x = quantize_activations(x)
+            x = self.quantize_input(x)
         return F.linear(x, self.weight_q)
 
 
@@ -163,5 +166,6 @@ def load_packed(path: str | Path) -> PackedModel:
         raise UserError(f"{p}: tensors do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if cfg.model.weight_tied:
         model.lm_head.weight = model.tok_emb.weight
+    model.set_act_quant(cfg.model.act_quant)  # the packed layers run the format the model trained with
     model.eval()
     return PackedModel(cfg, model, meta.get("tokenizer"), int(meta.get("step", 0)))

@@ -22,7 +22,8 @@ for every preset -- each group is simply a slice of one row). For a group ``g``:
 If ``numel`` is not a multiple of ``group_size`` the last group is shorter; its mean is taken over
 its real values only (no padding enters any statistic).
 
-Activations (absmax, per token, 8 bits). For each token vector ``x`` (last dimension)::
+Activations (absmax, per token, 8 bits; the 4-bit formats are in act_quant.py). For each token
+vector ``x`` (last dimension)::
 
     a   = max(max_i |x_i|, eps)
     q_i = clip(round(x_i * 127 / a), -128, 127)    integers
@@ -54,6 +55,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .act_quant import fake_quant
 
 WEIGHT_EPS = 1e-5  # floor for a group's mean |w| (an all-zero group quantizes to zeros, not NaN)
 ACT_EPS = 1e-5  # floor for a token's absmax
@@ -164,12 +167,12 @@ class _WeightQuantSTE(torch.autograd.Function):
 
 class _ActQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return _fake_quant_act(x)
+    def forward(ctx, x: Tensor, fmt: str, block_size: int) -> Tensor:  # type: ignore[override]
+        return _fake_quant_act(x) if fmt == "int8" else fake_quant(x, fmt, block_size)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
-        return grad_output
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return grad_output, None, None
 
 
 class _BitLinearFn(torch.autograd.Function):
@@ -223,13 +226,14 @@ def quantize_weight(w: Tensor, group_size: int) -> Tensor:
     return _WeightQuantSTE.apply(w, group_size)
 
 
-def quantize_activations(x: Tensor) -> Tensor:
-    """Fake-quantized (per-token int8 absmax) activations with straight-through gradient.
+def quantize_activations(x: Tensor, fmt: str = "int8", block_size: int = 16) -> Tensor:
+    """Fake-quantized activations with straight-through gradient: per-token int8 absmax by default,
+    or a 4-bit layer format of :mod:`.act_quant` (``block_size``: fp4's block).
 
     Use it once on an input shared by several BitLinears, then call each with
     ``x_is_quantized=True``.
     """
-    return _ActQuantSTE.apply(x)
+    return _ActQuantSTE.apply(x, fmt, block_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +245,8 @@ class BitLinear(nn.Module):
 
     ``quantize=False`` makes it a plain ``F.linear`` (the full-precision baseline), so the same
     model code serves both. The bias (off by default, never used by the GPT) stays full precision.
+    ``act_format`` (a plain attribute, so a training schedule can switch it: see
+    ``GPT.set_act_quant``) picks the input's format: ``int8`` or one of :mod:`.act_quant`'s.
     """
 
     def __init__(
@@ -260,6 +266,8 @@ class BitLinear(nn.Module):
         self.out_features = out_features
         self.group_size = group_size
         self.quantize = quantize
+        self.act_format = "int8"
+        self.act_block_size = 16
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
@@ -277,7 +285,7 @@ class BitLinear(nn.Module):
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The input as this layer would see it (fake-quantized if ``quantize``), STE gradient."""
-        return quantize_activations(x) if self.quantize else x
+        return quantize_activations(x, self.act_format, self.act_block_size) if self.quantize else x
 
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses (ternary * group scale when ``quantize``), detached."""
@@ -289,11 +297,12 @@ class BitLinear(nn.Module):
         if not self.quantize:
             return F.linear(x, _compute_dtype(self.weight, x), self.bias)
         if not x_is_quantized:
-            x = quantize_activations(x)
+            x = quantize_activations(x, self.act_format, self.act_block_size)
         return bitlinear(x, self.weight, self.bias, self.group_size)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}, quantize={self.quantize}"
+            + (f", act_format={self.act_format}" if self.act_format != "int8" else "")
         )

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .act_quant import formats_by_role
 from .bitlinear import BitLinear
 from .mtp import MTPHeads
 
@@ -231,6 +232,8 @@ class GPT(nn.Module):
         # torch.compile'd blocks for training (compile_blocks); a plain list, so not submodules:
         # the state dict and .to() see only the blocks themselves, which the compiled ones wrap.
         self.compiled_blocks: list[nn.Module] | None = None
+        self.act_quant = "int8"
+        self.set_act_quant(cfg.act_quant)
         self.init_weights()
 
     @torch.no_grad()
@@ -266,6 +269,20 @@ class GPT(nn.Module):
         device = self.tok_emb.weight.device
         cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
         self.rope_cos, self.rope_sin = cos, sin  # [max_seq_len, hd/2] fp32
+
+    def set_act_quant(self, act_quant: str) -> None:
+        """Set every BitLinear's input format for a model-level ``act_quant`` (model/act_quant.py):
+        a4.8 gives the inputs of q/k/v and w1/w3 one format and those of wo and w2 another. A
+        training schedule calls it to switch from int8 to 4 bits (a compiled block recompiles once)."""
+        fmt = formats_by_role(act_quant)
+        for block in self.blocks:
+            roles = {"attn_in": (block.attn.wq, block.attn.wk, block.attn.wv), "attn_out": (block.attn.wo,),
+                     "ffn_in": (block.ffn.w1, block.ffn.w3), "ffn_out": (block.ffn.w2,)}
+            for role, layers in roles.items():
+                for lin in layers:
+                    lin.act_format = fmt[role]
+                    lin.act_block_size = self.cfg.act_block_size
+        self.act_quant = act_quant
 
     def compile_blocks(self) -> None:
         """Compile every block for training (see model/compile.py). All blocks share one graph."""

@@ -326,6 +326,7 @@ class Trainer:
         t = self.cfg.training
         set_lr(self.optimizers, lr_factor(step, self.total_steps, t.warmup_steps, t.decay_start_frac,
                                           t.min_lr_ratio))
+        self._apply_act_schedule(step)
         stat_sums: dict[str, torch.Tensor] = {}
         self.data_wait_s = 0.0
         for micro in range(t.grad_accum_steps):
@@ -363,6 +364,15 @@ class Trainer:
                 opt.step()
         self.model.zero_grad(set_to_none=True)
         return loss_mean, float(grad_norm), nonfinite
+
+    def _apply_act_schedule(self, step: int) -> None:
+        """int8 activations before ``act_quant_switch_step``, the model's ``act_quant`` from there on
+        (BitNet a4.8's two-stage recipe); with no switch step, ``act_quant`` throughout. A pure
+        function of the step, so a resumed run lands in the right stage."""
+        t = self.cfg.training
+        want = self.cfg.model.act_quant if step >= t.act_quant_switch_step else "int8"
+        if self.model.act_quant != want:
+            self.model.set_act_quant(want)
 
     def fit(self) -> TrainResult:
         try:
@@ -423,6 +433,8 @@ class Trainer:
                             bar.write(f"torch.compile: first step {result.compile_s:.1f} s (compiling the blocks and "
                                       f"the loss head); later steps run the compiled code")
                     gpu.start()  # after the first step: compiling is not GPU work
+                    if step == t.act_quant_switch_step > 0 and rt.is_main:
+                        bar.write(f"step {step}: activations switch from int8 to {cfg.model.act_quant}")
                     result.data_waits.append(self.data_wait_s)
                     result.step_stats.append(dict(self.step_stats))
                     interval_wait += self.data_wait_s
