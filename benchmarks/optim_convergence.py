@@ -1,4 +1,5 @@
-"""Matched convergence runs of the Muon variants: same model, data, seed, steps; only the optimizer differs.
+"""Matched convergence runs: same model, data, seed and steps; only the named config options differ
+(Muon variants, low-memory options, activation formats, AdamW state).
 
 Each (variant, seed) trains ``d20`` (its vocab becomes the default corpus tokenizer's) on the
 default corpus (the Python stdlib) through the real CLI in its own subprocess, and the final
@@ -49,6 +50,12 @@ VARIANTS.update({
     "accum2-8bit": _ACC + ["use_8bit_optim=true"],
     "ib-accum2-8bit": _ACC + ["use_8bit_optim=true", "optimizer_in_backward=true"],
     "ib-clip": ["optimizer_in_backward=true"],
+    # BitLinear's activation formats (docs/roadmap.md), each against int8 = "muon (fp32)"; "a4.8-switch"
+    # is a4.8's two-stage recipe: int8 for the first 95% of the steps ({switch} = 0.95 * steps)
+    "act-int4": ["act_quant=int4"],
+    "act-fp4": ["act_quant=fp4"],
+    "act-a4.8": ["act_quant=a4.8"],
+    "act-a4.8-switch": ["act_quant=a4.8", "act_quant_switch_step={switch}"],
 })
 TARGETS = {"muon-8bit": 0.01, "galore-muon": 0.03, "galore-muon-8bit": 0.035, "bf16-sr": 0.01,
            "ib-accum2": 1e-3, "ib-accum2-8bit": 0.01}
@@ -65,7 +72,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dic
            "--threads", str(args.threads), "--sample-tokens", "0", "--log-file", str(log),
            "--checkpoint-dir", str(out / f"ckpt-{variant.split()[0]}-seed{seed}-{time.time_ns()}")]
     for s in VARIANTS[variant]:
-        cmd += ["--set", s]
+        cmd += ["--set", s.format(switch=round(0.95 * args.steps))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     wall = time.perf_counter() - t0
@@ -73,7 +80,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dic
         return {"variant": variant, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     val = [r for r in recs if r.get("val_loss") is not None]
-    return {"variant": variant, "seed": seed, "val_loss": val[-1]["val_loss"], "train_loss": recs[-1]["loss"],
+    return {"variant": variant, "seed": seed, "val_loss": val[-1]["val_loss"], "val_bpb": val[-1].get("val_bpb"),
+            "train_loss": recs[-1]["loss"],
             "wall_s": wall, "s_per_step": recs[-1]["elapsed_s"] / args.steps,
             "curve": [(r["step"], r["loss"]) for r in recs]}
 

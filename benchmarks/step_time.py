@@ -1,12 +1,16 @@
-"""Step time of each low-memory option (issue #10), interleaved A/B rounds in one process.
+"""Step time of config options side by side, interleaved A/B rounds in one process.
+
+Option groups: ``low_memory`` (issue #10, docs/low_memory.md), ``act_quant`` (BitLinear's
+activation formats, docs/roadmap.md), ``adamw_state`` (AdamW's moments).
 
 Every option gets its own Trainer on the same model, data and seed; the rounds alternate the
 options so that a change of machine load hits all of them alike. Reported: the median seconds per
 optimizer step of each option over all rounds (the first step of each Trainer, which allocates the
 optimizer state, is excluded) and its ratio to the baseline.
 
-    python benchmarks/low_memory_step_time.py                       # d20 on 4 x 128 tokens
-    python benchmarks/low_memory_step_time.py --config nano-125m --batch-size 2 --seq-len 256
+    python benchmarks/step_time.py                       # low_memory options, d20 on 4 x 128 tokens
+    python benchmarks/step_time.py --group act_quant --batch-size 8 --seq-len 256
+    python benchmarks/step_time.py --config nano-125m --batch-size 2 --seq-len 256
 """
 
 from __future__ import annotations
@@ -20,15 +24,29 @@ from pathlib import Path
 import torch
 
 from nanochat_ternary.config import build_config
+from nanochat_ternary.provenance import describe, provenance
 from nanochat_ternary.train.runtime import setup_runtime
 from nanochat_ternary.train.trainer import Trainer
 
-OPTIONS: dict[str, list[str]] = {
-    "baseline": [],
-    "in-backward": ["optimizer_in_backward=true"],
-    "bf16-latents-sr": ["latent_dtype=bfloat16"],
-    "adamw-8bit": ["use_8bit_adamw=true"],
-    "all": ["optimizer_in_backward=true", "latent_dtype=bfloat16", "use_8bit_adamw=true"],
+GROUPS: dict[str, dict[str, list[str]]] = {
+    "low_memory": {
+        "baseline": [],
+        "in-backward": ["optimizer_in_backward=true"],
+        "bf16-latents-sr": ["latent_dtype=bfloat16"],
+        "adamw-8bit": ["use_8bit_adamw=true"],
+        "all": ["optimizer_in_backward=true", "latent_dtype=bfloat16", "use_8bit_adamw=true"],
+    },
+    "act_quant": {
+        "baseline": [],  # int8
+        "int4": ["act_quant=int4"],
+        "fp4": ["act_quant=fp4"],
+        "a4.8": ["act_quant=a4.8"],
+    },
+    "adamw_state": {
+        "baseline": [],  # fp32
+        "8bit": ["adamw_state=8bit"],
+        "foam": ["adamw_state=foam"],
+    },
 }
 
 
@@ -40,17 +58,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per option per round")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--group", default="low_memory", choices=sorted(GROUPS))
     args = ap.parse_args()
+    options = GROUPS[args.group]
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="lowmem-time-"))
     trainers = {}
-    for name, sets in OPTIONS.items():
+    for name, sets in options.items():
         cfg = build_config(args.config, None, None, sets + [
             "dataset=synthetic", "n_samples=400", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}",
             "sample_tokens=0", "device=cpu", f"checkpoint_dir={tmp / name}", "warmup_steps=0"])
         trainers[name] = Trainer(cfg, setup_runtime("cpu", args.threads), echo=lambda _m: None)
         trainers[name]._train_step(0)  # allocates the optimizer state: not timed
-    times: dict[str, list[float]] = {name: [] for name in OPTIONS}
+    times: dict[str, list[float]] = {name: [] for name in options}
     step = 1
     for _ in range(args.rounds):
         for name, tr in trainers.items():
@@ -60,6 +80,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         step += args.steps
     base = statistics.median(times["baseline"])
+    print(f"# {describe(provenance())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"torch {torch.__version__}, {args.group} options")
     print(f"# {args.config}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), "
           f"{args.rounds} interleaved rounds x {args.steps} steps")
     print(f"{'option':<18} {'s/step (median)':>16} {'vs baseline':>12}")
