@@ -12,8 +12,11 @@ zero (nanoGPT/nanochat practice). ``weight_decay`` in the config is Muon's (deco
 
 The Muon variant follows the config: ``use_8bit_optim`` -> :class:`Muon8bit` (int8 momentum),
 ``use_galore`` -> :class:`GaLoreMuon` (projected momentum; int8 too with both flags), else fp32
-:class:`Muon`. AdamW keeps fp32 state, or with ``use_8bit_adamw`` int8 ``m`` + bf16 ``v``
-(:class:`~nanochat_ternary.optim.adamw_lowmem.AdamW8bit`).
+:class:`Muon`. AdamW's state follows ``adamw_state``: ``"fp32"`` torch's AdamW (8 B/param);
+``"8bit"`` (or the older spelling ``use_8bit_adamw = true``) int8 ``m`` + bf16 ``v``,
+:class:`~nanochat_ternary.optim.adamw_lowmem.AdamW8bit` (3.03 B/param); ``"foam"`` fp32 moments
+folded over blocks of ``2^foam_fold_level`` values, :class:`~nanochat_ternary.optim.foam.AdamWFoam`
+(8 / 2^level B/param).
 
 Memory is measured, never computed: :func:`memory_report` sums the bytes of every tensor in the
 optimizers' state after a step; :func:`measure_optimizer_state` does one step on fresh tensors of a
@@ -34,6 +37,7 @@ from torch.nn import Parameter
 
 from ..config import ConfigError, TrainConfig
 from .adamw_lowmem import AdamW8bit
+from .foam import AdamWFoam
 from .galore import GaLoreMuon
 from .low_precision import cast_params_
 from .muon import Muon
@@ -76,11 +80,20 @@ def _adamw_impl(params: list[Parameter], device: torch.device) -> dict[str, bool
     return {"foreach": True}
 
 
+def adamw_state(tcfg: TrainConfig) -> str:
+    """AdamW's state format, ``"fp32"``, ``"8bit"`` or ``"foam"``: ``use_8bit_adamw = true`` is the
+    older spelling of ``adamw_state = "8bit"`` (the config refuses it together with ``"foam"``)."""
+    if tcfg.use_8bit_adamw and tcfg.adamw_state == "foam":
+        raise ConfigError("use_8bit_adamw = true with adamw_state = 'foam' asks for two AdamW states: choose one "
+                          "(use_8bit_adamw = true is adamw_state = '8bit')")
+    return "8bit" if tcfg.use_8bit_adamw else tcfg.adamw_state
+
+
 def build_muon(params: list[Parameter], tcfg: TrainConfig) -> Muon:
     """The Muon variant ``tcfg`` asks for: Muon, Muon8bit, GaLoreMuon (with int8 momentum or not)."""
-    if tcfg.stochastic_rounding and not (tcfg.use_8bit_optim or tcfg.use_8bit_adamw):
-        raise ConfigError("stochastic_rounding = true needs use_8bit_optim = true or use_8bit_adamw = true (it "
-                          "applies to the int8 momentum / first moment)")
+    if tcfg.stochastic_rounding and not (tcfg.use_8bit_optim or adamw_state(tcfg) == "8bit"):
+        raise ConfigError("stochastic_rounding = true needs use_8bit_optim = true or adamw_state = '8bit' "
+                          "(use_8bit_adamw = true) (it applies to the int8 momentum / first moment)")
     base = dict(lr=tcfg.lr, momentum=tcfg.muon_momentum, ns_steps=tcfg.ns_steps,
                 weight_decay=tcfg.weight_decay, nesterov=tcfg.muon_nesterov, latent_rounding=tcfg.latent_rounding,
                 seed=tcfg.seed)
@@ -103,7 +116,11 @@ def _build(muon_params: list[Parameter], adamw_params: list[Parameter], tcfg: Tr
     optimizers: list[torch.optim.Optimizer] = []
     if muon_params:
         optimizers.append(build_muon(muon_params, tcfg))
-    if adamw_params and tcfg.use_8bit_adamw:
+    state = adamw_state(tcfg)
+    if adamw_params and state == "foam":
+        optimizers.append(AdamWFoam(adamw_params, lr=tcfg.adam_lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                                    weight_decay=0.0, fold_level=tcfg.foam_fold_level, seed=tcfg.seed))
+    elif adamw_params and state == "8bit":
         optimizers.append(AdamW8bit(adamw_params, lr=tcfg.adam_lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
                                     weight_decay=0.0, block_size=tcfg.quant_block_size,
                                     stochastic_rounding=tcfg.stochastic_rounding, seed=tcfg.seed))
