@@ -293,8 +293,12 @@ def prepare_documents(
     show_progress: bool = True,
     source: str | list[str] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Tokenize already-read documents into a prepared data dir (see ``prepare_data``)."""
+    """Tokenize already-read documents into a prepared data dir (see ``prepare_data``).
+
+    ``tokenizer``: encode with this one (a warm start's, so the ids mean what the checkpoint
+    learned) instead of training a BPE on the train split; ``vocab_size`` is then unused."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if vocab_size < MIN_VOCAB_SIZE:
@@ -317,7 +321,7 @@ def prepare_documents(
         else:
             train_texts, val_texts = texts, []
 
-        tok = train_tokenizer(
+        tok = tokenizer if tokenizer is not None else train_tokenizer(
             _tokenizer_sample(train_texts, TOKENIZER_SAMPLE_BYTES, seed), vocab_size, show_progress
         )
         tok.save(tmp / "tokenizer.json")

@@ -3,6 +3,9 @@
 * ``stdlib``    the source code of the running interpreter's standard library: a real code corpus
                 (~30 MB of Python) that exists on every machine with Python, so ``train`` works
                 out of the box with no download. The default.
+* ``pkgdocs``   English prose from the installed Python distributions (READMEs, shipped docs,
+                module docstrings; data/pkgdocs.py): ~1.8 MB, offline, a second corpus unlike
+                the first (continual training, FIRE). Holds out 5% of its documents by default.
 * ``text``      any file or directory (text, code, parquet), tokenized on the fly.
 * ``synthetic`` generated, learnable patterns (counting, sums, repeated motifs) over a byte
                 tokenizer: a loss that visibly falls within dozens of steps, for smoke tests and
@@ -14,6 +17,12 @@ that fraction of their documents (default 0.01), a lone ``.bin`` its last fracti
 (default 0.01), ``synthetic`` generates ``max(4, round(n_samples * val_fraction))`` val documents
 from an independent stream (default ``max(4, n_samples // 50)``). A prepared dir's split was made by
 ``prepare-data --val-fraction``: asking for another one is an error, not a silent no-op.
+
+Warm start (``init_from``): ``tokenizer=`` names the checkpoint's ``tokenizer.json``, and the
+corpora tokenized on the fly (stdlib, pkgdocs, text) are encoded with it instead of a BPE trained on
+them (cached under a key that adds the tokenizer's hash; the corpus's own cache entry is used when it
+already holds that very tokenizer). ``synthetic`` and ``tokens`` come with their own ids: theirs
+must be the same tokenizer file, else a one-line DataError (ids would silently mean other strings).
 
 Caching: prepared data lives under ``default_cache_dir()`` in a dir named by everything that
 determines its content (Python version and stdlib path; input paths, sizes and mtimes; vocab
@@ -52,10 +61,11 @@ from .corpus import (
     prepare_documents,
 )
 from .tokenfile import write_tokens
-from .tokenizer import byte_tokenizer
+from .tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 
-DATASET_NAMES = ("stdlib", "text", "synthetic", "tokens")
+DATASET_NAMES = ("stdlib", "pkgdocs", "text", "synthetic", "tokens")
 DEFAULT_VAL_FRACTION = 0.01  # stdlib, text and lone .bin files when val_fraction is None
+PKGDOCS_VAL_FRACTION = 0.05  # pkgdocs: ~860 documents, 1% would leave too few val tokens for a stable loss
 #: Directory names never read as corpus text (installed third-party packages are not the stdlib).
 STDLIB_EXCLUDE_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
@@ -104,6 +114,38 @@ def _cached(cache_dir: Path | None, key: str, build: Callable[[Path], object]) -
     return load_prepared(target)
 
 
+def tokenizer_digest(path: str | Path) -> str:
+    """sha256 of a ``tokenizer.json``'s bytes: a checkpoint copies its data's file as is, so equal
+    digests mean the same tokenizer (as in train/fingerprint.py)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _cached_corpus(cache_dir: Path | None, key: str, build: Callable[[Path, Tokenizer | None], object],
+                   tokenizer: str | Path | None) -> PreparedData:
+    """``_cached`` for a corpus tokenized here: with its own BPE, or with ``tokenizer`` (see the
+    module docstring: the own entry when it already holds that tokenizer, else a key with its hash)."""
+    if tokenizer is None:
+        return _cached(cache_dir, key, lambda target: build(target, None))
+    digest = tokenizer_digest(tokenizer)
+    own = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / key
+    if (own / "tokenizer.json").is_file() and tokenizer_digest(own / "tokenizer.json") == digest:
+        with contextlib.suppress(DataError):
+            return load_prepared(own)
+    tok = load_tokenizer(tokenizer)
+    return _cached(cache_dir, f"{key}-tok{digest[:12]}", lambda target: build(target, tok))
+
+
+def _check_same_tokenizer(pd: PreparedData, tokenizer: str | Path, what: str) -> None:
+    """``synthetic`` / ``tokens`` data come with their own ids: refuse them unless their tokenizer is
+    the warm start's (ids that mean other strings would train silently)."""
+    if pd.tokenizer_path is None:
+        raise DataError(f"{what} has no tokenizer.json, so its ids cannot be checked against the checkpoint's "
+                        f"tokenizer {tokenizer}; warm-start on stdlib, pkgdocs or text data (tokenized with it)")
+    if tokenizer_digest(pd.tokenizer_path) != tokenizer_digest(tokenizer):
+        raise DataError(f"{what} was tokenized with another tokenizer than the checkpoint's ({tokenizer}); "
+                        f"warm-start on stdlib, pkgdocs or text data, which are tokenized with the checkpoint's")
+
+
 def _vf_key(val_fraction: float | None) -> str:
     """Cache-key suffix for a non-default split (empty for the default, so existing caches stay valid)."""
     if val_fraction is None or val_fraction == DEFAULT_VAL_FRACTION:
@@ -126,10 +168,10 @@ def stdlib_path() -> Path:
 
 def stdlib_dataset(
     cache_dir: str | Path | None = None, vocab_size: int = 4096, show_progress: bool = True,
-    val_fraction: float | None = None,
+    val_fraction: float | None = None, tokenizer: str | Path | None = None,
 ) -> PreparedData:
     """The running interpreter's standard library ``*.py`` sources (tests included, installed
-    packages excluded), tokenized with a BPE of ``vocab_size`` and cached."""
+    packages excluded), tokenized with a BPE of ``vocab_size`` (or ``tokenizer``) and cached."""
     root = stdlib_path()
     if not root.is_dir():
         raise DataError(f"the Python standard library sources are not on disk at {root}; pass --data-path")
@@ -138,7 +180,7 @@ def stdlib_dataset(
     key = (f"stdlib-{impl}{ver}-v{vocab_size}-f{PREPARED_FORMAT_VERSION}-{_short_hash(str(root))[:8]}"
            + _vf_key(val_fraction))
 
-    def build(target: Path) -> None:
+    def build(target: Path, tok: Tokenizer | None) -> None:
         docs = collect_documents([root], glob="**/*.py", exclude_dirs=STDLIB_EXCLUDE_DIRS)
         prepare_documents(
             docs,
@@ -147,9 +189,51 @@ def stdlib_dataset(
             val_fraction=val_fraction or DEFAULT_VAL_FRACTION,
             show_progress=show_progress,
             source=f"python-stdlib:{impl}-{ver}:{root}",
+            tokenizer=tok,
+            extra_meta=_tokenizer_meta(tokenizer),
         )
 
-    return _cached(Path(cache_dir) if cache_dir is not None else None, key, build)
+    return _cached_corpus(Path(cache_dir) if cache_dir is not None else None, key, build, tokenizer)
+
+
+def _tokenizer_meta(tokenizer: str | Path | None) -> dict[str, str] | None:
+    """meta.json's record of where a given tokenizer came from (None: trained on the corpus)."""
+    return None if tokenizer is None else {"tokenizer_from": str(tokenizer)}
+
+
+# ----------------------------------------------------------------------------------------------
+# pkgdocs
+# ----------------------------------------------------------------------------------------------
+
+
+def pkgdocs_dataset(
+    cache_dir: str | Path | None = None, vocab_size: int = 4096, show_progress: bool = True,
+    val_fraction: float | None = None, tokenizer: str | Path | None = None,
+) -> PreparedData:
+    """English prose of the installed distributions (data/pkgdocs.py), tokenized with a BPE of
+    ``vocab_size`` (or ``tokenizer``) and cached by the sorted (name, version) list of what is installed."""
+    from .pkgdocs import collect_pkgdocs, installed_fingerprint
+
+    installed = installed_fingerprint()
+    vf = val_fraction or PKGDOCS_VAL_FRACTION
+    key = (f"pkgdocs-{len(installed)}d-v{vocab_size}-f{PREPARED_FORMAT_VERSION}-{_short_hash(installed)[:12]}"
+           + ("" if vf == PKGDOCS_VAL_FRACTION else f"-vf{vf:g}"))
+
+    def build(target: Path, tok: Tokenizer | None) -> None:
+        docs = collect_pkgdocs()
+        prepare_documents(
+            docs,
+            target,
+            vocab_size=vocab_size,
+            val_fraction=vf,
+            show_progress=show_progress,
+            source=f"pkgdocs:{len(installed)} installed distributions ({docs.n_bytes:,} bytes of text)",
+            tokenizer=tok,
+            extra_meta={"distributions": docs.sources, "text_bytes": docs.n_bytes,
+                        **(_tokenizer_meta(tokenizer) or {})},
+        )
+
+    return _cached_corpus(Path(cache_dir) if cache_dir is not None else None, key, build, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +259,11 @@ def text_dataset(
     parquet_column: str = "text",
     show_progress: bool = True,
     val_fraction: float | None = None,
+    tokenizer: str | Path | None = None,
 ) -> PreparedData:
     """A text/code/parquet file or directory, prepared on first use and cached by a fingerprint
-    of its files (paths, sizes, mtimes), so editing the corpus re-prepares it."""
+    of its files (paths, sizes, mtimes), so editing the corpus re-prepares it. Tokenized with a
+    BPE trained on it, or with ``tokenizer``."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path not found: {p}")
@@ -195,7 +281,7 @@ def text_dataset(
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in p.stem)[:40] or "data"
     key = f"text-{stem}-v{vocab_size}-{_short_hash(fp)}{_vf_key(val_fraction)}"
 
-    def build(target: Path) -> None:
+    def build(target: Path, tok: Tokenizer | None) -> None:
         docs = collect_documents([p], glob=glob, parquet_column=parquet_column)
         prepare_documents(
             docs,
@@ -203,10 +289,11 @@ def text_dataset(
             vocab_size=vocab_size,
             val_fraction=val_fraction or DEFAULT_VAL_FRACTION,
             show_progress=show_progress,
-            extra_meta={"glob": glob, "parquet_column": parquet_column},
+            extra_meta={"glob": glob, "parquet_column": parquet_column, **(_tokenizer_meta(tokenizer) or {})},
+            tokenizer=tok,
         )
 
-    return _cached(Path(cache_dir) if cache_dir is not None else None, key, build)
+    return _cached_corpus(Path(cache_dir) if cache_dir is not None else None, key, build, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,12 +441,14 @@ def load_dataset(
     parquet_column: str = "text",
     show_progress: bool = True,
     val_fraction: float | None = None,
+    tokenizer: str | Path | None = None,
 ) -> PreparedData:
     """Resolve ``--dataset`` / ``--data-path`` to prepared data.
 
     No name and no path: ``stdlib``. No name with a path: ``tokens`` if the path is a ``.bin`` or a
     prepared dir, else ``text``. ``text`` and ``tokens`` need a path; ``stdlib`` and ``synthetic``
-    refuse one (a silently ignored flag would be worse than an error).
+    refuse one (a silently ignored flag would be worse than an error). ``tokenizer``: a warm start's
+    (see the module docstring).
     """
     path = Path(data_path).expanduser() if data_path is not None else None
     if name is None:
@@ -368,13 +457,22 @@ def load_dataset(
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
     if name in ("text", "tokens") and path is None:
         raise DataError(f"dataset {name!r} needs --data-path")
-    if name in ("stdlib", "synthetic") and path is not None:
+    if name in ("stdlib", "pkgdocs", "synthetic") and path is not None:
         raise DataError(f"dataset {name!r} takes no --data-path (got {path})")
     if name == "stdlib":
-        return stdlib_dataset(cache_dir, vocab_size, show_progress, val_fraction)
+        return stdlib_dataset(cache_dir, vocab_size, show_progress, val_fraction, tokenizer)
+    if name == "pkgdocs":
+        return pkgdocs_dataset(cache_dir, vocab_size, show_progress, val_fraction, tokenizer)
     if name == "synthetic":
-        return synthetic_dataset(n_samples, seq_len, seed, cache_dir=cache_dir, val_fraction=val_fraction)
+        pd = synthetic_dataset(n_samples, seq_len, seed, cache_dir=cache_dir, val_fraction=val_fraction)
+        if tokenizer is not None:
+            _check_same_tokenizer(pd, tokenizer, "the synthetic dataset (byte tokenizer)")
+        return pd
     assert path is not None
+    if name == "tokens" and tokenizer is not None:
+        pd = load_dataset("tokens", path, val_fraction=val_fraction)
+        _check_same_tokenizer(pd, tokenizer, f"the prepared data {path}")
+        return pd
     if name == "tokens":
         pd = load_prepared(path, val_fraction or DEFAULT_VAL_FRACTION)
         made = pd.meta.get("val_fraction")
@@ -384,15 +482,17 @@ def load_dataset(
                             f"by prepare-data (val_fraction {made if made is not None else 'unknown'}); "
                             f"re-run prepare-data --val-fraction {val_fraction:g}, or leave val_fraction unset")
         return pd
-    return text_dataset(path, cache_dir, vocab_size, glob, parquet_column, show_progress, val_fraction)
+    return text_dataset(path, cache_dir, vocab_size, glob, parquet_column, show_progress, val_fraction, tokenizer)
 
 
 __all__ = [
     "DATASET_NAMES",
     "default_cache_dir",
     "load_dataset",
+    "pkgdocs_dataset",
     "stdlib_dataset",
     "synthetic_dataset",
     "synthetic_documents",
     "text_dataset",
+    "tokenizer_digest",
 ]
