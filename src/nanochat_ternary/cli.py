@@ -20,7 +20,8 @@ from .errors import UserError
 
 # CLI flag -> config field, for the flags that are plain config fields
 TRAIN_FLAGS: dict[str, tuple[type, str]] = {
-    "dataset": (str, "synthetic | tokens | text | stdlib (default: stdlib, the Python standard library)"),
+    "dataset": (str, "synthetic | tokens | text | stdlib | pkgdocs (default: stdlib, the Python standard "
+                     "library; pkgdocs: the installed packages' docs, English prose)"),
     "data_path": (str, "prepared data dir, .bin file, or text file/dir (for --dataset tokens/text)"),
     "epochs": (float, "passes over the training tokens; wins over an earlier source's step count "
                       "(a preset's), not over --total-steps given with it"),
@@ -32,6 +33,9 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "checkpoint_interval": (int, "save every N steps (0: only the final checkpoint)"),
     "keep_last_checkpoints": (int, "keep only the newest N checkpoints (0: keep all)"),
     "resume": (str, "checkpoint dir, or a run dir (its latest checkpoint), to continue from"),
+    "init_from": (str, "warm start: the weights and tokenizer of this checkpoint (dir or run dir), fresh optimizer "
+                       "and schedule from step 0, any --dataset; --set fire=true orthogonalises the block "
+                       "matrices first (FIRE)"),
     "log_interval": (int, "log every N steps"),
     "eval_interval": (int, "validate every N steps (0: only at the end)"),
     "device": (str, "auto | cpu | cuda | cuda:N"),
@@ -152,6 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = None
     if args.resume and not (args.config or args.config_file):
         base = Config.from_dict(read_meta(resolve_checkpoint(args.resume))["config"])
+    elif args.init_from and not (args.config or args.config_file):
+        # a warm start without --config: the checkpoint's model, its preset's training settings
+        saved = Config.from_dict(read_meta(resolve_checkpoint(args.init_from))["config"])
+        base = build_config(saved.preset or None)
+        base.model = saved.model
     cfg = build_config(args.config, args.config_file, _cli_overrides(args), args.set, base=base)
     rt = setup_runtime(cfg.training.device, cfg.training.threads)
     try:

@@ -13,9 +13,7 @@ if TYPE_CHECKING:
 
 # Fields of features that are not built yet: accepted only at the off value shown.
 # A feature's issue removes its entries here when it lands.
-NOT_AVAILABLE_YET: dict[str, Any] = {
-    "init_from": "", "fire": False,
-}
+NOT_AVAILABLE_YET: dict[str, Any] = {}
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -78,8 +76,13 @@ def validate(cfg: Config) -> None:
              "must be in [0, 0.5); 0: the dataset's default split")
     _require(t.tokenizer_vocab_size >= 260, "tokenizer_vocab_size", t.tokenizer_vocab_size,
              "must be >= 260 (256 bytes + special tokens)")
-    _require(t.dataset in ("", "synthetic", "tokens", "text", "stdlib"), "dataset", t.dataset,
-             "allowed: synthetic, tokens, text, stdlib, or empty for auto")
+    _require(t.dataset in ("", "synthetic", "tokens", "text", "stdlib", "pkgdocs"), "dataset", t.dataset,
+             "allowed: synthetic, tokens, text, stdlib, pkgdocs, or empty for auto")
+    # warm start and FIRE (train/warm_start.py, train/fire.py)
+    _require(not (t.init_from and t.resume), "init_from", t.init_from,
+             f"a warm start begins a new run, resume = {t.resume!r} continues one: give one of them")
+    _require(not t.fire or bool(t.init_from or t.resume), "fire", t.fire,
+             "it orthogonalises loaded weights: set init_from (or resume) too")
     if t.dataset in ("tokens", "text"):
         _require(bool(t.data_path), "data_path", t.data_path, f"--dataset {t.dataset} needs --data-path")
     dev = t.device

@@ -40,20 +40,23 @@ class LoadedData:
                 "vocab_size": self.vocab_size, "source": self.meta.get("source")}
 
 
-def _prepare(cfg: Config, show_progress: bool) -> PreparedData:
+def _prepare(cfg: Config, show_progress: bool, tokenizer: Path | None) -> PreparedData:
     t = cfg.training
     return load_dataset(t.dataset or None, t.data_path or None, cache_dir=default_cache_dir(),
                         vocab_size=t.tokenizer_vocab_size, n_samples=t.n_samples, seq_len=t.seq_len,
                         seed=t.seed, show_progress=show_progress,
-                        val_fraction=t.val_fraction or None)  # 0: the dataset's own default split
+                        val_fraction=t.val_fraction or None,  # 0: the dataset's own default split
+                        tokenizer=tokenizer)
 
 
-def load_training_data(cfg: Config, runtime: Runtime) -> LoadedData:
+def load_training_data(cfg: Config, runtime: Runtime, tokenizer: Path | None = None) -> LoadedData:
+    """``tokenizer``: a warm start's (its checkpoint's ``tokenizer.json``): text corpora are encoded
+    with it, data with ids of its own must have been made by it (data/datasets.py)."""
     if runtime.is_main:
-        pd = _prepare(cfg, show_progress=True)
+        pd = _prepare(cfg, show_progress=True, tokenizer=tokenizer)
     runtime.barrier()
     if not runtime.is_main:
-        pd = _prepare(cfg, show_progress=False)  # now a cache hit
+        pd = _prepare(cfg, show_progress=False, tokenizer=tokenizer)  # now a cache hit
     t = cfg.training
     name = (t.dataset or ("stdlib" if not t.data_path else "auto")) + (f":{t.data_path}" if t.data_path else "")
     data = LoadedData(name=name, train=pd.train, val=pd.val, vocab_size=pd.vocab_size,

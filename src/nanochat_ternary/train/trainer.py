@@ -40,11 +40,12 @@ from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
 from ..model.compile import compile_enabled, compile_error_line, is_compile_error
 from ..model.gpt import GPT
-from ..optim.factory import build_optimizers, memory_report
+from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
 from . import checkpoint as ckpt_io
 from .dataset import LoadedData, load_training_data
 from .fingerprint import check_resume_data, data_fingerprint
+from .fire import apply_fire
 from .gpu_monitor import GpuUtilization
 from .guard import NonFiniteGuard
 from .lock import RunLock
@@ -53,6 +54,7 @@ from .objective import Objective
 from .runtime import Runtime, is_comm_failure
 from .schedule import lr_factor, set_lr
 from .signals import Preempted, StopRequests
+from .warm_start import WarmStart, check_model_config, reset_momentum
 
 
 @dataclass
@@ -100,9 +102,15 @@ class Trainer:
         if t.resume:
             self.resume_ckpt = ckpt_io.resolve_checkpoint(t.resume)
             resume_meta = ckpt_io.read_meta(self.resume_ckpt)
+        # warm start (init_from): a checkpoint's weights, and its tokenizer for the data (warm_start.py)
+        self.warm = WarmStart.open(t.init_from) if t.init_from else None
+        # FIRE already applied in this run (recorded in its checkpoints): never again on resume
+        self.fire_done: dict[str, Any] | None = (resume_meta or {}).get("fire")
+        self.warm_record = self.warm.record() if self.warm else (resume_meta or {}).get("warm_start")
 
         # ---- data (the main rank prepares and caches; the others wait, then read the cache)
-        self.data: LoadedData = load_training_data(cfg, runtime)
+        self.data: LoadedData = load_training_data(cfg, runtime,
+                                                   tokenizer=self.warm.tokenizer_path if self.warm else None)
         m = cfg.model
         if self.data.tokenizer_path is not None:
             want = round_up(self.data.vocab_size, 64)
@@ -117,12 +125,10 @@ class Trainer:
         if resume_meta is not None:
             check_resume_data(resume_meta.get("data_fingerprint"), self.fingerprint, self.resume_ckpt,
                               t.allow_data_change, self.warn)
-            saved_model = resume_meta["config"].get("model", {})
-            diffs = [f"{k}={saved_model.get(k)!r} (config {v!r})" for k, v in vars(m).items()
-                     if k in saved_model and saved_model[k] != v]
-            if diffs:
-                raise CheckpointError(f"checkpoint {self.resume_ckpt} does not match the config: "
-                                      + ", ".join(diffs[:4]))
+            check_model_config(resume_meta, m, self.resume_ckpt)
+        if self.warm is not None:
+            self.warm.check_data(self.data.tokenizer_path)
+            check_model_config(self.warm.meta, m, self.warm.ckpt)
 
         # ---- batches: a pure function of (seed, step, micro, rank)
         self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
@@ -169,9 +175,15 @@ class Trainer:
         self.start_step = 0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = self.resume_ckpt  # the newest good one, named when things fail
-        if self.resume_ckpt is not None:
+        if self.resume_ckpt is not None or self.warm is not None:
             try:
-                self._restore(self.resume_ckpt, resume_meta)
+                if self.resume_ckpt is not None:
+                    self._restore(self.resume_ckpt, resume_meta)
+                else:
+                    self.warm.load_weights(self.model)
+                    self.echo(self.warm.line())
+                if t.fire:
+                    self._apply_fire()
             except BaseException:
                 self.close()
                 raise
@@ -234,6 +246,21 @@ class Trainer:
         self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
         self.echo(f"resumed from {ckpt} at step {self.start_step}")
 
+    def _apply_fire(self) -> None:
+        """FIRE (fire.py) on the Muon matrices, once per run: a resumed run whose checkpoint records it
+        keeps its weights; on resume the orthogonalised matrices' momentum is reset."""
+        if self.fire_done is not None:
+            self.echo(f"fire: already applied at step {self.fire_done['step']} of this run (checkpoint meta); "
+                      f"not again")
+            return
+        muon, _ = split_named_params(self.model)
+        report = apply_fire(muon, self.cfg.model.group_size)
+        if self.resume_ckpt is not None:
+            reset_momentum(self.optimizers, [p for _, p in muon])
+        self.fire_done = {"step": self.start_step, "via": "resume" if self.resume_ckpt is not None else "init_from",
+                          **report.to_dict()}
+        self.echo(report.line())
+
     def _save(self, step: int, metrics: dict[str, Any]) -> Path | None:
         """Write checkpoint ``step`` (main rank) and wait for it on every rank. Raises
         ``CheckpointWriteError`` when the filesystem refuses and ``CheckpointError`` on NaN/inf."""
@@ -248,6 +275,8 @@ class Trainer:
                 state["in_backward"] = self.in_backward.state_dict()
             config = self.cfg.to_dict()
             config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
+            # acts done once at the start of this run; meta's warm_start / fire record them
+            config["training"].update(init_from="", fire=False)
             meta = {
                 "config": config,
                 "tokens_seen": self.tokens_seen,
@@ -258,6 +287,8 @@ class Trainer:
                 "data_fingerprint": self.fingerprint,
                 "metrics": metrics,
                 "torch_version": torch.__version__,
+                **({"warm_start": self.warm_record} if self.warm_record else {}),
+                **({"fire": self.fire_done} if self.fire_done else {}),
             }
             try:
                 path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
