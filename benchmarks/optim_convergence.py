@@ -56,6 +56,9 @@ VARIANTS.update({
     "act-fp4": ["act_quant=fp4"],
     "act-a4.8": ["act_quant=a4.8"],
     "act-a4.8-switch": ["act_quant=a4.8", "act_quant_switch_step={switch}"],
+    # AdamW's state (embedding, head, norms), against fp32 AdamW = "muon (fp32)"; no target yet
+    "adamw-8bit": ["adamw_state=8bit"],
+    "adamw-foam": ["adamw_state=foam"],
 })
 TARGETS = {"muon-8bit": 0.01, "galore-muon": 0.03, "galore-muon-8bit": 0.035, "bf16-sr": 0.01,
            "ib-accum2": 1e-3, "ib-accum2-8bit": 0.01}

@@ -4,9 +4,9 @@ Why
 ---
 AdamW keeps two fp32 moments per parameter: 8 bytes, twice the weights. For our AdamW parameters
 (embedding, head, norms) that is the largest optimizer state of a small-vocab run and, at 128K
-vocab, GBs. Neighbouring values of a gradient row are similar enough in scale that one moment per
-*block* of ``B = 2^l`` adjacent values can stand in for ``B`` of them, provided the part of the
-current gradient that the block average loses is added back. That part is computed fresh every
+vocab, GBs. FOAM's premise: one moment per *block* of ``B = 2^l`` adjacent values can stand in
+for ``B`` of them, provided the part of the current gradient that the block average loses is
+added back. That part is computed fresh every
 step, so it costs temporaries, never state. With ``l = 3`` the moments shrink 8x (1 B/param).
 
 The maths
@@ -35,12 +35,22 @@ Decisions
   ``l = 0`` and converge to each other as ``t`` grows.
 * **A last dimension not divisible by B**: the last block is padded and its mean is taken over its
   real values only (the padding never enters a moment); its state entry is kept like the others.
-* **Second moment**: the task's reading (and the default) folds ``g~^2``, the square of the block
-  mean. The authors' public code folds the block mean of ``g^2`` instead, which also keeps the
+* **Second moment**: the paper's update folds ``g~^2``, the square of the block mean (the
+  default). The authors' released code folds the block mean of ``g^2`` instead, which keeps the
   within-block spread of the gradient in ``v~`` across steps; ``v_fold = "mean_of_squares"``
-  selects it. Both equal AdamW at ``l = 0``. (``benchmarks/adamw_state.py`` measures both.)
-* The authors' extra update scale (0.25 in their pre-training scripts, applied with ``lr`` 1e-2 to
-  the block matrices only) is not taken over: here FOAM replaces AdamW at AdamW's learning rate.
+  selects it. Both equal AdamW at ``l = 0``; ``benchmarks/adamw_state.py`` measures both.
+* **Fold level**: the authors' pre-training scripts (LLaMA 60M-1B) use ``l = 2``, for the block
+  matrices only (embedding and head keep Adam's state there), with an extra update scale of 0.25
+  at ``lr`` 1e-2. Here FOAM stands in for AdamW on the embedding, head and norms at AdamW's
+  learning rate, without that scale.
+
+What it changes: only the block mean of the gradient gets momentum and a time-averaged second
+moment. The residual ``R``, which is most of the gradient when neighbouring values are unrelated
+(an embedding row's dimensions are), enters the update without momentum: with ``g~^2`` it is
+normalised by its own size (close to ``sign(R)`` where ``R`` dominates), with the mean of ``g^2``
+by the block's running RMS. So FOAM is a different optimizer, not a compressed copy of AdamW's
+trajectory: at ``l >= 1`` it drifts far from AdamW's weights (docs/low_memory.md), and whether it
+trains as well is a convergence question (``benchmarks/optim_convergence.py``, "adamw-foam").
 
 All arithmetic is fp32. A bf16 parameter is read into fp32 and written back with stochastic
 rounding (as :class:`~nanochat_ternary.optim.adamw_lowmem.AdamW8bit`), from a stream seeded by
