@@ -114,7 +114,7 @@ class TrainConfig:
     latent_rounding: str = "stochastic"  # how bfloat16 latents are written back: stochastic | nearest
     use_8bit_adamw: bool = False  # AdamW (embeddings, head, norms) with int8 first and bf16 second moment
     adamw_state: str = "fp32"  # AdamW moments: fp32 | 8bit (= use_8bit_adamw) | foam (docs/roadmap.md)
-    foam_fold_level: int = 3  # foam: moments kept per block of 2^level values along the last dim
+    foam_fold_level: int = 2  # foam: moments kept per block of 2^level values along the last dim (the authors' 2)
     # activation-format schedule (docs/roadmap.md): int8 until this step, then model.act_quant (0: from the start)
     act_quant_switch_step: int = 0
     # data-efficiency and systems features (issue: training features)
