@@ -234,6 +234,33 @@ def test_a_warm_start_never_trains_on_ids_of_another_tokenizer(tmp_path, isolate
 # corpus B
 
 
+def _fake_distribution(site, name: str, readme: str, files: dict[str, str]):
+    """An installed distribution as importlib.metadata sees one: a dist-info with METADATA and RECORD."""
+    import importlib.metadata as md
+
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n\n{readme}\n")
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in [*files, f"{info.name}/METADATA"]))
+    return md.PathDistribution(info)
+
+
+def test_pkgdocs_reads_readmes_docs_and_docstrings_once_and_no_licenses(tmp_path, monkeypatch):
+    doc = "Why this module exists. " * 20  # >= MIN_DOCSTRING_CHARS
+    a = _fake_distribution(tmp_path, "pkg_a", "# pkg-a\nA README.", {
+        "pkg_a/__init__.py": f'"""{doc}"""\nX = 1\n', "pkg_a/short.py": '"""Too short."""\n',
+        "pkg_a/GUIDE.md": "A guide.", "pkg_a/LICENSE.txt": "MIT License ...", "pkg_a/NOTICE.md": "Notice.",
+        "pkg_a/data.json": "{}"})
+    b = _fake_distribution(tmp_path, "pkg_b", "# pkg-a\nA README.", {"pkg_b/GUIDE.md": "A guide."})  # copies
+    monkeypatch.setattr(pkgdocs, "distributions", lambda: [a, b])
+    docs = pkgdocs.collect_pkgdocs()
+    assert docs.texts == ["# pkg-a\nA README.", "A guide.", doc.strip()]  # dist, then its files in path order
+    assert docs.sources == ["pkg_a==1.0", "pkg_b==1.0"]
+
+
 def test_pkgdocs_corpus_builds_deterministically(tmp_path, monkeypatch, one_thread):
     few = {"tqdm", "safetensors", "tokenizers", "filelock"}  # a small, always-installed subset: seconds
     real = pkgdocs.distributions
