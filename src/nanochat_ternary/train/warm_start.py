@@ -62,7 +62,7 @@ class WarmStart:
 
     def record(self) -> dict[str, Any]:
         """``meta.json``'s ``warm_start``: where the run began."""
-        return {"from": str(self.ckpt), "step": int(self.meta["step"]),
+        return {"from": str(self.ckpt.resolve()), "step": int(self.meta["step"]),
                 "data": (self.meta.get("data") or {}).get("name"),
                 "tokenizer_sha256": (self.meta.get("data_fingerprint") or {}).get("tokenizer_sha256")}
 
