@@ -330,3 +330,13 @@ def test_export_failing_midway_leaves_nothing(tmp_path, tokenizer_file, monkeypa
     with pytest.raises(ExportError, match="disk full"):
         export_checkpoint(run, fmt, out, log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_gguf_export_of_a_4bit_activation_model_says_what_engines_run(tmp_path, tokenizer_file):
+    run = make_checkpoint(tmp_path / "run", tokenizer_file, "act_quant=fp4")
+    notes: list[str] = []
+    export_checkpoint(run, "gguf", tmp_path / "m.gguf", log=notes.append)
+    assert any("act_quant = 'fp4'" in n and "8 bits" in n and "packed" in n for n in notes)
+    notes.clear()
+    export_checkpoint(run, "packed", tmp_path / "m.safetensors", log=notes.append)
+    assert not any("act_quant" in n for n in notes)  # packed keeps the format: nothing to say

@@ -34,6 +34,11 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, quant: 
         f"-> {fmt}{' ' + (quant or 'tq2_0') if fmt == 'gguf' else ''}")
     for what in ck.dropped:
         log(f"  note: dropping {what}")
+    if m.act_quant != "int8" and fmt != "packed":
+        engine = ("llama.cpp quantizes activations to 8 bits" if fmt == "gguf"
+                  else "transformers runs them in full precision")
+        log(f"  note: the model trained with act_quant = {m.act_quant!r} activations; {engine} (more precise than "
+            f"training, so logits differ slightly); --format packed keeps {m.act_quant!r}")
     if fmt == "gguf":
         from .gguf import QUANTS, write_gguf
 
