@@ -2,6 +2,7 @@
 written here, the a4.8 layer roles, the int8-first switch in the trainer, and the config rules."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -173,3 +174,22 @@ def test_bad_activation_configs_fail_in_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         build_config("tiny-cpu", overrides=overrides)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor's CPU backend needs a C++ compiler (none on PATH)")
+@pytest.mark.parametrize("fmt", ["fp4", "a4.8"])
+def test_compiled_blocks_run_each_format_and_recompile_at_the_switch(tmp_path, isolated_cache, fmt):
+    """fullgraph compile of the blocks with the fp4 cast (float8) and a4.8's kthvalue, switching from
+    int8 at step 2, against the same run eager (fp32 both; inductor reorders reductions, so one
+    quantization step may flip now and then: the tolerance of test_speed's compile test)."""
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()  # no graph of an earlier test (the int8 blocks) to reuse: the count below is this run's
+    run = ["--total-steps", "4", "--set", f"act_quant={fmt}", "--set", "act_quant_switch_step=2"]
+    eager = train_small(tmp_path, "eager", *run, "--set", "compile=false")
+    graphs0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = train_small(tmp_path, "compiled", *run, "--set", "compile=true")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs0 + 2  # int8 blocks, then fmt
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
