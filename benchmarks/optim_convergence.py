@@ -49,6 +49,10 @@ VARIANTS.update({
     "ib-accum2": _ACC + ["optimizer_in_backward=true"],
     "accum2-8bit": _ACC + ["use_8bit_optim=true"],
     "ib-accum2-8bit": _ACC + ["use_8bit_optim=true", "optimizer_in_backward=true"],
+    # the same pair with stochastic rounding of the int8 momentum: the in-backward step requantises it
+    # at every micro-batch, and round-to-nearest drops increments below half a quantisation step
+    "accum2-8bit-sr": _ACC + ["use_8bit_optim=true", "stochastic_rounding=true"],
+    "ib-accum2-8bit-sr": _ACC + ["use_8bit_optim=true", "stochastic_rounding=true", "optimizer_in_backward=true"],
     "ib-clip": ["optimizer_in_backward=true"],
     # BitLinear's activation formats (docs/roadmap.md), each against int8 = "muon (fp32)"; "a4.8-switch"
     # is a4.8's two-stage recipe: int8 for the first 95% of the steps ({switch} = 0.95 * steps)
@@ -61,9 +65,9 @@ VARIANTS.update({
     "adamw-foam": ["adamw_state=foam"],
 })
 TARGETS = {"muon-8bit": 0.01, "galore-muon": 0.03, "galore-muon-8bit": 0.035, "bf16-sr": 0.01,
-           "ib-accum2": 1e-3, "ib-accum2-8bit": 0.01}
+           "ib-accum2": 1e-3, "ib-accum2-8bit": 0.01, "ib-accum2-8bit-sr": 0.01}
 # what each variant is compared with (default: fp32 Muon)
-REFERENCE = {"ib-accum2": "accum2", "ib-accum2-8bit": "accum2-8bit"}
+REFERENCE = {"ib-accum2": "accum2", "ib-accum2-8bit": "accum2-8bit", "ib-accum2-8bit-sr": "accum2-8bit-sr"}
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
