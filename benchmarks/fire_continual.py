@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -124,18 +124,31 @@ def main() -> None:
           f"({corpus_b.meta.get('text_bytes', 0):,} bytes of text), {len(corpus_b.train):,} / {len(corpus_b.val):,} "
           f"tokens with A's tokenizer (vocab {corpus_a.vocab_size})", flush=True)
 
+    # One pool for every run: the scratch runs need no A checkpoint, so they fill the slots while A
+    # trains, and each seed's warm runs start as soon as its own A checkpoint exists.
+    def run_b(way: str, seed: int, ckpt: str = "") -> dict:
+        return train(way, seed, args.steps_b, data_b, [a.format(ckpt_a=ckpt) for a in WAYS[way]], args, out)
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        phase_a = list(pool.map(lambda s: train("A", s, args.steps_a, data_a, [], args, out), args.seeds))
-        for r in phase_a:
-            print(f"  done: A         seed {r['seed']}: {_outcome(r)}", flush=True)
-        ckpt_a = {r["seed"]: r["ckpt"] for r in phase_a if "ckpt" in r}
-        jobs = [(w, s) for s in ckpt_a for w in WAYS]
-        phase_b = list(pool.map(lambda j: train(j[0], j[1], args.steps_b, data_b,
-                                                [a.format(ckpt_a=ckpt_a[j[1]]) for a in WAYS[j[0]]], args, out), jobs))
+        pending = {pool.submit(train, "A", s, args.steps_a, data_a, [], args, out) for s in args.seeds}
+        pending |= {pool.submit(run_b, "scratch", s) for s in args.seeds}
+        phase_a, phase_b = [], []
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                r = f.result()
+                print(f"  done: {r['run']:<9} seed {r['seed']}: {_outcome(r)}", flush=True)
+                if r["run"] != "A":
+                    phase_b.append(r)
+                    continue
+                phase_a.append(r)
+                if "ckpt" in r:
+                    pending |= {pool.submit(run_b, w, r["seed"], r["ckpt"]) for w in WAYS if w != "scratch"}
+    phase_a.sort(key=lambda r: r["seed"])
+    phase_b.sort(key=lambda r: (r["seed"], list(WAYS).index(r["run"])))
     for r in phase_b:
-        print(f"  done: {r['run']:<9} seed {r['seed']}: {_outcome(r)}", flush=True)
         if "fire" in r and r["seed"] == args.seeds[0]:
-            print(f"    {r['fire']}")
+            print(f"FIRE, seed {r['seed']}: {r['fire']}")
 
     # scores on both corpora, in this process (the same val windows for every checkpoint)
     results = [r for r in phase_a + phase_b if "ckpt" in r]
