@@ -507,3 +507,91 @@ def test_distributed_split_matches_single_process(tmp_path):
     assert s0["state"].keys() == s1["state"].keys() and len(s0["state"]) == len(DIST_SHAPES)
     for k in s0["state"]:
         assert torch.equal(s0["state"][k]["momentum_buffer"], s1["state"][k]["momentum_buffer"])
+
+
+# stacked (the CUDA default; forced here): each same-shape stack split into contiguous slices
+
+STACK_SHAPES = [(24, 24)] * 5 + [(40, 16)] * 3 + [(16, 40)]  # stacks of 5, 3 and 1 over 2 ranks
+
+
+def _stacked_data():
+    g = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=g) for s in STACK_SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in STACK_SHAPES] for _ in range(3)]
+    grads[1][3] = None  # the (24, 24) stack has 4 matrices in step 2
+    return init, grads
+
+
+def _stacked_run(init, grads, nesterov):
+    params = [nn.Parameter(t.clone()) for t in init]
+    opt = Muon([{"params": params[:6]}, {"params": params[6:], "lr": 0.05, "weight_decay": 0.1}],
+               lr=0.02, nesterov=nesterov, stacked=True)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params], opt.state_dict()
+
+
+def _stacked_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    from nanochat_ternary.optim import muon as muon_module
+
+    torch.set_num_threads(1)
+    init, grads = _stacked_data()
+    cases = {"whole": muon_module.STACK_ELEMENTS, "rounds": 2 * 24 * 24}  # rounds: 1 matrix per rank
+    if rank == 0:  # the single-process stacked step, before the process group exists
+        torch.save({nesterov: _stacked_run(init, grads, nesterov)[0] for nesterov in (True, False)},
+                   os.path.join(out_dir, "single.pt"))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    orig = Muon._orthogonalize
+    try:
+        out = {}
+        for name, elements in cases.items():
+            muon_module.STACK_ELEMENTS = elements
+            for nesterov in (True, False):
+                calls = []
+                Muon._orthogonalize = lambda self, u, group: calls.append(tuple(u.shape)) or orig(self, u, group)
+                params, sd = _stacked_run(init, grads, nesterov)
+                out[(name, nesterov)] = {"params": params, "state": sd, "ns_calls": calls}
+                Muon._orthogonalize = orig
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        Muon._orthogonalize = orig
+        dist.destroy_process_group()
+
+
+def test_distributed_stacked_split_matches_single_process(tmp_path):
+    """Under torchrun the stacked step splits each stack by rank: the weights and the momentum on
+    every rank equal the single-process stacked step bit for bit (each rank's batched Newton–Schulz
+    on its slice computes the same per-matrix products), and each rank orthogonalises only its slice."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    world = 2
+    mp.spawn(_stacked_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    single = torch.load(tmp_path / "single.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    # stacks are per param group: group 1 (24,24) x5 -> 3 + 2 (x4 in step 2 -> 2 + 2), (40,16) x1 -> 1 + 0;
+    # group 2 (40,16) x2 -> 1 + 1, (16,40) x1 -> 1 + 0
+    steps = [[(3, 24, 24), (1, 40, 16), (1, 40, 16), (1, 16, 40)], [(2, 24, 24), (1, 40, 16)]]
+    step2 = [[(2, 24, 24), (1, 40, 16), (1, 40, 16), (1, 16, 40)], [(2, 24, 24), (1, 40, 16)]]
+    for r in range(world):
+        expected = steps[r] + step2[r] + steps[r]
+        assert ranks[r][("whole", True)]["ns_calls"] == expected
+        # rounds of one matrix per rank: every call is a stack of 1, about half the matrices each
+        assert {s[0] for s in ranks[r][("rounds", True)]["ns_calls"]} == {1}
+    assert sum(len(ranks[r][("rounds", True)]["ns_calls"]) for r in range(world)) == 9 + 8 + 9
+    for key in ranks[0]:
+        for r in ranks:
+            for a, b in zip(r[key]["params"], single[key[1]]):
+                assert torch.equal(a, b), key
+        s0, s1 = ranks[0][key]["state"], ranks[1][key]["state"]
+        assert s0["state"].keys() == s1["state"].keys() and len(s0["state"]) == len(STACK_SHAPES)
+        for k in s0["state"]:
+            assert torch.equal(s0["state"][k]["momentum_buffer"], s1["state"][k]["momentum_buffer"])

@@ -48,6 +48,9 @@ round every rank updates the parameter it owns, copies it into a flat buffer pad
 largest parameter and starts an asynchronous ``all_gather``; while the next round computes, the
 previous round's gathered buffers are copied into the other ranks' parameters. Extra memory is two
 rounds of padded buffers. Parameters without a gradient are still sent (unchanged, so identical).
+Where the step is stacked (see ``_use_stacks``: CUDA), the split is by stack instead: each
+same-shape stack is cut into ``world`` contiguous slices, each rank runs one batched Newton–Schulz
+on its slice and one all-gather into a single tensor returns the whole stack to every rank.
 
 Variants
 --------
@@ -117,6 +120,10 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+# torch >= 2.13 renamed all_gather_into_tensor (which now warns); the GPU hosts run 2.11
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 def _dist_world_rank() -> tuple[int, int]:
@@ -369,11 +376,11 @@ class Muon(torch.optim.Optimizer):
         return stacked and plain and all(p.dtype == torch.float32 for p in params)
 
     def _update_stack(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """The step of :meth:`_update_param` for same-shape fp32 matrices at once (same maths).
+        """The step of :meth:`_update_param` for same-shape fp32 matrices at once (same maths)."""
+        self._apply_stack(params, self._advance_stack_momentum(params, group), group)
 
-        Newton–Schulz runs on stacks of at most ``STACK_ELEMENTS`` values (``[n, rows, cols]``
-        through ``bmm``): the stack is a copy, so its size bounds the extra memory."""
-        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+    def _advance_stack_momentum(self, params: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        """``buf <- mu buf + (1 - mu) g`` for every matrix of the stack (one ``_foreach`` kernel)."""
         bufs = []
         for p in params:
             state = self.state[p]
@@ -381,21 +388,71 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
                                                             memory_format=torch.contiguous_format)
             bufs.append(state["momentum_buffer"])
-        grads = [p.grad for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)  # buf <- mu buf + (1 - mu) g
-        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - group["momentum"])
+        return bufs
+
+    def _apply_stack(self, params: list[Tensor], bufs: list[Tensor], group: dict[str, Any]) -> None:
+        """Newton–Schulz and the weight update for same-shape matrices whose momentum is advanced.
+
+        Newton–Schulz runs on stacks of at most ``STACK_ELEMENTS`` values (``[n, rows, cols]``
+        through ``bmm``): the stack is a copy, so its size bounds the extra memory."""
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
         scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
         per = max(1, STACK_ELEMENTS // params[0].numel())
         for i in range(0, len(params), per):
-            chunk = params[i:i + per]
-            ortho = self._orthogonalize(torch.stack(updates[i:i + per]), group)  # [n, rows, cols]
+            chunk, chunk_bufs = params[i:i + per], bufs[i:i + per]
+            updates = torch._foreach_lerp([p.grad for p in chunk], chunk_bufs, mu) if group["nesterov"] \
+                else chunk_bufs
+            ortho = self._orthogonalize(torch.stack(updates), group)  # [n, rows, cols]
             if wd != 0:
                 torch._foreach_mul_(chunk, 1 - lr * wd)
             torch._foreach_add_(chunk, list(ortho.unbind(0)), alpha=-lr * scale)
-            del ortho
+            del ortho, updates
 
     def _step_distributed(self, world: int, rank: int) -> None:
-        entries = [(p, group) for group in self.param_groups for p in group["params"]]
+        entries = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if self._use_stacks(params):
+                for stack in _same_shape_stacks(params):
+                    self._update_stack_distributed(stack, group, world, rank)
+            else:
+                entries += [(p, group) for p in group["params"]]
+        self._step_rounds(entries, world, rank)
+
+    def _update_stack_distributed(self, params: list[Tensor], group: dict[str, Any], world: int,
+                                  rank: int) -> None:
+        """A same-shape stack split across ranks: each rank orthogonalises a contiguous slice.
+
+        The stack is cut into rounds of at most ``world * per`` matrices (``per`` bounds a rank's
+        slice so that the gathered round is at most ``STACK_ELEMENTS`` values); in each round rank
+        ``r`` steps matrices ``[r k, (r + 1) k)`` (``k = ceil(round / world)``) as one batched
+        Newton–Schulz, and one all-gather into a single tensor hands every rank the whole round. Every
+        rank advances the momentum of the whole stack (identical everywhere, as in the per-matrix
+        split), so only the weights travel. The gather of a round overlaps the next round's maths.
+        """
+        bufs = self._advance_stack_momentum(params, group)
+        per = max(1, STACK_ELEMENTS // (params[0].numel() * world))
+        pending: tuple[Any, list[Tensor], Tensor, int] | None = None
+        for base in range(0, len(params), per * world):
+            round_ = params[base:base + per * world]
+            k = -(-len(round_) // world)
+            lo, hi = min(rank * k, len(round_)), min((rank + 1) * k, len(round_))
+            if hi > lo:
+                self._apply_stack(round_[lo:hi], bufs[base + lo:base + hi], group)
+            send = torch.zeros((k, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            if hi > lo:
+                torch.stack(round_[lo:hi], out=send[:hi - lo])
+            recv = torch.empty((world * k, *params[0].shape), dtype=send.dtype, device=send.device)
+            work = _all_gather_single(recv, send, async_op=True)
+            if pending is not None:
+                _finish_stack_round(*pending)
+            pending = (work, round_, recv, rank * k)
+        if pending is not None:
+            _finish_stack_round(*pending)
+
+    def _step_rounds(self, entries: list[tuple[Tensor, dict[str, Any]]], world: int, rank: int) -> None:
+        """Per-matrix split: parameter ``i`` of ``entries`` belongs to rank ``i % world`` (module docstring)."""
         pending: tuple[Any, list[Tensor], list[Tensor]] | None = None
         for base in range(0, len(entries), world):
             round_ = entries[base:base + world]
@@ -435,6 +492,15 @@ def _finish_round(work: Any, params: list[Tensor], recv: list[Tensor], rank: int
     for owner, p in enumerate(params):
         if owner != rank:
             p.copy_(recv[owner][:p.numel()].view(p.shape))
+
+
+def _finish_stack_round(work: Any, params: list[Tensor], recv: Tensor, own_lo: int) -> None:
+    """Copy a gathered stack round into the matrices this rank did not step itself."""
+    work.wait()
+    k = recv.size(0) // dist.get_world_size()
+    for j, p in enumerate(params):
+        if not own_lo <= j < own_lo + k:
+            p.copy_(recv[j])
 
 
 def muon_defaults(lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
