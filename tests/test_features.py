@@ -327,6 +327,81 @@ def test_collider_objective_logs_plain_ce_and_kept_fraction():
     assert {"mtp_ce_1", "mtp_ce_2"} <= stats.keys()
 
 
+
+def test_collider_chunked_head_equals_kept_rows_ce_without_full_logits(monkeypatch):
+    """The chunked Collider (CUDA / gradient checkpointing) keeps the same tokens as KeptRowsCE, its
+    loss and gradients equal the masked plain CE's (float64), and no matmul in it produces more
+    than one chunk of logits."""
+    from torch.overrides import TorchFunctionMode
+
+    from nanochat_ternary.model import linear_ce
+    from nanochat_ternary.train.objective import collider_chunked_ce
+
+    monkeypatch.setattr(linear_ce, "CPU_CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    N, D, V = 40, 16, 30
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[[3, 17]] = -1
+    # the reference: the masked plain CE of test_collider_gradient_equals_masked_loss_gradient,
+    # re-computed in float64 from the same fp32 values
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref_tok = F.cross_entropy(h64 @ w64.t(), y, ignore_index=-1, reduction="none")
+    ref_keep = collider_keep(ref_tok.detach(), y >= 0, 0.35, 0.3)
+    ref_loss = (ref_tok * ref_keep).sum() / ref_keep.sum()
+    ref_loss.backward()
+    gh, gw = h64.grad.float(), w64.grad.float()
+    assert torch.equal(KeptRowsCE.apply(h, w, y, 0.35, 0.3)[2], ref_keep)
+
+    widest = []
+
+    class LogitShapes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (F.linear, torch.Tensor.__matmul__, torch.matmul, torch.mm, torch.addmm) \
+                    and isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == V:
+                widest.append(out.shape[0])
+            return out
+
+    with LogitShapes():
+        loss, tok, keep = collider_chunked_ce(h, w, y, 0.35, 0.3)
+        loss.backward()
+    assert widest and max(widest) <= 7  # chunks of logits only, never [N, V]
+    assert torch.equal(keep, ref_keep) and 0.6 <= keep.float().mean() < 0.9
+    # fp32 against float64: sums of ~V * D = 480 products of O(1) values, logits O(5): a few
+    # hundred fp32 ulps at most
+    torch.testing.assert_close(tok, ref_tok.detach().float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss.detach().float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-5, atol=1e-6)
+    assert torch.all(h.grad[~keep] == 0)
+
+
+def test_collider_objective_takes_the_chunked_path_with_chunked_head(monkeypatch):
+    from nanochat_ternary.train import objective as obj_mod
+
+    calls = []
+    real = obj_mod.collider_chunked_ce
+    monkeypatch.setattr(obj_mod, "collider_chunked_ce", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    mcfg = tiny_cfg()
+    model = GPT(mcfg)
+    x = torch.randint(0, 97, (2, 16))
+    y = torch.randint(0, 97, (2, 16))
+    tcfg = TrainConfig(use_collider=True, collider_sparsity=0.35, collider_threshold=10.0)
+    out = {}
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, stats = model(x, targets=y, objective=Objective(mcfg, tcfg, chunked_head=chunked))
+        loss.backward()
+        out[chunked] = loss.detach(), stats, _grads(model)
+    assert calls == [1]
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    assert out[True][1]["kept_frac"].item() == out[False][1]["kept_frac"].item() == pytest.approx(21 / 32)
+    for k, g in out[True][2].items():
+        torch.testing.assert_close(g, out[False][2][k], rtol=1e-4, atol=1e-6, msg=k)
+
 # --------------------------------------------------------------------------------------------
 # every toggle combination x every optimizer variant
 

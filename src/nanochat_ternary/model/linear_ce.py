@@ -82,6 +82,43 @@ def padded_vocab(vocab: int, dtype: torch.dtype) -> int:
     return 64 * ((vocab + 63) // 64) if dtype in (torch.bfloat16, torch.float16) else vocab
 
 
+def compute_dtype(h: Tensor) -> torch.dtype:
+    """The dtype the head's matmuls take: autocast's where it is on (bf16 on CUDA), else ``h``'s."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
+
+def head_operand(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """``w [V, D]`` in ``dtype``, with zero rows up to :func:`padded_vocab` (``[Vp, D]``)."""
+    vocab, vp = w.shape[0], padded_vocab(w.shape[0], dtype)
+    if vp == vocab:
+        return w.to(dtype)
+    wc = torch.zeros(vp, w.shape[1], dtype=dtype, device=w.device)
+    wc[:vocab] = w
+    return wc
+
+
+@torch.no_grad()
+def linear_token_losses(h: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """Per-row CE ``[N]`` of ``h [N, D]`` through ``w [V, D]`` (0 where ``targets`` is -1), one chunk of
+    logits at a time and with no graph: the scores a token selection needs before any gradient
+    (Collider, train/objective.py). Same precision as :class:`ChunkedLinearCE`'s forward."""
+    dtype = compute_dtype(h)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # [N]
+    with torch.autocast(h.device.type, enabled=False):
+        hc_all, wc, vocab = h.to(dtype), head_operand(w, dtype), w.shape[0]
+        rows = chunk_rows(h.shape[0], vocab, h.device)
+        for i in range(0, h.shape[0], rows):
+            z = F.linear(hc_all[i:i + rows], wc).float()  # [c, Vp]
+            if vocab < z.shape[1]:
+                z[:, vocab:] = float("-inf")
+            y = targets[i:i + rows]
+            lse = torch.logsumexp(z, dim=-1)
+            out[i:i + rows] = torch.where(y >= 0, lse - z.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
+            del z
+    return out
+
+
 def _logit_grads_fn(compiled: bool) -> Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]:
     global _compiled_logit_grads
     if not compiled:
@@ -98,17 +135,11 @@ class ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk: int,  # type: ignore[override]
                 compiled: bool = False) -> Tensor:
-        dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        dev, dtype = h.device.type, compute_dtype(h)
         body = _logit_grads_fn(compiled)
         with torch.autocast(dev, enabled=False):
             hc_all = h.to(dtype)  # [N, D] in the compute dtype
-            vocab, vp = w.shape[0], padded_vocab(w.shape[0], dtype)
-            if vp == vocab:
-                wc = w.to(dtype)  # [V, D]
-            else:
-                wc = torch.zeros(vp, w.shape[1], dtype=dtype, device=w.device)  # [Vp, D], zero rows
-                wc[:vocab] = w
+            vocab, wc = w.shape[0], head_operand(w, dtype)  # [Vp, D]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # [N, D]
             grad_w = torch.zeros(wc.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] \
@@ -125,7 +156,7 @@ class ChunkedLinearCE(torch.autograd.Function):
                     else:
                         grad_w += g.t() @ hc
                 del g
-            if grad_w is not None and vp != vocab:
+            if grad_w is not None and wc.shape[0] != vocab:
                 grad_w = grad_w[:vocab]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype

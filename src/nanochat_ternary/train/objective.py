@@ -21,8 +21,11 @@ logits, not ``n``; the price is one extra forward of each head (a D×D and a D×
 about +1/3 of the heads' own cost. A single ``loss.backward()`` does all of it, so DDP and gradient
 accumulation need nothing special.
 
-Collider token filtering: see :func:`collider_keep` for which tokens are kept and
-:class:`KeptRowsCE` for how their loss is backpropagated.
+Collider token filtering: see :func:`collider_keep` for which tokens are kept. How their loss is
+backpropagated: with the plain head, :class:`KeptRowsCE` (one matmul over all rows, the head's
+backward on the kept rows only). With ``chunked_head``, :func:`collider_chunked_ce`: every row's
+loss scored chunk by chunk without a graph, then the kept rows through the chunked head, so no
+``[B*T, V]`` logits exist there either; it costs one more matmul over the kept rows.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..config import ModelConfig, TrainConfig
-from ..model.linear_ce import linear_cross_entropy
+from ..model.linear_ce import linear_cross_entropy, linear_token_losses
 from ..model.mtp import mtp_targets
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +111,21 @@ class KeptRowsCE(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def collider_chunked_ce(h: Tensor, w: Tensor, targets: Tensor, sparsity: float, threshold: float,
+                        compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`KeptRowsCE`'s ``(loss, per_token_loss, kept_mask)`` without ``[N, V]`` logits.
+
+    The selection needs every row's loss before any gradient, so the rows are scored first, one
+    chunk of logits at a time and without a graph (:func:`linear_token_losses`); the mean CE of the
+    kept rows then goes through :func:`linear_cross_entropy`, whose gradient reaches ``h`` only on
+    the kept rows (through ``index_select``). ``h [N, D]``, ``w [V, D]``, ``targets [N]``."""
+    tok_loss = linear_token_losses(h, w, targets)  # [N], no graph
+    keep = collider_keep(tok_loss, targets >= 0, sparsity, threshold)
+    kept = keep.nonzero().squeeze(1)  # [K]
+    loss = linear_cross_entropy(h.index_select(0, kept), w, targets.index_select(0, kept), compiled)
+    return loss, tok_loss, keep
+
+
 # --------------------------------------------------------------------------------------------
 # The objective
 
@@ -137,8 +155,12 @@ class Objective:
         if self.use_collider:
             h2 = h.reshape(-1, h.shape[-1])
             y = targets.reshape(-1)
-            loss, tok_loss, keep = KeptRowsCE.apply(h2, model.lm_head.weight, y, self.sparsity,
-                                                    self.threshold)
+            if chunked:
+                loss, tok_loss, keep = collider_chunked_ce(h2, model.lm_head.weight, y, self.sparsity,
+                                                           self.threshold, self.compiled)
+            else:
+                loss, tok_loss, keep = KeptRowsCE.apply(h2, model.lm_head.weight, y, self.sparsity,
+                                                        self.threshold)
             valid = y >= 0
             n_valid = valid.sum().clamp(min=1)
             stats["ce"] = (tok_loss.sum() / n_valid).detach()
