@@ -328,7 +328,8 @@ def test_collider_objective_logs_plain_ce_and_kept_fraction():
 
 
 
-def test_collider_chunked_head_equals_kept_rows_ce_without_full_logits(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_collider_chunked_head_equals_kept_rows_ce_without_full_logits(monkeypatch, compiled):
     """The chunked Collider (CUDA / gradient checkpointing) keeps the same tokens as KeptRowsCE, its
     loss and gradients equal the masked plain CE's (float64), and no matmul in it produces more
     than one chunk of logits."""
@@ -338,6 +339,9 @@ def test_collider_chunked_head_equals_kept_rows_ce_without_full_logits(monkeypat
     from nanochat_ternary.train.objective import collider_chunked_ce
 
     monkeypatch.setattr(linear_ce, "CPU_CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    body_rows = []  # the chunk body stays eager; "compiled" pads the kept rows to whole chunks for it
+    monkeypatch.setattr(linear_ce, "_logit_grads_fn",
+                        lambda c: lambda z, y, v: body_rows.append(z.shape[0]) or linear_ce.logit_grads(z, y, v))
     torch.manual_seed(0)
     N, D, V = 40, 16, 30
     h = torch.randn(N, D, requires_grad=True)
@@ -365,9 +369,14 @@ def test_collider_chunked_head_equals_kept_rows_ce_without_full_logits(monkeypat
             return out
 
     with LogitShapes():
-        loss, tok, keep = collider_chunked_ce(h, w, y, 0.35, 0.3)
+        loss, tok, keep = collider_chunked_ce(h, w, y, 0.35, 0.3, compiled)
         loss.backward()
     assert widest and max(widest) <= 7  # chunks of logits only, never [N, V]
+    n_kept = int(keep.sum())
+    if compiled:  # two row counts only, whatever K is: whole chunks, and N's ragged last one
+        assert set(body_rows) <= {7, N % 7} and sum(body_rows) == min(-(-n_kept // 7) * 7, N)
+    else:
+        assert sum(body_rows) == n_kept and body_rows[-1] == n_kept % 7
     assert torch.equal(keep, ref_keep) and 0.6 <= keep.float().mean() < 0.9
     # fp32 against float64: sums of ~V * D = 480 products of O(1) values, logits O(5): a few
     # hundred fp32 ulps at most

@@ -38,7 +38,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..config import ModelConfig, TrainConfig
-from ..model.linear_ce import linear_cross_entropy, linear_token_losses
+from ..model.linear_ce import chunk_rows, linear_cross_entropy, linear_token_losses
 from ..model.mtp import mtp_targets
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +121,17 @@ def collider_chunked_ce(h: Tensor, w: Tensor, targets: Tensor, sparsity: float, 
     the kept rows (through ``index_select``). ``h [N, D]``, ``w [V, D]``, ``targets [N]``."""
     tok_loss = linear_token_losses(h, w, targets)  # [N], no graph
     keep = collider_keep(tok_loss, targets >= 0, sparsity, threshold)
-    kept = keep.nonzero().squeeze(1)  # [K]
-    loss = linear_cross_entropy(h.index_select(0, kept), w, targets.index_select(0, kept), compiled)
+    rows = keep.nonzero().squeeze(1)  # [K]
+    tgt = targets.index_select(0, rows)
+    if compiled:
+        # K changes every step and the compiled chunk body is specialised to its row count: pad the
+        # kept rows with dropped ones (target -1: no loss, zero gradient) to whole chunks, so that
+        # it only ever sees two row counts (a whole chunk, and N's ragged last one)
+        chunk = chunk_rows(h.shape[0], w.shape[0], h.device)
+        pad = min(-(-rows.numel() // chunk) * chunk, h.shape[0]) - rows.numel()
+        rows = torch.cat([rows, (~keep).nonzero().squeeze(1)[:pad]])
+        tgt = torch.cat([tgt, tgt.new_full((pad,), -1)])
+    loss = linear_cross_entropy(h.index_select(0, rows), w, tgt, compiled)  # mean over the kept rows
     return loss, tok_loss, keep
 
 
