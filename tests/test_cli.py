@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,12 +213,19 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
     assert (run / "step_000002" / "model.safetensors").read_bytes() == before
 
 
-def test_torchrun_two_ranks_match_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                                reason="inductor's CPU backend needs a C++ compiler")),
+])
+def test_torchrun_two_ranks_match_one_process_with_double_batch(tmp_path, compiled):
     """Data parallel: 2 gloo ranks x batch 4 see the same windows as 1 process x batch 8.
 
     Batch index g = ((step * accum + micro) * world + rank) * B + i, so the union of the two ranks'
     samples is the single process's batch; DDP averages equal-sized per-rank means, so the losses
     agree up to float summation order. Also checks that only rank 0 writes the checkpoint.
+    ``compiled``: the two ranks run compiled blocks inside DDP against the eager single process, so
+    the tolerance is test_speed's compiled-vs-eager one (2e-3 relative; observed: equal to 5 decimals).
     """
     common = ["--dataset", "synthetic", "--n-samples", "300", "--total-steps", "6",
               "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
@@ -230,14 +238,17 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "nanochat_ternary.cli", "train", *common, "--batch-size", "4",
-         "--checkpoint-dir", str(tmp_path / "two"), "--log-file", str(two)],
+         "--checkpoint-dir", str(tmp_path / "two"), "--log-file", str(two),
+         "--set", f"compile={str(compiled).lower()}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for s in a:
-        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+        assert abs(a[s] - b[s]) < (2e-3 * abs(a[s]) if compiled else 1e-4), (s, a[s], b[s])
     assert [p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")] == ["step_000006"]
+    if compiled:
+        assert "torch.compile: first step" in proc.stdout + proc.stderr
 
 
 def test_epochs_and_tensorboard(tmp_path):
