@@ -553,8 +553,9 @@ def _stacked_worker(rank, world, port, out_dir):
         for name, elements in cases.items():
             muon_module.STACK_ELEMENTS = elements
             for nesterov in (True, False):
-                calls = []
-                Muon._orthogonalize = lambda self, u, group: calls.append(tuple(u.shape)) or orig(self, u, group)
+                calls: list[tuple[int, ...]] = []
+                Muon._orthogonalize = (lambda self, u, group, calls=calls:
+                                       calls.append(tuple(u.shape)) or orig(self, u, group))
                 params, sd = _stacked_run(init, grads, nesterov)
                 out[(name, nesterov)] = {"params": params, "state": sd, "ns_calls": calls}
                 Muon._orthogonalize = orig
