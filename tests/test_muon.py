@@ -448,10 +448,11 @@ def _dist_data():
     return init, grads
 
 
-def _dist_run(init, grads):
+def _dist_run(init, grads, first_group: int = 2, **muon_kwargs):
+    """Three steps of Muon over ``init`` in two param groups (the second with its own lr and decay)."""
     params = [nn.Parameter(t.clone()) for t in init]
-    opt = Muon([{"params": params[:2]}, {"params": params[2:], "lr": 0.05, "weight_decay": 0.1}],
-               lr=0.02)
+    opt = Muon([{"params": params[:first_group]},
+                {"params": params[first_group:], "lr": 0.05, "weight_decay": 0.1}], lr=0.02, **muon_kwargs)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = None if g is None else g.clone()
@@ -523,14 +524,7 @@ def _stacked_data():
 
 
 def _stacked_run(init, grads, nesterov):
-    params = [nn.Parameter(t.clone()) for t in init]
-    opt = Muon([{"params": params[:6]}, {"params": params[6:], "lr": 0.05, "weight_decay": 0.1}],
-               lr=0.02, nesterov=nesterov, stacked=True)
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = None if g is None else g.clone()
-        opt.step()
-    return [p.detach().clone() for p in params], opt.state_dict()
+    return _dist_run(init, grads, 6, nesterov=nesterov, stacked=True)
 
 
 def _stacked_worker(rank, world, port, out_dir):
