@@ -488,16 +488,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_distributed_split_matches_single_process(tmp_path):
+def _spawn_ranks(worker, tmp_path, world: int = 2):
+    """Run ``worker(rank, world, port, out_dir)`` on ``world`` gloo processes; return what rank 0 saved
+    as the single-process reference and what every rank saved."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
-    world = 2
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    single = torch.load(tmp_path / "single.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    mp.spawn(worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    single = torch.load(tmp_path / "single.pt", weights_only=False)
+    return single, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_distributed_split_matches_single_process(tmp_path):
+    single, ranks = _spawn_ranks(_dist_worker, tmp_path)
     # rank 0 owns params 0, 2, 4 and rank 1 owns 1, 3; param 2 has no gradient in step 2
     assert [r["ns_calls"] for r in ranks] == [3 + 2 + 3, 2 + 2 + 2]
     for r in ranks:
@@ -563,15 +568,8 @@ def test_distributed_stacked_split_matches_single_process(tmp_path):
     """Under torchrun the stacked step splits each stack by rank: the weights and the momentum on
     every rank equal the single-process stacked step bit for bit (each rank's batched Newton–Schulz
     on its slice computes the same per-matrix products), and each rank orthogonalises only its slice."""
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    world = 2
-    mp.spawn(_stacked_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    single = torch.load(tmp_path / "single.pt", weights_only=False)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    single, ranks = _spawn_ranks(_stacked_worker, tmp_path)
+    world = len(ranks)
     # stacks are per param group: group 1 (24,24) x5 -> 3 + 2 (x4 in step 2 -> 2 + 2), (40,16) x1 -> 1 + 0;
     # group 2 (40,16) x2 -> 1 + 1, (16,40) x1 -> 1 + 0
     steps = [[(3, 24, 24), (1, 40, 16), (1, 40, 16), (1, 16, 40)], [(2, 24, 24), (1, 40, 16)]]
