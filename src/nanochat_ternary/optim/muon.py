@@ -398,16 +398,26 @@ class Muon(torch.optim.Optimizer):
         through ``bmm``): the stack is a copy, so its size bounds the extra memory."""
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
         scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        ns_dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else default_ns_dtype(params[0].device)
         per = max(1, STACK_ELEMENTS // params[0].numel())
         for i in range(0, len(params), per):
             chunk, chunk_bufs = params[i:i + per], bufs[i:i + per]
-            updates = torch._foreach_lerp([p.grad for p in chunk], chunk_bufs, mu) if group["nesterov"] \
-                else chunk_bufs
-            ortho = self._orthogonalize(torch.stack(updates), group)  # [n, rows, cols]
+            # The matrix to orthogonalise is written straight into the stack in the Newton–Schulz
+            # dtype (one pass per matrix: read g and buf, write bf16), and the bf16 result is added
+            # to the fp32 weights as is: the same values as stacking fp32 copies and casting twice,
+            # at ~2/3 of the memory traffic (nano-1b's 1 B matrices: ~25 GB less per step).
+            stack = torch.empty((len(chunk), *params[0].shape), dtype=ns_dtype, device=params[0].device)
+            for j, (p, buf) in enumerate(zip(chunk, chunk_bufs)):
+                if group["nesterov"]:
+                    torch.lerp(p.grad, buf, mu, out=stack[j])
+                else:
+                    stack[j].copy_(buf)
+            ortho = self._orthogonalize(stack, group)  # [n, rows, cols], in ns_dtype
+            del stack
             if wd != 0:
                 torch._foreach_mul_(chunk, 1 - lr * wd)
             torch._foreach_add_(chunk, list(ortho.unbind(0)), alpha=-lr * scale)
-            del ortho, updates
+            del ortho
 
     def _step_distributed(self, world: int, rank: int) -> None:
         entries = []
