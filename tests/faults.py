@@ -244,16 +244,23 @@ def run_trials(n: int, seed: int, work: Path, timer_trials: int) -> list[dict]:
             pid = _fork(functools.partial(_train_child, train_args(run, log), slow_s=0.004), d / "kill.out")
             prefix = f".tmp-{ck.step_dir_name(save)}-"
             t_end = time.monotonic() + 60
+            rc = None  # set if the child ended before the kill (then reaped here, not in _wait)
             while time.monotonic() < t_end and not any(p.name.startswith(prefix) for p in run.glob(".tmp-*")):
-                if os.waitpid(pid, os.WNOHANG)[0]:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    rc = os.waitstatus_to_exitcode(status)
                     break
                 time.sleep(0.0005)
-            time.sleep(delay)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            rc = _wait(pid)
+            if rc is None:
+                time.sleep(delay)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                rc = _wait(pid)
+            else:  # not killed: say why in the trial's record
+                r["child_exit"] = rc
+                r["child_output"] = (d / "kill.out").read_text(errors="replace")[-1500:]
         r["killed"] = rc == -signal.SIGKILL
         stale = sorted(p.name for p in run.iterdir() if ck.STALE.match(p.name)) if run.is_dir() else []
         complete = ck.list_checkpoints(run)

@@ -143,8 +143,11 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
         assert r["loader_processes"] == (t.num_workers if t.use_async_loader else 0), name
         assert (r["int8_momenta"] > 0) == t.use_8bit_optim and (r["galore_projected"] > 0) == t.use_galore, name
     # full = galore2's features + 8-bit + checkpointing: checkpointing keeps each block's input
-    # instead of its ~20 intermediate tensors, and the chunked head keeps no logits
-    assert runs["full"]["activation_bytes"] < 0.5 * runs["galore2"]["activation_bytes"]
+    # instead of its ~20 intermediate tensors, and (on CPU) the chunked head keeps no logits. On
+    # CUDA galore2 has the chunked head too, so only checkpointing differs: its saving is smaller
+    # there (the embedding, head and MTP inputs stay; H100, commit 082d522: 0.59x)
+    on_cuda = runs["full"]["device"].startswith("cuda")
+    assert runs["full"]["activation_bytes"] < (0.8 if on_cuda else 0.5) * runs["galore2"]["activation_bytes"]
 
 
 def test_results_json_validates_against_the_documented_fields(quick_suite):

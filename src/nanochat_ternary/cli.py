@@ -293,7 +293,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise UserError(f"measuring {cfg.preset or 'this config'} ({info['params'] / 1e9:.2f}B params) needs "
                         f"~{need / 2**30:.0f} GiB; this machine has {avail / 2**30:.0f} GiB available. "
                         f"Not measured (run it on a bigger machine)")
-    step = measure_training_step(cfg, steps=args.steps)
+    try:
+        step = measure_training_step(cfg, steps=args.steps)
+    except torch.OutOfMemoryError as e:  # on CUDA there is no estimate to refuse with: the step itself says
+        first = str(e).splitlines()[0] if str(e) else "out of memory"
+        raise UserError(f"measuring {cfg.preset or 'this config'} ({info['params'] / 1e9:.2f}B params) ran out of "
+                        f"memory ({first}). Not measured: try a smaller batch_size, gradient_checkpointing=true, "
+                        f"use_8bit_optim=true or latent_dtype=bfloat16") from None
     with torch.device("meta"):
         model = GPT(cfg.model)
     rep = measure_optimizer_state(model, cfg.training, baseline=True, seed=cfg.training.seed)
