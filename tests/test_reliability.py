@@ -159,6 +159,14 @@ def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch,
 # crash during a checkpoint write
 
 
+def _trial_failure(r: dict, work: Path) -> str:
+    """One failed kill trial, with the tail of its child's output (pytest would cut the dict short)."""
+    fields = {k: v for k, v in r.items() if k not in ("child_output", "stale_before")}
+    out = work / f"trial{r['trial']:02d}" / "kill.out"
+    tail = out.read_text(errors="replace")[-800:] if out.is_file() else "(no child output)"
+    return f"{fields}\n  child output: ...{tail}"
+
+
 def test_kill9_during_checkpoint_writes_resume_picks_newest_complete_and_continues_exactly(tmp_path):
     """26 trials (22 at chosen points of a save, every point twice; 4 at timed random moments)."""
     proc = subprocess.run([sys.executable, str(HERE / "faults.py"), "kill-trials", "--trials", "26",
@@ -168,7 +176,7 @@ def test_kill9_during_checkpoint_writes_resume_picks_newest_complete_and_continu
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 26
     failed = [r for r in results if not r["ok"]]
-    assert not failed, failed
+    assert not failed, "\n".join(_trial_failure(r, tmp_path) for r in failed[:4])
     assert sorted({r["point"] for r in results if r["kind"] == "point"}) == sorted(POINTS)
     # the faults were real: killed by SIGKILL, temp dirs left behind, and resumes that had work to do
     assert all(r["killed"] for r in results)
