@@ -320,6 +320,11 @@ def _install_rank_fault(spec: str) -> None:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "kill-trials":
+        # The trials train on the CPU in forked children. On a CUDA host the parent's own backward
+        # (the reference run) would start autograd's per-device worker threads, after which no forked
+        # child can run a backward ("Unable to handle autograd's threading in combination with
+        # fork-based multiprocessing"): hide the GPUs before anything touches CUDA.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         p = argparse.ArgumentParser()
         p.add_argument("cmd")
         p.add_argument("--trials", type=int, default=24)
