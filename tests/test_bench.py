@@ -92,7 +92,8 @@ def test_train_accepts_a_shipped_config(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def quick_suite(tmp_path_factory):
-    """`bench --quick` on the five E3 configs plus one that crashes (an invalid value in its TOML)."""
+    """`bench --quick` on the five E3 configs plus one that crashes (an invalid value in its TOML).
+    On the CPU wherever it runs: the activation comparison below assumes the CPU's plain loss head."""
     base = tmp_path_factory.mktemp("bench")
     corpus = write_corpus(base / "corpus", n_files=16, n_lines=80)
     bad = base / "broken.toml"
@@ -101,7 +102,8 @@ def quick_suite(tmp_path_factory):
     env = {**os.environ, "NANOCHAT_CACHE": str(base / "cache")}
     proc = subprocess.run([sys.executable, "-m", "nanochat_ternary.cli", "bench", "--quick", "--configs",
                            ",".join(E3[:3] + [str(bad)] + E3[3:]), "--dataset", "text", "--data-path", str(corpus),
-                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+                           "--out", str(out), "--threads", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=600)
     return proc, out
 
 
@@ -143,11 +145,9 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
         assert r["loader_processes"] == (t.num_workers if t.use_async_loader else 0), name
         assert (r["int8_momenta"] > 0) == t.use_8bit_optim and (r["galore_projected"] > 0) == t.use_galore, name
     # full = galore2's features + 8-bit + checkpointing: checkpointing keeps each block's input
-    # instead of its ~20 intermediate tensors, and (on CPU) the chunked head keeps no logits. On
-    # CUDA galore2 has the chunked head too, so only checkpointing differs: its saving is smaller
-    # there (the embedding, head and MTP inputs stay; H100, commit 082d522: 0.59x)
-    on_cuda = runs["full"]["device"].startswith("cuda")
-    assert runs["full"]["activation_bytes"] < (0.8 if on_cuda else 0.5) * runs["galore2"]["activation_bytes"]
+    # instead of its ~20 intermediate tensors, and the chunked head keeps no logits (on the CPU,
+    # where galore2 has the plain head; on CUDA both have the chunked head)
+    assert runs["full"]["activation_bytes"] < 0.5 * runs["galore2"]["activation_bytes"]
 
 
 def test_results_json_validates_against_the_documented_fields(quick_suite):
