@@ -83,6 +83,18 @@ def test_newton_schulz_against_svd(name, G):
     assert torch.allclose(Od, U @ torch.diag(expected) @ Vh, atol=2e-5)
 
 
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_newton_schulz_tall_is_the_transposed_wide_step(batch):
+    """A tall matrix iterates with ``X^T X`` from the right: in float64 the same map as transposing,
+    iterating the wide way and transposing back (to rounding, 1e-12), and the result is a
+    contiguous tensor in G's layout, not a transposed view (the weight update reads it row-major)."""
+    G = torch.randn(*batch, 60, 24, dtype=torch.float64)
+    out = zeropower_via_newtonschulz5(G, dtype=torch.float64)
+    assert out.is_contiguous() and out.shape == G.shape
+    wide = zeropower_via_newtonschulz5(G.mT.contiguous(), dtype=torch.float64)
+    torch.testing.assert_close(out, wide.mT, rtol=0, atol=1e-12)
+
+
 def test_newton_schulz_batched_and_dtype():
     G = torch.randn(3, 40, 24)
     Ob = zeropower_via_newtonschulz5(G)

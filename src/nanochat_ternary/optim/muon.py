@@ -21,10 +21,11 @@ start in (0, 1]). One quintic Newton–Schulz step is
 which maps each singular value independently, ``s -> a s + b s^3 + c s^5``, and keeps the singular
 vectors. The coefficients make the slope at zero large (``a``) so that tiny singular values grow fast,
 at the price of not converging to exactly 1: after 5 steps singular values that started
-non-negligible sit in roughly [0.7, 1.2], which is as good as exact for optimisation. ``X`` is
-transposed first so that ``rows <= cols``: the Gram matrix ``X X^T`` is then the smaller one. The
-iteration is stable in bf16, which is what it runs in on CUDA; on CPUs bf16 matmul is ~100x slower
-than fp32, so there it runs in fp32.
+non-negligible sit in roughly [0.7, 1.2], which is as good as exact for optimisation. For a tall
+``X`` (``rows > cols``) the step is its transpose, ``A = X^T X``, ``X <- a X + X B``: the Gram
+matrix is always the smaller one, and the result keeps ``G``'s layout (no transposed view for the
+weight update to read with strides). The iteration is stable in bf16, which is what it runs in on
+CUDA; on CPUs bf16 matmul is ~100x slower than fp32, so there it runs in fp32.
 
 The step, per 2-D parameter ``p`` with gradient ``g`` (momentum ``mu``, learning rate ``lr``):
 
@@ -105,21 +106,21 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
         raise ValueError(f"Newton–Schulz needs a matrix, got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype or default_ns_dtype(G.device))
-    transposed = G.size(-2) > G.size(-1)
-    if transposed:
-        X = X.mT
+    tall = G.size(-2) > G.size(-1)
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 2 else X  # one batch dim (or none) for the BLAS forms
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + NS_EPS)
     mm, addmm = (torch.bmm, torch.baddbmm) if X.ndim == 3 else (torch.mm, torch.addmm)
     for _ in range(steps):
-        A = mm(X, X.mT)
-        B = addmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X = addmm(X, B, X, beta=a)  # a*X + B@X
-    X = X.reshape(*batch_shape, *X.shape[-2:])
-    if transposed:
-        X = X.mT
-    return X.to(G.dtype)
+        if tall:  # the transpose of the wide step: Gram X^T X (cols x cols), multiplied from the right
+            A = mm(X.mT, X)
+            B = addmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+            X = addmm(X, X, B, beta=a)  # a*X + X@B
+        else:
+            A = mm(X, X.mT)
+            B = addmm(A, A, A, beta=b, alpha=c)
+            X = addmm(X, B, X, beta=a)  # a*X + B@X
+    return X.reshape(*batch_shape, *X.shape[-2:]).to(G.dtype)
 
 
 # torch >= 2.13 renamed all_gather_into_tensor (which now warns); the GPU hosts run 2.11
