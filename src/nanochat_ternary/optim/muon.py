@@ -260,9 +260,14 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(grad, 1 - mu)
         return grad.lerp(buf, mu) if group["nesterov"] else buf
 
+    @staticmethod
+    def _ns_dtype(group: dict[str, Any], device: torch.device) -> torch.dtype:
+        """The group's ``ns_dtype``, or the device's default (bf16 on CUDA, fp32 elsewhere)."""
+        return getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else default_ns_dtype(device)
+
     def _orthogonalize(self, update: Tensor, group: dict[str, Any]) -> Tensor:
-        dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else None
-        return zeropower_via_newtonschulz5(update, steps=group["ns_steps"], dtype=dtype)
+        return zeropower_via_newtonschulz5(update, steps=group["ns_steps"],
+                                           dtype=self._ns_dtype(group, update.device))
 
     def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
         """``p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) direction``, in fp32.
@@ -399,7 +404,7 @@ class Muon(torch.optim.Optimizer):
         through ``bmm``): the stack is a copy, so its size bounds the extra memory."""
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
         scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
-        ns_dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else default_ns_dtype(params[0].device)
+        ns_dtype = self._ns_dtype(group, params[0].device)
         per = max(1, STACK_ELEMENTS // params[0].numel())
         for i in range(0, len(params), per):
             chunk, chunk_bufs = params[i:i + per], bufs[i:i + per]
