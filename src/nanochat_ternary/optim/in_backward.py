@@ -71,6 +71,11 @@ from .muon import Muon
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 
 
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    """Norms in fp32 at least (bf16 gradients), float64 for a float64 model (the exact tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
 class InBackwardStep:
     """Hooks that run ``opt``'s update for each of its parameters inside the backward.
 
@@ -131,7 +136,7 @@ class InBackwardStep:
         grad = p.grad
         if grad is None:
             return
-        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        sq = torch.linalg.vector_norm(grad, dtype=_norm_dtype(grad)).square()
         self._sq = sq if self._sq is None else self._sq + sq
         if not torch.isfinite(sq):
             # The Trainer's non-finite guard decides after backward, too late for a matrix stepped
@@ -162,7 +167,7 @@ class InBackwardStep:
             total_sq = total_sq + self._sq
         if others:
             other = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in others]))
+                torch.stack([torch.linalg.vector_norm(g, dtype=_norm_dtype(g)) for g in others]))
             total_sq = total_sq + other.square()
             if self.clip_coef != 1.0:
                 torch._foreach_mul_(others, self.clip_coef)
