@@ -10,8 +10,8 @@ import torch
 # ternary grid). `make test` runs them again with ATEN_CPU_CAPABILITY=avx2 and =default, so a test
 # that passes only with one CPU's kernels fails on every machine, not on whichever CPU CI draws.
 NUMERICS_MODULES = {"test_low_memory", "test_muon", "test_quantized", "test_galore", "test_act_quant",
-                    "test_model", "test_adamw_state", "test_fire", "test_generate", "test_export",
-                    "test_features", "test_speed", "test_eval", "test_int8", "test_recipes", "test_sft"}
+                    "test_model", "test_adamw_state", "test_generate",
+                    "test_eval", "test_int8", "test_recipes"}
 
 
 def pytest_collection_modifyitems(config, items):
