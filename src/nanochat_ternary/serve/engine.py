@@ -95,10 +95,12 @@ class Engine:
             self._waiting.append(job)
             self._cond.notify()
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, float]:
+        """Requests decoding / waiting, the limits, decode steps so far and their mean batch size."""
         with self._cond:
             return {"decoding": len(self._live), "waiting": len(self._waiting),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+                    "max_batch": self.max_batch, "max_queue": self.max_queue, "decode_steps": self.steps,
+                    "mean_batch": round(self.rows_decoded / self.steps, 3) if self.steps else 0.0}
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the live and waiting jobs, then stop the worker."""
@@ -138,7 +140,12 @@ class Engine:
             return
         job.generator = torch.Generator(device=self.device)
         job.generator.manual_seed(job.seed if job.seed is not None else time.time_ns() % (2 ** 63))
-        cache, logits = prefill(self.model, job.prompt)  # logits [1, V]
+        try:
+            cache, logits = prefill(self.model, job.prompt)  # logits [1, V]
+        except Exception as e:  # this request's failure only (the HTTP side checks lengths first)
+            log.exception("prefill failed")
+            job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            return
         row = len(self._live)
         self.cache.load(row, cache)
         self._live.append(job)
