@@ -48,10 +48,12 @@ def tiny_config(vocab: int, context: int):
 def tiny_model(vocab: int, context: int, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(tiny_config(vocab, context).model)
-    with torch.no_grad():  # make attention position-dependent, so a wrong position or mask shows
-        for block in model.blocks:
+    with torch.no_grad():
+        for block in model.blocks:  # attention position-dependent, so a wrong position or mask shows
             block.attn.wq.weight.mul_(8.0)
             block.attn.wk.weight.mul_(8.0)
+        # peaked logits, so a wrong context changes sampled tokens, not just their probabilities
+        model.lm_head.weight.mul_(20.0)
     return model.eval()
 
 
@@ -66,7 +68,7 @@ def make_checkpoint(root: Path, chat: bool, context: int) -> Path:
     with torch.no_grad():  # readable gibberish: only printable ASCII gets a non-zero (peaked) logit
         printable = torch.zeros(tok.vocab_size, dtype=torch.bool)
         printable[32:127] = True
-        model.lm_head.weight.mul_(20.0).masked_fill_(~printable[:, None], 0.0)
+        model.lm_head.weight.masked_fill_(~printable[:, None], 0.0)
     meta = {"config": tiny_config(tok.vocab_size, context).to_dict()}
     return save_checkpoint(root / ("chat" if chat else "base"), 1, model, {}, meta, tokenizer_path=root / "tokenizer.json")
 
@@ -103,11 +105,13 @@ def test_engine_batched_equals_generate_token_for_token(one_thread):
     """Several requests decoded together give each exactly what generate() gives it alone: the same
     greedy tokens, and with a seed the same sampled tokens (each request has its own generator)."""
     model = tiny_model(261, 64).double()
-    prompts = [[256, 1, 2, 3], [256], list(range(40, 60)), [256, 7, 7]]
-    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=5), dict(temperature=0.9, top_k=20, seed=6),
-                dict(temperature=1.2, top_p=0.8, seed=7)]
-    budgets = [12, 20, 9, 15]
-    stop = list(generate(model, prompts[0], 12, temperature=0.0))[3]  # a 5th request ends on a stop id
+    prompts = [[256, 1, 2, 3], [256], [256, 7, 7], list(range(40, 60))]
+    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=5), dict(temperature=0.0),
+                dict(temperature=0.9, top_k=20, top_p=0.8, seed=7)]
+    # the first request ends first, so the last row (a greedy one: a wrong context would show) moves
+    # into its row mid-decode; the 4th and 5th wait for a free row and join later
+    budgets = [4, 20, 16, 9]
+    stop = list(generate(model, prompts[0], 12, temperature=0.0))[2]  # a 5th request ends on a stop id
     prompts.append(prompts[0])
     settings.append(dict(temperature=0.0, stop_ids=frozenset([stop])))
     budgets.append(12)
@@ -132,7 +136,7 @@ def test_engine_batched_equals_generate_token_for_token(one_thread):
                             seed=s.get("seed", 0), stop_ids=s.get("stop_ids")))
         assert [v for k, v in outs[i] if k == "token"] == ref
         assert outs[i][-1] == ("done", "stop" if "stop_ids" in s else "length")
-    assert len([v for k, v in outs[4] if k == "token"]) < 4  # the stop id came by the 4th token
+    assert len([v for k, v in outs[4] if k == "token"]) < 3  # the stop id came by the 3rd token
     assert engine.rows_decoded > engine.steps  # more than one row per step: it did batch
 
 
