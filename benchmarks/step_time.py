@@ -69,14 +69,14 @@ def main() -> None:
             "dataset=synthetic", "n_samples=400", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}",
             "sample_tokens=0", "device=cpu", f"checkpoint_dir={tmp / name}", "warmup_steps=0"])
         trainers[name] = Trainer(cfg, setup_runtime("cpu", args.threads), echo=lambda _m: None)
-        trainers[name]._train_step(0)  # allocates the optimizer state: not timed
+        trainers[name].train_step(0)  # allocates the optimizer state: not timed
     times: dict[str, list[float]] = {name: [] for name in options}
     step = 1
     for _ in range(args.rounds):
         for name, tr in trainers.items():
             for k in range(args.steps):
                 t0 = time.perf_counter()
-                tr._train_step(step + k)  # returns Python numbers: the step's work is done
+                tr.train_step(step + k)  # returns Python numbers: the step's work is done
                 times[name].append(time.perf_counter() - t0)
         step += args.steps
     base = statistics.median(times["baseline"])

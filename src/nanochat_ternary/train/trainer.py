@@ -354,7 +354,7 @@ class Trainer:
         tpb = self.data.val_tokens_per_byte
         return val_loss, (val_loss * tpb / math.log(2) if tpb else None)
 
-    def _train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
+    def train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
         """One optimizer step: (loss averaged over ranks, grad norm, skipped). ``source`` yields the
         step's micro-batches in order (sync or async); without one they are computed here. Time
         spent waiting for data goes to ``data_wait_s``. A non-finite loss or grad norm on any rank
@@ -456,7 +456,7 @@ class Trainer:
                 for step in range(self.start_step, self.total_steps):
                     ts = time.perf_counter()
                     try:
-                        loss, grad_norm, skipped = self._train_step(step, source)
+                        loss, grad_norm, skipped = self.train_step(step, source)
                     except Exception as e:
                         if self.compiled and is_compile_error(e):
                             raise UserError(compile_error_line(e)) from None
