@@ -444,3 +444,44 @@ def test_corpus_larger_than_the_memory_budget(tmp_path):
     assert corpus > 2.5 * budget_kib * 1024
     print(f"peak RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB on a {corpus / 2**20:.0f} MiB corpus")
     assert after - before < budget_kib, f"peak RSS grew by {(after - before) / 1024:.1f} MiB on {corpus / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# past one machine: datatrove's pipeline writes, our trainer reads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_datatrove_pipeline_output_trains(tmp_path, tok_file):
+    pytest.importorskip("datatrove")
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import ParquetReader
+
+    from nanochat_ternary.data.datatrove_io import finish_dir, in_split, tokenize_pipelines
+    from nanochat_ternary.data.tokenizer import load_tokenizer
+
+    src = _corpus(tmp_path / "src", n_files=40)
+    texts = [p.read_text() for p in sorted(src.rglob("*.py"))]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"text": texts, "id": [f"doc-{i}" for i in range(len(texts))]}), tmp_path / "pq" / "p0.parquet")
+    out = tmp_path / "dt"
+    pipes = tokenize_pipelines(lambda: ParquetReader(str(tmp_path / "pq")), out, tok_file, val_fraction=0.2)
+    for split, steps in pipes.items():
+        LocalPipelineExecutor(steps, tasks=1, workers=1, logging_dir=str(tmp_path / f"logs-{split}")).run()
+    meta = finish_dir(out, tok_file, val_fraction=0.2)
+    val_ids = [i for i in range(len(texts)) if in_split(f"doc-{i}", "val", 0.2)]
+    assert meta["n_val_docs"] == len(val_ids) >= 1 and meta["n_docs"] == len(texts)
+    data = load_prepared(out)
+    tok = load_tokenizer(tok_file)
+    # datatrove's tokens are ours: each val document encoded with our tokenizer, then the separator
+    expect = np.concatenate([np.r_[tok.encode(texts[i]), tok.eot_id] for i in val_ids])
+    np.testing.assert_array_equal(np.asarray(data.val), expect)
+    assert meta["val_bytes"] == sum(len(texts[i].encode()) for i in val_ids)
+    log = tmp_path / "train.jsonl"
+    rc = main(["train", "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+               "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--total-steps", "2",
+               "--log-interval", "1", "--eval-interval", "0", "--device", "cpu", "--data-path", str(out),
+               "--checkpoint-dir", str(tmp_path / "run"), "--log-file", str(log)])
+    assert rc == 0

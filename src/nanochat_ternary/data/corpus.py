@@ -489,10 +489,15 @@ def _load_sharded(path: Path, meta: dict[str, Any]) -> PreparedData:
     """A dir written by ``prepare-data`` with shards (see ``shards``): each split one token array."""
     from .shards import INDEX_NAME, ShardedTokens, read_index, shard_paths
 
-    idx = read_index(path / INDEX_NAME)
-    if not idx.get("complete"):
-        raise DataError(f"{path / INDEX_NAME} is not marked complete: run the same prepare-data command to resume")
-    train, val = (ShardedTokens(shard_paths(path, idx, sp)) for sp in ("train", "val"))
+    if meta.get("layout") == "datatrove":  # written by HF datatrove's tokenizer (data/datatrove_io.py)
+        from .datatrove_io import load_split
+
+        train, val = (load_split(path, meta, sp) for sp in ("train", "val"))
+    else:
+        idx = read_index(path / INDEX_NAME)
+        if not idx.get("complete"):
+            raise DataError(f"{path / INDEX_NAME} is not marked complete: run the same prepare-data command to resume")
+        train, val = (ShardedTokens(shard_paths(path, idx, sp)) for sp in ("train", "val"))
     vocab = meta.get("vocab_size")
     if not isinstance(vocab, int) or vocab <= 0:
         raise DataError(f"{path / 'meta.json'}: 'vocab_size' must be a positive integer, got {vocab!r}")
@@ -521,7 +526,7 @@ def load_prepared(path: str | Path, val_fraction: float = 0.01) -> PreparedData:
         if (path / "index.json").is_file() and not meta:
             raise DataError(f"{path} is an unfinished prepare-data output (index.json, no meta.json): run the "
                             "same prepare-data command again to resume it")
-        if meta.get("layout") == "shards":
+        if meta.get("layout") in ("shards", "datatrove"):
             return _load_sharded(path, meta)
         train_bin, val_bin = path / "train.bin", path / "val.bin"
         for b in (train_bin, val_bin):

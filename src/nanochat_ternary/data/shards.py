@@ -243,11 +243,14 @@ class ShardedTokens:
     ndim = 1
     flags = _Flags()
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], raw_dtype: str | None = None) -> None:
+        """``raw_dtype``: the files are bare little-endian arrays of that dtype (datatrove's ``.ds``
+        files) instead of token files with a header."""
         if not paths:
             raise DataError("a shard set needs at least one shard")
         self.paths = list(paths)
-        self.arrays = [read_tokens(p) for p in self.paths]
+        self.raw_dtype = raw_dtype
+        self.arrays = [read_tokens(p) for p in self.paths] if raw_dtype is None else [_raw(p, raw_dtype) for p in paths]
         dtypes = {a.dtype for a in self.arrays}
         if len(dtypes) != 1:
             raise DataError(f"shards of {self.paths[0].parent} mix token dtypes {sorted(map(str, dtypes))}")
@@ -259,7 +262,7 @@ class ShardedTokens:
         self.nbytes = self.size * self.dtype.itemsize
 
     def __reduce__(self) -> tuple[Any, ...]:  # a worker process reopens the files, copies nothing
-        return (ShardedTokens, (self.paths,))
+        return (ShardedTokens, (self.paths, self.raw_dtype))
 
     def __len__(self) -> int:
         return self.size
@@ -319,6 +322,15 @@ class ShardedTokens:
 
     def __repr__(self) -> str:
         return f"ShardedTokens({len(self.paths)} shards, {self.size:,} tokens, {self.dtype})"
+
+
+def _raw(path: Path, dtype: str) -> np.memmap:
+    """A bare token array file, checked for size."""
+    dt = np.dtype(dtype)
+    size = path.stat().st_size
+    if size == 0 or size % dt.itemsize:
+        raise DataError(f"{path}: {size} bytes is not a whole, non-zero number of {dt} tokens")
+    return np.memmap(path, dtype=dt, mode="r", shape=(size // dt.itemsize,))
 
 
 def read_index(path: Path) -> dict[str, Any]:
