@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat_ternary.checkpoint import files as ck
 from nanochat_ternary.cli import main as cli_main
-from nanochat_ternary.train import checkpoint as ck
 
 TOTAL_STEPS = 6
 POINTS = ["mkdtemp", "model_partial", "after_model", "trainer_partial", "after_trainer", "after_tokenizer",
