@@ -460,7 +460,7 @@ def test_datatrove_pipeline_output_trains(tmp_path, tok_file):
     from nanochat_ternary.data.tokenizer import load_tokenizer
 
     src = _corpus(tmp_path / "src", n_files=40)
-    texts = [p.read_text() for p in sorted(src.rglob("*.py"))]
+    texts = [p.read_text() + "# a literal <|endoftext|> is text\n" for p in sorted(src.rglob("*.py"))]
     import pyarrow as pa
     import pyarrow.parquet as pq
 

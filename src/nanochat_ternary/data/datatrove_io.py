@@ -25,6 +25,7 @@ Layout of OUT::
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from datetime import datetime, timezone
@@ -40,6 +41,24 @@ from .stream import _unit_hash
 from .tokenizer import EOT, load_tokenizer
 
 LAYOUT = "datatrove"
+
+try:  # an optional dependency: only the pipeline side needs it, the loader does not
+    from datatrove.pipeline.tokens import DocumentTokenizer as _DocumentTokenizer
+except ImportError:  # pragma: no cover - exercised where datatrove is absent
+    _DocumentTokenizer = object  # type: ignore[assignment,misc]
+
+
+class OurDocumentTokenizer(_DocumentTokenizer):  # type: ignore[misc,valid-type]
+    """datatrove's tokenizer stage with our rule that text is data: a literal ``<|endoftext|>`` inside a
+    document is encoded as its bytes (``encode_special_tokens``, not stored in tokenizer.json), so the
+    only separators are the ones between documents, as in ``prepare-data``. Module level, so the
+    executors can pickle it."""
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        tok = _DocumentTokenizer.tokenizer.func(self)  # type: ignore[attr-defined]
+        tok.encode_special_tokens = True
+        return tok
 
 
 def in_split(doc_id: str, split: str, val_fraction: float, seed: int = 0) -> bool:
@@ -60,10 +79,10 @@ def tokenize_pipelines(make_reader: Any, out: str | Path, tokenizer: str | Path,
     """The train and the val pipeline: ``make_reader()`` (a fresh datatrove reader step) -> the
     split's filter -> ``DocumentTokenizer`` into ``out/<split>`` with our tokenizer. Run each with
     any datatrove executor (``LocalPipelineExecutor``, ``SlurmPipelineExecutor``, ...)."""
-    from datatrove.pipeline.tokens import DocumentTokenizer
-
+    if _DocumentTokenizer is object:
+        raise DataError("tokenizing with datatrove needs it installed: pip install datatrove")
     return {split: [make_reader(), split_filter(split, val_fraction, seed),
-                    DocumentTokenizer(output_folder=str(Path(out) / split), tokenizer_name_or_path=str(tokenizer),
+                    OurDocumentTokenizer(output_folder=str(Path(out) / split), tokenizer_name_or_path=str(tokenizer),
                                       eos_token=EOT, batch_size=batch_size, shuffle_documents=False,
                                       save_final_metadata=True)]
             for split in ("train", "val")}

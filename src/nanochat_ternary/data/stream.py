@@ -100,7 +100,7 @@ class PrepareSummary:
         mb = (m["train_bytes"] + m["val_bytes"]) / 1e6
         rate = f", {mb / self.seconds:.2f} MB/s" if self.seconds > 0 else ""
         return [f"wrote {self.out}{' (resumed)' if self.resumed else ''}: vocab {m['vocab_size']}, "
-                f"{m['n_docs']:,} documents, {tokens:,} tokens, {mb:,.1f} MB of text, "
+                f"{m['n_docs']:,} documents, {tokens:,} tokens, {mb:,.2f} MB of text, "
                 f"{m['train_shards']} train + {m['val_shards']} val {'shards' if m['layout'] == 'shards' else 'files'}, "
                 f"val share {m['val_tokens'] / max(tokens, 1):.2%} of tokens ({m['n_val_docs']:,} documents)"
                 f"; {self.seconds:.0f} s{rate}"]
@@ -314,14 +314,6 @@ def _locked_out(out: Path) -> Iterator[None]:
 
 def _claim_out(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     """The index to resume from, None for a fresh dir; refuses anything else (one line)."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory")
-    if not out.exists():
-        try:
-            out.mkdir(parents=True)
-        except OSError as e:
-            raise DataError(f"cannot create --out {out}: {e.strerror}") from e
-        return None
     names = [p.name for p in out.iterdir() if not _OURS.match(p.name)]
     if not names:
         return None
@@ -423,6 +415,8 @@ def prepare_stream(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
     listing = list_inputs(list(inputs), opts)
     given = load_tokenizer(tokenizer) if tokenizer is not None else None
     job = _job(listing, s, tokenizer)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
     if not out.exists():
         try:
             out.mkdir(parents=True)
