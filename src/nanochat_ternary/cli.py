@@ -69,14 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (typ, help_text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
 
-    p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write tokenizer.json, train.bin, val.bin")
-    p.add_argument("inputs", nargs="+", help="text files, directories, or .parquet files")
-    p.add_argument("--out", "-o", required=True, help="output dir (must not exist or be empty)")
+    p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write token shards (streamed, resumable)",
+                       description="Tokenize text/code dirs, JSONL, parquet, datasets dirs and .gz/.zst files into "
+                                   "a prepared dir (docs/data.md). An interrupted run resumes when re-run the same way.")
+    p.add_argument("inputs", nargs="+", help="text files, directories, .jsonl, .parquet, datasets dirs (.gz/.zst too)")
+    p.add_argument("--out", "-o", required=True,
+                   help="output dir: must not exist or be empty, or be an unfinished prepare of the same inputs")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--glob", default="**/*", help="files to take from directories (default: all text files)")
-    p.add_argument("--parquet-column", default="text")
+    p.add_argument("--text-field", "--parquet-column", dest="text_field", default="text",
+                   help="JSONL field / parquet or datasets column holding the text (default: text)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard (default 100M); 0: one train.bin and one val.bin")
+    p.add_argument("--tokenizer", help="encode with this tokenizer.json instead of training a BPE")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=48.0,
+                   help="train the BPE on a seeded sample of this many MB of text (default 48)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
     p.add_argument("--checkpoint", required=True,
@@ -176,14 +187,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.corpus import prepare_data
+    from .data.stream import PrepareSettings, prepare_stream
 
-    out = prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
-                       val_fraction=args.val_fraction, glob=args.glob, parquet_column=args.parquet_column,
-                       seed=args.seed)
-    meta = json.loads((out / "meta.json").read_text())
-    print(f"wrote {out}: vocab {meta['vocab_size']}, {meta['train_tokens']:,} train / "
-          f"{meta['val_tokens']:,} val tokens from {meta['n_docs']:,} documents")
+    settings = PrepareSettings(vocab_size=args.vocab_size, val_fraction=args.val_fraction, seed=args.seed,
+                               glob=args.glob, text_field=args.text_field, shard_tokens=args.shard_tokens,
+                               tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 2**20), strict=args.strict)
+    summary = prepare_stream(args.inputs, args.out, settings, tokenizer=args.tokenizer,
+                             show_progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
     return 0
 
 
