@@ -202,6 +202,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
+    if 0 < args.temperature < 1e-4:  # logits / T overflows to inf, and softmax of inf is NaN
+        raise UserError(f"--temperature {args.temperature}: too small to sample with (>= 1e-4); "
+                        f"0 is greedy decoding")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in [0, 2**63)")
+    if args.max_tokens > 10**7:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be <= 10,000,000")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError("--prompt: not valid UTF-8 text (the shell passed bytes that are not UTF-8)") from None
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.threads < 0:

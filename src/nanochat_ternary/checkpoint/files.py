@@ -355,7 +355,8 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt} does not match the model: {detail}") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {ckpt}: cannot read model.safetensors ({e})") from None
-    if missing or unexpected:
+    if missing or unexpected:  # lists or sets, by safetensors version
+        missing, unexpected = sorted(missing), sorted(unexpected)
         what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
         raise CheckpointError(f"checkpoint {ckpt} does not match the model: {what.strip()}")
     bad = _first_nonfinite(model.state_dict(), "")

@@ -99,6 +99,12 @@ def check_not_overlapping(out: Path, checkpoint: Path) -> None:
     step dir, its run dir or any dir above them; and ``--force`` is for replacing an earlier
     export, never a checkpoint: an existing ``out`` that is (or holds) a checkpoint is refused too.
     Paths are compared resolved (symlinks and ``..`` followed)."""
+    try:  # a name the filesystem refuses (over 255 bytes, a file used as a dir): one line, now
+        os.lstat(out)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     src = checkpoint.resolve()
     dst = Path(out).resolve()
     if dst == src or dst in src.parents:
