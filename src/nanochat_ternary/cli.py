@@ -2,8 +2,10 @@
 
 Every user mistake (bad config, missing data, corrupt checkpoint...) surfaces as a ``UserError``:
 one line on stderr, exit status 1, no traceback. Exit statuses: 0 done, 1 an error in the input or
-environment, 2 bad command line, 3 training diverged (train/guard.py), 75 stopped by a signal with a
-checkpoint saved (train/signals.py), 130 interrupted without a checkpoint. Run under ``torchrun``
+environment, 2 bad command line, 3 training diverged (train/guard.py), 70 an internal error (a bug:
+one line ``internal error: ...; details in FILE``, the traceback in FILE), 75 stopped by a signal with
+a checkpoint saved (train/signals.py), 130 interrupted without a checkpoint, 141 stdout closed by its
+reader (``generate | head``). Run under ``torchrun``
 for data parallel training.
 """
 
@@ -160,17 +162,18 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint.files import read_meta, resolve_checkpoint
-    from .config import Config, build_config
+    from .checkpoint.files import read_config, resolve_checkpoint, resume_config
+    from .config import build_config
     from .train.runtime import setup_runtime
     from .train.trainer import Trainer
 
     base = None
     if args.resume and not (args.config or args.config_file):
-        base = Config.from_dict(read_meta(resolve_checkpoint(args.resume))["config"])
+        # the checkpoint's config minus its output paths: a resume writes where the user points
+        base = resume_config(args.resume)
     elif args.init_from and not (args.config or args.config_file):
         # a warm start without --config: the checkpoint's model, its preset's training settings
-        saved = Config.from_dict(read_meta(resolve_checkpoint(args.init_from))["config"])
+        saved = read_config(resolve_checkpoint(args.init_from))
         base = build_config(saved.preset or None)
         base.model = saved.model
     cfg = build_config(args.config, args.config_file, _cli_overrides(args), args.set, base=base)
@@ -211,6 +214,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
+    if 0 < args.temperature < 1e-4:  # logits / T overflows to inf, and softmax of inf is NaN
+        raise UserError(f"--temperature {args.temperature}: too small to sample with (>= 1e-4); "
+                        f"0 is greedy decoding")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in [0, 2**63)")
+    if args.max_tokens > 10**7:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be <= 10,000,000")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError("--prompt: not valid UTF-8 text (the shell passed bytes that are not UTF-8)") from None
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.threads < 0:
@@ -370,11 +384,73 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"{e.prefix}: {e}", file=sys.stderr)
+        print(f"{e.prefix}: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `generate ... | head`: the reader left; nothing to report
+        _silence_stdout()
+        return 141
+    except MemoryError as e:
+        print(f"error: out of memory ({_one_line(str(e)) or 'MemoryError'}); try a smaller model, batch or "
+              f"sequence", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, not bad input: one line, the traceback in a file
+        if _is_out_of_memory(e):
+            print(f"error: out of memory ({_one_line(str(e))[:200]}); try a smaller model, batch or sequence",
+                  file=sys.stderr)
+            return 1
+        where = _write_crash_report(args)
+        print(f"internal error: {type(e).__name__}: {_one_line(str(e))[:300]}; details in {where}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+#: Exit status of an unexpected exception (a bug): EX_SOFTWARE of sysexits.h, so a wrapper can tell it
+#: from bad input (1). The traceback goes to a file named in the one line printed.
+EXIT_INTERNAL = 70
+
+
+def _one_line(text: str) -> str:
+    """A message for one stderr line: its lines joined, never a multi-line dump."""
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _write_crash_report(args: argparse.Namespace) -> str:
+    """The current exception's traceback (+ version, command line) in a new file; its path.
+
+    In ``$NANOCHAT_CRASH_DIR`` if set, else the system temp dir; created with ``mkstemp`` (O_EXCL,
+    a fresh name), so it never overwrites or follows anything already there."""
+    import os
+    import tempfile
+    import traceback
+
+    text = (f"nanochat-ternary {__version__}\ncommand: {args.command}\nargv: {sys.argv if args.argv is None else args.argv}"
+            f"\n\n{traceback.format_exc()}")
+    try:
+        fd, name = tempfile.mkstemp(prefix="nanochat-ternary-crash-", suffix=".txt",
+                                    dir=os.environ.get("NANOCHAT_CRASH_DIR") or None)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
+            fh.write(text)
+        return name
+    except OSError as e:
+        return f"no file (it could not be written: {e.strerror or e}; set NANOCHAT_CRASH_DIR)"
 
 
 if __name__ == "__main__":

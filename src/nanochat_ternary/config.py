@@ -174,7 +174,15 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """Rebuild a config stored in a checkpoint (validated like any other source)."""
-        cfg = cls(preset=d.get("preset", ""))
+        if not isinstance(d, dict):
+            raise ConfigError(f"checkpoint config is a {type(d).__name__}, not an object")
+        preset = d.get("preset", "")
+        if not isinstance(preset, str):
+            raise ConfigError(f"checkpoint config: preset = {preset!r:.40} is not a string")
+        cfg = cls(preset=preset)
+        for section in ("model", "training"):
+            if not isinstance(d.get(section, {}), dict):
+                raise ConfigError(f"checkpoint config: '{section}' is a {type(d[section]).__name__}, not an object")
         apply_mapping(cfg, {"model": d.get("model", {}), "training": d.get("training", {})}, "checkpoint")
         validate(cfg)
         return cfg
@@ -411,9 +419,22 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     try:
         with p.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read(MAX_TOML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_TOML_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_TOML_BYTES // 2**20} MiB, not a config file")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text (UTF-8) file, so not TOML (byte {e.start}: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid TOML: nested too deeply") from None
+
+
+MAX_TOML_BYTES = 16 * 2**20  # a config is a few KiB; read no more than this (a TOML path could be /dev/zero)
 
 
 def packaged_config_dir() -> Path:

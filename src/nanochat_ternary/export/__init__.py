@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import ExportError, atomic_output, file_size, load_checkpoint
+from .common import ExportError, atomic_output, check_not_overlapping, file_size, load_checkpoint
 
 FORMATS = ("gguf", "hf", "packed")
 
@@ -27,7 +27,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, quant: 
         raise ExportError(f"--quant applies to --format gguf only ({fmt} has one layout)")
     out = Path(out)
     t0 = time.time()
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint)  # NaN/inf weights are refused here (checkpoint/files.py)
+    check_not_overlapping(out, ck.path)
     m = ck.config.model
     log(f"export {ck.path} (step {ck.step}, {m.n_layers} layers, dim {m.dim}, heads {m.n_heads}/{m.n_kv_heads}, "
         f"vocab {m.vocab_size}, {'tied' if m.weight_tied else 'untied'} head, group_size {m.group_size}) "

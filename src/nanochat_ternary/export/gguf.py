@@ -97,6 +97,12 @@ def _tokenizer_kv(writer, tokenizer_path: Path, n_vocab: int) -> None:
             tokens.append(t)
             types.append(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data.get("model", {}).get("merges", [])]
+    if not merges:
+        # gguf-py drops an empty array, and llama.cpp's gpt2 tokenizer refuses a file without the
+        # merges key ("cannot find tokenizer merges"): a GGUF it cannot load is not an export
+        raise ExportError(f"{tokenizer_path}: a byte-level tokenizer without merges (a model trained on "
+                          f"--dataset synthetic or bare token ids), which llama.cpp's gpt2 tokenizer cannot "
+                          f"load; use --format packed or hf, or train on text")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # our ByteLevel(use_regex=True) split = GPT-2's regex
     writer.add_token_list(tokens)

@@ -15,7 +15,7 @@ straight steps exactly on CPU.
 
 Fault handling lives beside this file, each piece in its own module: stop requests from signals
 (signals.py), skipped non-finite steps (guard.py), the run-dir lock (lock.py), the data
-fingerprint checked on resume (fingerprint.py), durable atomic checkpoints (checkpoint.py).
+fingerprint checked on resume (fingerprint.py), durable atomic checkpoints (checkpoint/files.py).
 """
 
 from __future__ import annotations
@@ -192,6 +192,12 @@ class Trainer:
             except BaseException:
                 self.close()
                 raise
+        if self.rt.is_main:  # a save this run would make must not collide with what is there
+            try:
+                ckpt_io.check_destination(self.run_dir, self.start_step, self.total_steps)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         """Release the run dir (idempotent; ``fit`` calls it when it ends, however it ends)."""
@@ -235,18 +241,24 @@ class Trainer:
         if len(saved) != len(self.optimizers):
             raise CheckpointError(f"checkpoint {ckpt} holds {len(saved)} optimizer states, expected "
                                   f"{len(self.optimizers)} (was it saved with another optimizer setup?)")
-        for opt, sd in zip(self.optimizers, saved):
-            try:
+        # trainer.pt's structure is checked by load_trainer_state; what does not fit these
+        # optimizers (a crafted or foreign file) is one line naming it, whatever torch raises
+        try:
+            for opt, sd in zip(self.optimizers, saved):
                 opt.load_state_dict(sd)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({e})") from None
-        if self.in_backward is not None and "in_backward" in state:
-            self.in_backward.load_state_dict(state["in_backward"])
+            if self.in_backward is not None and "in_backward" in state:
+                self.in_backward.load_state_dict(state["in_backward"])
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({first})") from None
         rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        try:
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.rt.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt}: trainer.pt's RNG state is unusable ({e})") from None
         self.start_step = int(meta["step"])
         self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
         self.echo(f"resumed from {ckpt} at step {self.start_step}")
@@ -298,7 +310,8 @@ class Trainer:
             try:
                 path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
                                                tokenizer_path=self.data.tokenizer_path,
-                                               keep_last=self.cfg.training.keep_last_checkpoints)
+                                               keep_last=self.cfg.training.keep_last_checkpoints,
+                                               protect=(self.resume_ckpt,) if self.resume_ckpt else ())
                 self.last_checkpoint = path
             except CheckpointError as e:
                 err = e
@@ -432,7 +445,7 @@ class Trainer:
             self.echo(f"nothing to do: already at step {self.start_step} of {self.total_steps}")
             return result
 
-        logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main)
+        logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main, warn=self.warn)
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not rt.is_main, unit="step",
                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
         self.model.train()
