@@ -273,7 +273,7 @@ class _Int8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = g2.mm(w_bwd).to(grad_out.dtype).view(*grad_out.shape[:-1], w_bwd.shape[1])
         if ctx.needs_input_grad[1]:
-            x_q = q.reshape(-1, q.shape[-1]).to(torch.float32).mul_(c.reshape(-1, 1))  # = fake-quant input
+            x_q = torch.mul(q.reshape(-1, q.shape[-1]), c.reshape(-1, 1))  # fp32 = the fake-quant input (q may be fp32)
             grad_w = g2.t().mm(x_q.to(dt)).to(ctx.w_dtype)  # [M, K]
         return grad_x, grad_w, None, None, None
 
