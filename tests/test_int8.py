@@ -316,3 +316,17 @@ def test_decoder_matches_model_forward(mode):
     for j, t in enumerate([4] + list(range(5, 12))):
         assert torch.allclose(got[j], full[t], rtol=2e-6, atol=2e-6), (t, (got[j] - full[t]).abs().max())
     assert dec.cache.pos == 12 and dec.weight_bytes() > 0
+
+
+def test_generate_uses_the_int8_decoder(monkeypatch):
+    """An int8 model generates through the Decoder, with the tokens of its own forward (greedy)."""
+    import nanochat_ternary.generate as gen_mod
+
+    over = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=2", "vocab_size=128", "max_seq_len=32", "seq_len=32",
+            "group_size=32", "ternary_matmul=int8"]
+    torch.manual_seed(0)
+    model = GPT(build_config("tiny-cpu", overrides=over).model)
+    fast = list(gen_mod.generate(model, [1, 2, 3], 10, temperature=0.0))
+    assert gen_mod._int8_decoder(model, 16) is not None
+    monkeypatch.setattr(gen_mod, "_int8_decoder", lambda m, n: None)  # the model's own forward
+    assert list(gen_mod.generate(model, [1, 2, 3], 10, temperature=0.0)) == fast
