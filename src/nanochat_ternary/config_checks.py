@@ -158,6 +158,12 @@ def _validate_act_quant(cfg: Config) -> None:
              "allowed: " + ", ".join(repr(c) for c in ACT_QUANT_CHOICES))
     _require(m.act_block_size >= 1, "act_block_size", m.act_block_size, "must be >= 1")
     _require(t.act_quant_switch_step >= 0, "act_quant_switch_step", t.act_quant_switch_step, "must be >= 0")
+    _require(m.ternary_matmul in ("fake_quant", "int8", "auto"), "ternary_matmul", m.ternary_matmul,
+             "allowed: 'fake_quant', 'int8', 'auto'")
+    _require(m.ternary_backward in ("auto", "float32", "bfloat16"), "ternary_backward", m.ternary_backward,
+             "allowed: 'auto', 'float32', 'bfloat16'")
+    _require(not (m.ternary_matmul != "fake_quant" and t.compile == "true"), "ternary_matmul", m.ternary_matmul,
+             "the int8 path runs eagerly: set compile = false, or ternary_matmul = 'fake_quant' to compile")
     if m.act_quant != "int8":
         _require(m.quantization == "ternary", "act_quant", m.act_quant,
                  "activation formats apply to ternary BitLinears: quantization = 'none' runs in full precision")

@@ -234,6 +234,9 @@ class GPT(nn.Module):
         self.compiled_blocks: list[nn.Module] | None = None
         self.act_quant = "int8"
         self.set_act_quant(cfg.act_quant)
+        for lin in self.modules():  # the forward product (model/int8_linear.py)
+            if isinstance(lin, BitLinear):
+                lin.matmul, lin.backward = cfg.ternary_matmul, cfg.ternary_backward
         self.init_weights()
 
     @torch.no_grad()
