@@ -268,6 +268,9 @@ class BitLinear(nn.Module):
         self.quantize = quantize
         self.act_format = "int8"
         self.act_block_size = 16
+        # continual QAT (train/qat.py): 0 = the full-precision path, 1 = ternary (the default, today's
+        # exact path), in between both the weight and the input are w + mix * (quant(w) - w), STE
+        self.quant_mix = 1.0
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
@@ -285,7 +288,10 @@ class BitLinear(nn.Module):
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The input as this layer would see it (fake-quantized if ``quantize``), STE gradient."""
-        return quantize_activations(x, self.act_format, self.act_block_size) if self.quantize else x
+        if not self.quantize or self.quant_mix == 0.0:
+            return x
+        x_q = quantize_activations(x, self.act_format, self.act_block_size)
+        return x_q if self.quant_mix == 1.0 else x + self.quant_mix * (x_q - x)
 
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses (ternary * group scale when ``quantize``), detached."""
@@ -294,8 +300,12 @@ class BitLinear(nn.Module):
 
     def forward(self, x: Tensor, x_is_quantized: bool = False) -> Tensor:
         """``x: [..., in] -> [..., out]``. ``x_is_quantized``: ``x`` came from ``quantize_input``."""
-        if not self.quantize:
+        if not self.quantize or self.quant_mix == 0.0:
             return F.linear(x, _compute_dtype(self.weight, x), self.bias)
+        if self.quant_mix != 1.0:  # QAT ramp: blended weight and input (both STE), see quant_mix
+            x = x if x_is_quantized else self.quantize_input(x)
+            w = _compute_dtype(self.weight, x)
+            return F.linear(x, w + self.quant_mix * (quantize_weight(w, self.group_size) - w), self.bias)
         if not x_is_quantized:
             x = quantize_activations(x, self.act_format, self.act_block_size)
         return bitlinear(x, self.weight, self.bias, self.group_size)
