@@ -63,13 +63,31 @@ def cached_run(name: str, seed: int, args: argparse.Namespace, out: Path) -> dic
     path = out / "results" / f"{name}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    r = oc.run_one(name, seed, args, out)
+    r = from_log(name, seed, args, out) or oc.run_one(name, seed, args, out)
     if "val_loss" in r:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
     msg = r.get("error") or f"val_loss {r['val_loss']:.4f}  ({r['wall_s']:.0f} s)"
     print(f"  done: {name:<28} seed {seed}: {msg}", flush=True)
     return r
+
+
+def from_log(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict | None:
+    """A run that finished but was not recorded (its benchmark process was stopped): run_one's result
+    read back from its log, when the log ends with the final evaluation."""
+    log = out / f"{name}-seed{seed}.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not recs or recs[-1]["step"] != args.steps or recs[-1].get("val_loss") is None:
+        return None
+    return {"variant": name, "seed": seed, "val_loss": recs[-1]["val_loss"], "val_bpb": recs[-1].get("val_bpb"),
+            "train_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"], "s_per_step": recs[-1]["elapsed_s"] / args.steps,
+            "curve": [(r["step"], r["loss"]) for r in recs]}
+
+
+def load_cached(jobs: list[tuple[str, int]], out: Path) -> dict[tuple[str, int], dict]:
+    """The results earlier invocations recorded in ``out`` for these jobs."""
+    paths = {(n, s): out / "results" / f"{n}-seed{s}.json" for n, s in jobs}
+    return {job: json.loads(p.read_text()) for job, p in paths.items() if p.exists()}
 
 
 def run_all(jobs: list[tuple[str, int]], args: argparse.Namespace, out: Path) -> dict[tuple[str, int], dict]:
@@ -95,8 +113,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parallel", type=int, default=2, help="runs at once (each with --threads threads)")
-    ap.add_argument("--lr-mults", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
+    ap.add_argument("--lr-mults", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="the float side's sweep")
+    ap.add_argument("--ternary-lr-mults", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     ap.add_argument("--stages", default="sweep,best,recipes")
+    ap.add_argument("--sides", default="ternary,float", help="the sides the sweep runs")
+    ap.add_argument("--best", default="", help="skip the choice: e.g. ternary=2,float=1 (LR multiples)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--out", required=True, help="runs, checkpoints and cached results")
     args = ap.parse_args()
@@ -108,18 +129,22 @@ def main() -> None:
     print(f"# {args.model}, {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, seeds {args.seeds}, "
           f"default corpus; {args.parallel} runs at a time x {args.threads} thread(s)", flush=True)
 
+    mults = {"ternary": args.ternary_lr_mults, "float": args.lr_mults}
     names = {(side, m): register(f"{side}-lr{m:g}", sets + lr_sets(m))
-             for side, sets in SIDES.items() for m in args.lr_mults}
-    by = run_all([(n, args.seeds[0]) for n in names.values()], args, out) if "sweep" in stages else {}
+             for side, sets in SIDES.items() for m in mults[side]}
+    sweep = [(names[(side, m)], args.seeds[0]) for (side, m) in names if side in args.sides.split(",")]
+    by = run_all(sweep, args, out) if "sweep" in stages else load_cached(sweep, out)
     best: dict[str, float] = {}
+    fixed = dict(kv.split("=") for kv in args.best.split(",") if kv)
     for side in SIDES:
-        done = [(by[(names[(side, m)], args.seeds[0])]["val_loss"], m) for m in args.lr_mults
+        done = [(by[(names[(side, m)], args.seeds[0])]["val_loss"], m) for m in mults[side]
                 if (names[(side, m)], args.seeds[0]) in by]
-        best[side] = min(done)[1] if done else 1.0
+        best[side] = float(fixed[side]) if side in fixed else (min(done)[1] if done else 1.0)
+        names.setdefault((side, best[side]), register(f"{side}-lr{best[side]:g}", SIDES[side] + lr_sets(best[side])))
         print(f"# sweep, seed {args.seeds[0]}, {side}: " + ", ".join(f"x{m:g} {v:.4f}" for v, m in sorted(done, key=lambda t: t[1]))
               + f"; best x{best[side]:g}", flush=True)
     rows = [names[(side, best[side])] for side in SIDES]
-    if "best" in stages or "recipes" in stages:
+    if "best" in stages:
         by.update(run_all([(n, s) for n in rows for s in args.seeds], args, out))
     if "recipes" in stages:
         teacher = teacher_dir(names[("float", best["float"])], args.seeds[0], out)
@@ -127,7 +152,9 @@ def main() -> None:
             sets = [s.format(teacher=teacher) for s in RECIPES[r]]
             rows.append(register(f"{r}-lr{best['ternary']:g}", sets + lr_sets(best["ternary"])))
         by.update(run_all([(n, s) for n in rows[2:] for s in args.seeds], args, out))
-    report(rows, by, args, names[("float", best["float"])])
+    shown = [*dict.fromkeys([*names.values(), *rows])]
+    by = {**load_cached([(n, s) for n in shown for s in args.seeds], out), **by}  # earlier invocations' too
+    report(shown, by, args, names[("float", best["float"])])
 
 
 def report(rows: list[str], by: dict[tuple[str, int], dict], args: argparse.Namespace, ref: str) -> None:
