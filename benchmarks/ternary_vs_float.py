@@ -147,8 +147,9 @@ def main() -> None:
     if "best" in stages:
         by.update(run_all([(n, s) for n in rows for s in args.seeds], args, out))
     if "recipes" in stages:
-        teacher = teacher_dir(names[("float", best["float"])], args.seeds[0], out)
         for r in args.recipes.split(","):
+            needs = any("{teacher}" in s for s in RECIPES[r])
+            teacher = teacher_dir(names[("float", best["float"])], args.seeds[0], out) if needs else ""
             sets = [s.format(teacher=teacher) for s in RECIPES[r]]
             rows.append(register(f"{r}-lr{best['ternary']:g}", sets + lr_sets(best["ternary"])))
         by.update(run_all([(n, s) for n in rows[2:] for s in args.seeds], args, out))
