@@ -19,14 +19,15 @@ import pytest
 import torch
 from conftest import write_corpus
 
+from nanochat_ternary.checkpoint import open_checkpoint
+from nanochat_ternary.checkpoint.files import save_checkpoint
+from nanochat_ternary.checkpoint.packed import pack_codes, unpack_codes
 from nanochat_ternary.config import build_config
 from nanochat_ternary.data.tokenizer import load_tokenizer, train_tokenizer
 from nanochat_ternary.export import ExportError, export_checkpoint
 from nanochat_ternary.export.common import load_checkpoint
-from nanochat_ternary.export.packed import load_packed, pack_codes, unpack_codes
 from nanochat_ternary.generate import generate
 from nanochat_ternary.model.gpt import GPT
-from nanochat_ternary.train.checkpoint import save_checkpoint
 
 gguf = pytest.importorskip("gguf", reason="gguf not installed (pip install 'nanochat-ternary[export]')")
 
@@ -194,7 +195,7 @@ def test_packed_same_logits_and_tokens_and_size(tmp_path, tokenizer_file, one_th
     dense = 4 * (m.vocab_size * m.dim * (1 if m.weight_tied else 2) + m.dim * (2 * m.n_layers + 1))
     assert summary["block_params"] == n_block
     assert out.stat().st_size <= 2.3 * n_block / 8 + dense + 32 * 1024 + len(tokenizer_file.read_text())
-    pm = load_packed(out)
+    pm = open_checkpoint(out)
     ids = torch.randint(0, m.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(pm.model(ids), ck.model(ids))  # bit-identical logits

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (a .gguf runs on the CPU)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
 
     p = sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp), a Hugging Face dir, or packed",
                        description="Export a checkpoint. gguf: llama.cpp's llama architecture, ternary blocks as "
@@ -148,8 +149,8 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint.files import read_meta, resolve_checkpoint
     from .config import Config, build_config
-    from .train.checkpoint import read_meta, resolve_checkpoint
     from .train.runtime import setup_runtime
     from .train.trainer import Trainer
 
@@ -187,51 +188,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import math
+
     import torch
 
-    from .config import Config
-    from .data.tokenizer import load_tokenizer
-    from .generate import generate
-    from .model.gpt import GPT
-    from .train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
-    from .train.runtime import resolve_device
+    from .checkpoint import open_checkpoint
+    from .generate import generate, prompt_ids, stream_text
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature}: must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if Path(args.checkpoint).is_file():  # an exported model: packed .safetensors or .gguf
-        from .export.run import generate_from_file
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    if Path(args.checkpoint).suffix == ".gguf" and Path(args.checkpoint).is_file():
+        from .export.run import generate_gguf
 
-        return generate_from_file(args)
-    ckpt = resolve_checkpoint(args.checkpoint)
-    cfg = Config.from_dict(read_meta(ckpt)["config"])
-    tok_path = ckpt / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"checkpoint {ckpt} has no tokenizer.json (it was trained on token ids without a tokenizer)")
-    tok = load_tokenizer(tok_path)
-    device = resolve_device(args.device)
-    model = GPT(cfg.model)
-    load_model_weights(model, ckpt)
-    model.to(device)
-    # no prompt: start a fresh document, i.e. after the separator the data puts between documents
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+        return generate_gguf(args, Path(args.checkpoint))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opened = open_checkpoint(args.checkpoint, device=args.device)
+    tok = opened.require_tokenizer()
     sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    out: list[int] = []
-    printed = 0
     with torch.inference_mode():
-        for tid in generate(model, ids, max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-            out.append(tid)
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                sys.stdout.write(text[printed:])
-                sys.stdout.flush()
-                printed = len(text)
-    sys.stdout.write(tok.decode(out)[printed:] + "\n")
+        stream_text(generate(opened.model, prompt_ids(tok, args.prompt), max_tokens=args.max_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+                    tok.decode)
+    sys.stdout.write("\n")
     return 0
 
 

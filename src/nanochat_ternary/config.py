@@ -40,17 +40,17 @@ from .errors import ConfigError
 class ModelConfig:
     """Shape of the GPT. ``ffn_hidden`` is derived from ``ffn_mult`` unless set explicitly."""
 
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    ffn_mult: float = 2.0
+    dim: int = 256  # model width (residual stream)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads (head_dim = dim / n_heads)
+    n_kv_heads: int = 4  # key/value heads (GQA: query head h uses kv head h // (n_heads / n_kv_heads))
+    ffn_mult: float = 2.0  # SwiGLU hidden width as a multiple of dim (see ffn_hidden)
     ffn_hidden: int = 0  # 0: round_up(dim * ffn_mult, 128)
-    vocab_size: int = 4096
-    max_seq_len: int = 256
-    weight_tied: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = 4096  # token ids; data with a tokenizer sets it (rounded up to a multiple of 64)
+    max_seq_len: int = 256  # context length (RoPE tables, KV cache)
+    weight_tied: bool = True  # LM head shares the token embedding
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     quantization: str = "ternary"  # "ternary" | "none"
     group_size: int = 128  # BitLinear weight-scale group size
     # BitLinear's activation format (docs/roadmap.md): int8 | int4 | fp4 | a4.8

@@ -20,79 +20,32 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import Config
+from ..checkpoint import OpenedModel, open_checkpoint
 from ..errors import UserError
 from ..model.bitlinear import BitLinear
 from ..model.gpt import GPT
-from ..train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from ..model.ternary import BLOCK_LINEARS, TernaryTensor, split_quantized
+
+# what an export reads: a checkpoint's model and what came with it (checkpoint/open.py)
+LoadedCheckpoint = OpenedModel
+
+__all__ = ["BLOCK_LINEARS", "ExportError", "LoadedCheckpoint", "TernaryTensor", "atomic_output", "block_scales",
+           "file_size", "llama_qk_permutation", "load_checkpoint", "split_quantized", "ternary_weights"]
 
 
 class ExportError(UserError):
     """An export that cannot be done as asked; the message is one line that says why and what to do."""
 
 
-# The BitLinear layers of a block, by their attribute path, in the order formats list them.
-BLOCK_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w3", "ffn.w2")
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A checkpoint's model (weights loaded, eval mode, fp32 on CPU) and what came with it."""
-
-    path: Path  # the step dir
-    config: Config
-    model: GPT
-    tokenizer_path: Path | None  # tokenizer.json in the step dir, if the run had one
-    step: int
-    dropped: list[str]  # parts of the checkpoint an export leaves out (MTP heads), for a note
-
-
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path) -> OpenedModel:
     """A run dir (its newest complete checkpoint) or a step dir -> the model, on CPU in fp32."""
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    cfg = Config.from_dict(meta["config"])
-    model = GPT(cfg.model)
-    load_model_weights(model, ckpt)
-    model.eval()
-    dropped = []
-    if cfg.model.use_mtp:
-        dropped.append(f"{cfg.model.mtp_n_tokens} multi-token-prediction heads (training only)")
-    tok = ckpt / "tokenizer.json"
-    return LoadedCheckpoint(ckpt, cfg, model, tok if tok.is_file() else None, int(meta["step"]), dropped)
-
-
-@dataclass
-class TernaryTensor:
-    """One BitLinear weight as ternary codes and fp32 group scales (``W_q = codes * scale``)."""
-
-    codes: Tensor  # int8 [out, in], values in {-1, 0, 1}
-    scales: Tensor  # fp32 [n_groups]
-    group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
-
-    def scale_map(self) -> Tensor:
-        """fp32 ``[out, in]``: the scale each weight is multiplied by."""
-        n = self.codes.numel()
-        return self.scales.repeat_interleave(self.group_size)[:n].view(self.shape)
-
-    def dequantize(self) -> Tensor:
-        """The weight the training forward uses, bit for bit (``t * s`` is exact in fp32)."""
-        return self.codes.float() * self.scale_map()
-
-    def permute_rows(self, order: Tensor) -> tuple[Tensor, Tensor]:
-        """``(codes, scale_map)`` with rows reordered (a row keeps its weights and their scales)."""
-        return self.codes[order], self.scale_map()[order]
+    return open_checkpoint(path, kinds=("checkpoint",))
 
 
 def ternary_weights(model: GPT) -> dict[str, TernaryTensor]:
@@ -107,20 +60,6 @@ def ternary_weights(model: GPT) -> dict[str, TernaryTensor]:
             assert isinstance(lin, BitLinear)
             out[f"blocks.{i}.{attr}"] = split_quantized(lin.quantized_weight().float(), lin.group_size)
     return out
-
-
-def split_quantized(w_q: Tensor, group_size: int) -> TernaryTensor:
-    """``t * s`` (the forward's fake-quantized weight) -> codes ``t`` and per-group scales ``s``.
-
-    Taking the weight the forward actually multiplies with, rather than re-deriving the scales,
-    makes ``codes * scales`` bit-identical to it: every non-zero ``|w_q|`` in a group *is* ``s``
-    (``t * s`` with ``t = +-1`` is exact in fp32). A group whose codes are all zero gets scale 0.
-    """
-    flat = w_q.reshape(-1)
-    pad = (-flat.numel()) % group_size
-    groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, group_size)
-    scales = groups.abs().amax(dim=1)
-    return TernaryTensor(torch.sign(w_q).to(torch.int8), scales, group_size)
 
 
 def block_scales(codes: Tensor, scale_map: Tensor, block: int, name: str, fmt: str,

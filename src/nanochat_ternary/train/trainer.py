@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoint import files as ckpt_io
 from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
 from ..data.loader import make_batch_source
@@ -42,7 +43,6 @@ from ..model.compile import compile_enabled, compile_error_line, is_compile_erro
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
-from . import checkpoint as ckpt_io
 from .dataset import LoadedData, load_training_data
 from .fingerprint import check_resume_data, data_fingerprint
 from .fire import apply_fire
@@ -362,7 +362,7 @@ class Trainer:
         tpb = self.data.val_tokens_per_byte
         return val_loss, (val_loss * tpb / math.log(2) if tpb else None)
 
-    def _train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
+    def train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
         """One optimizer step: (loss averaged over ranks, grad norm, skipped). ``source`` yields the
         step's micro-batches in order (sync or async); without one they are computed here. Time
         spent waiting for data goes to ``data_wait_s``. A non-finite loss or grad norm on any rank
@@ -473,7 +473,7 @@ class Trainer:
                 for step in range(self.start_step, self.total_steps):
                     ts = time.perf_counter()
                     try:
-                        loss, grad_norm, skipped = self._train_step(step, source)
+                        loss, grad_norm, skipped = self.train_step(step, source)
                     except Exception as e:
                         if self.compiled and is_compile_error(e):
                             raise UserError(compile_error_line(e)) from None
@@ -585,13 +585,12 @@ class Trainer:
 
     def _sample(self) -> str:
         from ..data.tokenizer import load_tokenizer
-        from ..generate import generate
+        from ..generate import generate, prompt_ids
 
         t = self.cfg.training
         tok = load_tokenizer(self.data.tokenizer_path)
         prompt = t.sample_prompt
-        # an empty prompt starts a fresh document: after the separator the data puts between documents
-        ids = tok.encode(prompt) if prompt else [tok.eot_id]
+        ids = prompt_ids(tok, prompt)
         out = list(generate(self.model, ids, max_tokens=t.sample_tokens, temperature=0.8, top_k=50,
                             top_p=0.95, seed=t.seed))
         text = tok.decode((ids if prompt else []) + out)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import files as ckpt_io
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from . import checkpoint as ckpt_io
 
 
 def check_model_config(meta: dict[str, Any], model: ModelConfig, ckpt: Path) -> None:
