@@ -101,6 +101,21 @@ class TrainConfig:
     warmup_steps: int = 20
     decay_start_frac: float = 0.8
     min_lr_ratio: float = 0.0
+    # "wsd" (above) | "bitnet": BitNet b1.58's two stages (train/schedule.py; docs/recipes.md): peak LR
+    # until bitnet_switch_frac of the run, then a drop to bitnet_stage2_ratio x peak, linear decay to
+    # min_lr_ratio, and weight decay off
+    lr_schedule: str = "wsd"
+    bitnet_switch_frac: float = 0.5
+    bitnet_stage2_ratio: float = 0.3
+    # continual QAT (train/qat.py): full precision before qat_start (0: ternary from step 0; in (0, 1):
+    # that fraction of the run; >= 1: that step), then ternary, phased in over qat_ramp_steps
+    qat_start: float = 0.0
+    qat_ramp_steps: int = 0
+    # distillation from a teacher checkpoint (train/distill.py): loss += distill_weight * T^2 *
+    # KL(teacher || student) on the logits at temperature T = distill_temperature; "" = off
+    teacher: str = ""
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     # memory-efficient optimizer variants (issue: memory-efficient Muon)
     use_8bit_optim: bool = False
     quant_block_size: int = 128

@@ -102,6 +102,16 @@ def validate(cfg: Config) -> None:
     _require(t.adam_eps > 0, "adam_eps", t.adam_eps, "must be > 0")
     _require(t.grad_clip >= 0, "grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
     _require(0 <= t.decay_start_frac <= 1, "decay_start_frac", t.decay_start_frac, "must be in [0, 1]")
+    _require(t.lr_schedule in ("wsd", "bitnet"), "lr_schedule", t.lr_schedule, "allowed: 'wsd', 'bitnet'")
+    _require(0 <= t.bitnet_switch_frac <= 1, "bitnet_switch_frac", t.bitnet_switch_frac, "must be in [0, 1]")
+    _require(0 < t.bitnet_stage2_ratio <= 1, "bitnet_stage2_ratio", t.bitnet_stage2_ratio, "must be in (0, 1]")
+    _require(t.qat_start >= 0 and (t.qat_start < 1 or t.qat_start.is_integer()), "qat_start", t.qat_start,
+             "a fraction of the run in [0, 1) or a whole step number >= 1")
+    _require(t.qat_ramp_steps >= 0, "qat_ramp_steps", t.qat_ramp_steps, "must be >= 0")
+    if t.qat_start > 0 or t.qat_ramp_steps > 0:
+        _require(m.quantization == "ternary", "qat_start", t.qat_start, "continual QAT needs quantization = 'ternary'")
+    _require(t.distill_weight >= 0, "distill_weight", t.distill_weight, "must be >= 0")
+    _require(t.distill_temperature > 0, "distill_temperature", t.distill_temperature, "must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _require(0 <= t.collider_sparsity < 1, "collider_sparsity", t.collider_sparsity, "must be in [0, 1)")
     _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")

@@ -52,7 +52,9 @@ from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
 from .runtime import Runtime, is_comm_failure
-from .schedule import lr_factor, set_lr
+from .distill import Distiller
+from .qat import QatSchedule
+from .schedule import schedule_factors, set_lr, set_weight_decay
 from .signals import Preempted, StopRequests
 from .warm_start import WarmStart, check_model_config, reset_momentum
 
@@ -156,6 +158,12 @@ class Trainer:
         # [B*T, V] logits (model/linear_ce.py); on CPU only with gradient checkpointing.
         self.objective = Objective(m, t, chunked_head=t.gradient_checkpointing or runtime.device.type == "cuda",
                                    compiled=self.compiled)
+        # recipes (docs/recipes.md): continual QAT's quantizer mix per step; distillation wraps the objective
+        self.qat = QatSchedule(t, self.total_steps)
+        self.distiller = (Distiller(cfg, self.objective, runtime.device, self.fingerprint, runtime.autocast)
+                          if t.teacher else None)
+        if self.distiller is not None:
+            self.objective = self.distiller
         self.step_stats: dict[str, float] = {}
         if optimizer_factory is not None:
             self.optimizers = optimizer_factory(self.model, t)
@@ -373,9 +381,13 @@ class Trainer:
         spent waiting for data goes to ``data_wait_s``. A non-finite loss or grad norm on any rank
         skips the update on every rank, leaving weights and optimizer state untouched."""
         t = self.cfg.training
-        set_lr(self.optimizers, lr_factor(step, self.total_steps, t.warmup_steps, t.decay_start_frac,
-                                          t.min_lr_ratio))
+        lr_f, wd_f = schedule_factors(step, self.total_steps, t)
+        set_lr(self.optimizers, lr_f)
+        if t.lr_schedule != "wsd":  # the two-stage schedules turn weight decay off in their second stage
+            set_weight_decay(self.optimizers, wd_f)
         self._apply_act_schedule(step)
+        if self.qat.enabled:
+            self.qat.apply(self.model, step)
         stat_sums: dict[str, torch.Tensor] = {}
         self.data_wait_s = 0.0
         for micro in range(t.grad_accum_steps):
@@ -384,6 +396,8 @@ class Trainer:
             self.data_wait_s += time.perf_counter() - tw
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
+            if self.distiller is not None:
+                self.distiller.prepare(x)  # the teacher's logits for this micro-batch
             last = micro == t.grad_accum_steps - 1
             sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
             with sync, self.rt.autocast():
@@ -440,6 +454,9 @@ class Trainer:
                   f"{len(self.data.val):,} val tokens; {self.tokens_per_step:,} tokens/step, "
                   f"{self.total_steps} steps ({self.total_steps / self.batches.steps_per_epoch:.2f} epochs)")
         self.echo(f"run dir: {self.run_dir}")
+        for recipe in (self.qat if self.qat.enabled else None, self.distiller):
+            if recipe is not None:
+                self.echo(recipe.line())
         result = TrainResult(run_dir=self.run_dir, final_checkpoint=None, step=self.start_step)
         if self.start_step >= self.total_steps:
             self.echo(f"nothing to do: already at step {self.start_step} of {self.total_steps}")
@@ -484,6 +501,8 @@ class Trainer:
                     gpu.start()  # after the first step: compiling is not GPU work
                     if step == t.act_quant_switch_step > 0 and rt.is_main:
                         bar.write(f"step {step}: activations switch from int8 to {cfg.model.act_quant}")
+                    if self.qat.enabled and step == self.qat.start and step > 0 and rt.is_main:
+                        bar.write(f"step {step}: continual QAT switches from full precision to ternary")
                     result.data_waits.append(self.data_wait_s)
                     result.step_stats.append(dict(self.step_stats))
                     interval_wait += self.data_wait_s
