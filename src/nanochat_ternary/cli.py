@@ -153,6 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true",
                    help="add torch AdamW/Muon, bitsandbytes and torchao AdamW8bit, galore-torch GaLoreAdamW")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p = sub.add_parser("eval", help="score a model: bits per byte on text, multiple-choice tasks, HumanEval pass@k",
+                       description="Judge a checkpoint (run dir, step dir or packed .safetensors): bits per byte on "
+                                   "any text (tokenizer-independent), multiple-choice accuracy from a local JSONL "
+                                   "or an lm-eval-harness task YAML, the built-in stdlib-next-line task, HumanEval "
+                                   "pass@k in a sandbox. A table on stdout, --json with provenance. "
+                                   "See docs/evaluation.md.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--text", action="append", default=[], metavar="PATH",
+                   help="bits per byte on a file, dir, glob or prepared data dir (its val split); repeatable")
+    p.add_argument("--tasks", action="append", default=[], metavar="TASK",
+                   help="FILE.jsonl ({query, choices, gold} per line) | TASK.yaml (lm-eval) | humaneval | "
+                        "stdlib-next-line; repeatable")
+    p.add_argument("--json", help="write the results with provenance to this file")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--limit", type=int, help="score only the first N items (documents for --text) of each")
+    p.add_argument("--stride", type=int, help="--text: window stride in tokens (default: half the model's context)")
+    p.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (n)")
+    p.add_argument("--pass-k", default="1", help="humaneval: comma-separated k of pass@k (each <= --samples)")
+    p.add_argument("--max-tokens", type=int, default=256, help="humaneval: new tokens per completion")
+    p.add_argument("--temperature", type=float, default=0.2, help="humaneval: sampling temperature (0: greedy)")
+    p.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program run")
+    p.add_argument("--seed", type=int, default=0, help="humaneval: sampling seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -371,8 +396,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.run import EvalOptions, run_eval
+
+    try:
+        pass_k = [int(k) for k in args.pass_k.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--pass-k {args.pass_k!r}: give comma-separated integers, e.g. 1,10") from None
+    return run_eval(EvalOptions(args.checkpoint, args.text, args.tasks, args.json, args.batch_size, args.device,
+                                args.limit, args.stride, args.threads, args.seed, args.samples, pass_k,
+                                args.max_tokens, args.temperature, args.timeout,
+                                command="nanochat-train " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+                                progress=not args.no_progress))
+
+
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
-            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export}
+            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
