@@ -103,3 +103,94 @@ def test_reply_tokens_is_greedy_decoding_of_the_template_prompt_and_stops_at_end
 
     model.logits = biased
     assert list(reply_tokens(opened, t, msgs, max_tokens=6, temperature=0)) == ref[:3]
+
+
+# ----------------------------------------------------------------------------------------------
+# The terminal
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from io import StringIO  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from conftest import write_corpus  # noqa: E402
+from nanochat_ternary.chat.terminal import Terminal  # noqa: E402
+from nanochat_ternary.cli import main  # noqa: E402
+
+SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+         "--batch-size", "4", "--seq-len", "64", "--device", "cpu", "--threads", "1", "--eval-interval", "0"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny text model (10 steps) chat fine-tuned for 4 steps on the default set: a real sft checkpoint."""
+    d = tmp_path_factory.mktemp("chat")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_CACHE", str(d / "cache"))
+    corpus = write_corpus(d / "corpus")
+    assert main(["train", *SMALL, "--dataset", "text", "--data-path", str(corpus), "--set", "tokenizer_vocab_size=400",
+                 "--total-steps", "10", "--sample-tokens", "0", "--checkpoint-dir", str(d / "base")]) == 0
+    assert main(["sft", "--init-from", str(d / "base"), *SMALL, "--total-steps", "4", "--checkpoint-dir",
+                 str(d / "sft")]) == 0
+    yield d
+    mp.undo()
+
+
+def _chat(ckpt: Path, stdin: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "nanochat_ternary.cli", "chat", "--checkpoint", str(ckpt),
+                           "--device", "cpu", "--threads", "1", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_chat_in_a_subprocess_commands_history_and_eof(chat_run):
+    long = "tell me " * 40  # ~80 tokens (+ 40-token replies): three turns overflow the 216-token prompt budget
+    r = _chat(chat_run / "sft", f"hello\n/system Answer briefly.\n/reset\n{long}\n{long}\n{long}\n/nope\n",
+              "--max-tokens", "40", "--temperature", "0")
+    assert r.returncode == 0, r.stderr  # end of input: exit 0
+    assert r.stdout.count("assistant> ") == 4
+    err = r.stderr
+    assert "system message set: 'Answer briefly.'" in err and "history cleared" in err
+    assert "oldest message(s) dropped to fit the context window" in err and "unknown command /nope" in err
+    assert _chat(chat_run / "sft", "hi\n/quit\nnot read\n").stdout.count("assistant> ") == 1
+
+
+def test_chat_on_a_packed_file_and_refusals(chat_run, tmp_path, capsys):
+    packed = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(chat_run / "sft"), "--format", "packed", "--out", str(packed)]) == 0
+    r = _chat(packed, "hi\n", "--max-tokens", "8")
+    assert r.returncode == 0 and r.stdout.count("assistant> ") == 1, r.stderr
+    capsys.readouterr()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    for argv, want in (([str(chat_run / "base")], "error: this tokenizer has no chat tokens"),
+                       ([str(gguf)], "error: running a .gguf needs llama-cpp-python"),  # not installed here
+                       ([str(chat_run / "sft"), "--max-tokens", "0"], "error: --max-tokens 0: must be >= 1")):
+        assert main(["chat", "--checkpoint", *argv, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(want), err
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on():
+    lines = iter(["first", "KI", "second", "/quit"])
+
+    def read_line(_prompt: str) -> str:
+        line = next(lines)
+        if line == "KI":
+            raise KeyboardInterrupt  # Ctrl-C at the prompt: a fresh prompt
+        return line
+
+    def reply(messages, n):
+        yield from (ord("a"), ord("b"))
+        if n == 0:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the first reply
+        yield ord("c")
+
+    out, err = StringIO(), StringIO()
+    session = ChatSession()
+    term = Terminal(reply, lambda ids: bytes(ids).decode(), lambda s: 0, session, read_line, out, err)
+    assert term.run() == 0
+    assert [m["content"] for m in session.turns] == ["first", "ab", "second", "abc"]  # the partial reply kept
+    assert "[reply stopped]" in err.getvalue() and out.getvalue().count("assistant> ") == 2
