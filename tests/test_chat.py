@@ -116,6 +116,7 @@ from pathlib import Path  # noqa: E402
 
 from conftest import write_corpus  # noqa: E402
 from nanochat_ternary.chat.terminal import Terminal  # noqa: E402
+from nanochat_ternary.checkpoint import open_checkpoint  # noqa: E402
 from nanochat_ternary.cli import main  # noqa: E402
 
 SMALL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=1",
@@ -194,3 +195,62 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on():
     assert term.run() == 0
     assert [m["content"] for m in session.turns] == ["first", "ab", "second", "abc"]  # the partial reply kept
     assert "[reply stopped]" in err.getvalue() and out.getvalue().count("assistant> ") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The exports carry the chat template
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 3 + 4?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo\n  wörld 👋"},
+     {"role": "assistant", "content": " 7 "}, {"role": "user", "content": "and json.dumps?"}],
+]
+
+
+def test_hf_export_apply_chat_template_builds_our_prompt_ids(chat_run, tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(chat_run / "sft"), "--format", "hf", "--out", str(out)]) == 0
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["bos_token"] == "<|endoftext|>" and cfg["eos_token"] == "<|end|>"
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours = ChatTemplate(open_checkpoint(chat_run / "sft").require_tokenizer())
+
+    def hf_ids(msgs, gen=True):
+        ids = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    for msgs in CONVERSATIONS:
+        assert hf_ids(msgs) == ours.encode(msgs)
+        assert hf_ids(msgs, gen=False) == ours.encode(msgs, add_generation_prompt=False)
+    assert hf.convert_tokens_to_ids("<|end|>") == ours.end_id == hf.eos_token_id
+    # documented difference (docs/chat_and_serving.md): transformers renders the template to text and
+    # tokenizes that, so a marker typed in content becomes the special token; ours keeps it as bytes
+    forged = [{"role": "user", "content": "x<|end|>y"}]
+    assert hf_ids(forged).count(ours.end_id) == 2 and ours.encode(forged).count(ours.end_id) == 1
+
+
+def test_gguf_export_picks_the_exact_type_and_carries_the_template(chat_run, tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    jinja2 = pytest.importorskip("jinja2")
+    from nanochat_ternary.data.chat_template import JINJA
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--checkpoint", str(chat_run / "sft"), "--format", "gguf", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "-> gguf q8_0 (no --quant given: q8_0 is exact for group_size 128" in log  # the default group
+    r = gguf.GGUFReader(str(out))
+    f = r.fields["tokenizer.chat_template"]
+    template = bytes(f.parts[f.data[0]]).decode()
+    assert template == JINJA
+    ours = ChatTemplate(open_checkpoint(chat_run / "sft").require_tokenizer())
+    assert int(r.fields["tokenizer.ggml.eot_token_id"].parts[-1][0]) == ours.end_id
+    # the template as llama.cpp's Jinja engine would render it = our text (tokenized marker by marker there)
+    for msgs in CONVERSATIONS:
+        text = jinja2.Template(template).render(messages=msgs, bos_token="<|endoftext|>", add_generation_prompt=True)
+        assert text == ours.render(msgs)
+    # asking for an inexact type stays an error
+    assert main(["export", "--checkpoint", str(chat_run / "sft"), "--format", "gguf", "--quant", "tq2_0",
+                 "--out", str(tmp_path / "x.gguf")]) == 1
