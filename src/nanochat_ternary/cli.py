@@ -71,6 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (typ, help_text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
 
+    p = sub.add_parser("sft", help="chat fine-tune a checkpoint on conversations (loss on the assistant's tokens)",
+                       description="Chat fine-tuning: adds the chat tokens to the checkpoint's tokenizer and model, "
+                                   "then trains on conversations (OpenAI {\"messages\"} or ShareGPT "
+                                   "{\"conversations\"} JSONL; default: the embedded set) with the train flags. "
+                                   "See docs/chat_and_serving.md.")
+    _add_config_args(p)
+    p.add_argument("--data", action="append", metavar="FILE.jsonl",
+                   help="conversations (repeatable; default: the embedded stdlib-docs + arithmetic set)")
+    for name, (typ, help_text) in TRAIN_FLAGS.items():
+        if name not in ("dataset", "data_path", "n_samples"):
+            p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
+
+    p = sub.add_parser("chat", help="chat with a fine-tuned checkpoint in the terminal (streamed)")
+    p.add_argument("--checkpoint", required=True, help="sft checkpoint dir, run dir, packed .safetensors or .gguf")
+    p.add_argument("--system", default="", help="system message (change it in the chat with /system TEXT)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+
     p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write token shards (streamed, resumable)",
                        description="Tokenize text/code dirs, JSONL, parquet, datasets dirs and .gz/.zst files into "
                                    "a prepared dir (docs/data.md). An interrupted run resumes when re-run the same way.")
@@ -212,6 +235,28 @@ def cmd_train(args: argparse.Namespace) -> int:
               + (f", val_bpb {result.val_bpb:.3f}" if result.val_bpb is not None else ""))
         print(f"next: nanochat-train generate --checkpoint {result.final_checkpoint} --prompt 'def '")
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .chat.finetune import run_sft, sft_config
+    from .train.runtime import setup_runtime
+
+    cfg = sft_config(args.config, args.config_file, _cli_overrides(args), args.set, args.data)
+    rt = setup_runtime(cfg.training.device, cfg.training.threads)
+    try:
+        result = run_sft(cfg, rt)
+    finally:
+        rt.shutdown()
+    if rt.is_main and result.final_checkpoint is not None:
+        print(f"done: step {result.step}, val_loss {result.val_loss:.4f} (assistant tokens)")
+        print(f"next: nanochat-train chat --checkpoint {result.final_checkpoint}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat.terminal import run_chat
+
+    return run_chat(args)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -411,7 +456,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
-            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval}
+            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval,
+            "sft": cmd_sft, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

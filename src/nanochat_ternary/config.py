@@ -153,6 +153,9 @@ class TrainConfig:
     n_samples: int = 2000  # synthetic dataset: number of sequences
     tokenizer_vocab_size: int = 4096  # for datasets tokenized on the fly (text, stdlib)
     val_fraction: float = 0.0  # held-out share; 0: the dataset's default (see data/datasets.py)
+    # chat fine-tuning (nanochat-train sft; train/sft.py, docs/chat_and_serving.md)
+    sft_data: str = ""  # comma-separated conversation JSONL files; "" = the embedded default set
+    sft_batching: str = "pack"  # pack: fixed seq_len windows of the conversation stream | pad: one per row
     # evaluation and logging
     eval_interval: int = 100
     eval_batches: int = 8

@@ -89,7 +89,11 @@ class Trainer:
     param group it returns must carry ``initial_lr`` for the schedule."""
 
     def __init__(self, cfg: Config, runtime: Runtime, echo: Callable[[str], None] = print,
-                 optimizer_factory: OptimizerFactory | None = None) -> None:
+                 optimizer_factory: OptimizerFactory | None = None, task: Any = None) -> None:
+        # task: another kind of data (sft.py's SFTTask: conversations, masked targets, chat tokens);
+        # None: the config's corpus
+        self.task = task
+        self.command = getattr(task, "command", "train")  # what "continue with: nanochat-train ..." says
         self.cfg = cfg
         self.rt = runtime
         self.echo = echo if runtime.is_main else (lambda _msg: None)
@@ -111,8 +115,8 @@ class Trainer:
         self.warm_record = self.warm.record() if self.warm else (resume_meta or {}).get("warm_start")
 
         # ---- data (the main rank prepares and caches; the others wait, then read the cache)
-        self.data: LoadedData = load_training_data(cfg, runtime,
-                                                   tokenizer=self.warm.tokenizer_path if self.warm else None)
+        self.data: LoadedData = (task.load_data if task is not None else load_training_data)(
+            cfg, runtime, tokenizer=self.warm.tokenizer_path if self.warm else None)
         m = cfg.model
         if self.data.tokenizer_path is not None:
             want = round_up(self.data.vocab_size, 64)
@@ -130,13 +134,16 @@ class Trainer:
             check_model_config(resume_meta, m, self.resume_ckpt)
         if self.warm is not None:
             self.warm.check_data(self.data.tokenizer_path)
-            check_model_config(self.warm.meta, m, self.warm.ckpt)
+            check_model_config(self.warm.meta, m, self.warm.ckpt, ignore=getattr(task, "warm_ignore", ()))
 
         # ---- batches: a pure function of (seed, step, micro, rank)
-        self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
-                                    rank=runtime.rank, world_size=runtime.world_size,
-                                    grad_accum_steps=t.grad_accum_steps)
-        self.val = val_batches(self.data.val, t.batch_size, t.seq_len, t.eval_batches)
+        if task is not None:
+            self.batches, self.val = task.batches(self.data, t, runtime)
+        else:
+            self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
+                                        rank=runtime.rank, world_size=runtime.world_size,
+                                        grad_accum_steps=t.grad_accum_steps)
+            self.val = val_batches(self.data.val, t.batch_size, t.seq_len, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps * runtime.world_size
         if t.total_steps > 0:
             self.total_steps = t.total_steps
@@ -193,7 +200,7 @@ class Trainer:
                 if self.resume_ckpt is not None:
                     self._restore(self.resume_ckpt, resume_meta)
                 else:
-                    self.warm.load_weights(self.model)
+                    self.warm.load_weights(self.model, getattr(self.task, "new_rows_from", None))
                     self.echo(self.warm.line())
                 if t.fire:
                     self._apply_fire()
@@ -353,7 +360,7 @@ class Trainer:
         why = f"{signal_name or 'a signal on another rank'} at step {step}"
         path = self._save_on_exit(step, metrics, f"stopped by {why}")
         return Preempted(f"{why}: checkpoint saved in {path}; continue with: "
-                         f"nanochat-train train --resume {self.run_dir}")
+                         f"nanochat-train {self.command} --resume {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
