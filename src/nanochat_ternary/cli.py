@@ -126,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (a .gguf runs on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (+ a chat page at /) for a checkpoint",
+                       description="Serve a checkpoint over HTTP: POST /v1/chat/completions and /v1/completions "
+                                   "(streaming with stream: true), GET /v1/models, GET /health, and a chat page "
+                                   "at /. Up to --max-batch requests decode together; --max-queue more wait; "
+                                   "beyond that a request gets 503. SIGTERM finishes the replies in flight and "
+                                   "exits 0. See docs/chat_and_serving.md.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $NANOCHAT_API_KEY if "
+                                     "set, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward step")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a decode row before 503s")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     p = sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp), a Hugging Face dir, or packed",
                        description="Export a checkpoint. gguf: llama.cpp's llama architecture, ternary blocks as "
                                    "TQ2_0 (default), TQ1_0 or Q8_0 (or f16/f32), tokenizer embedded. hf: a dir "
@@ -316,6 +333,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.run import serve_checkpoint
+
+    return serve_checkpoint(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+                            max_batch=args.max_batch, max_queue=args.max_queue, device=args.device,
+                            threads=args.threads, log_level=args.log_level)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
@@ -457,7 +482,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
             "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval,
-            "sft": cmd_sft, "chat": cmd_chat}
+            "sft": cmd_sft, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
