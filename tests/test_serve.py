@@ -29,7 +29,10 @@ from nanochat_ternary.data.chat_template import ChatTemplate, add_chat_tokens
 from nanochat_ternary.data.tokenizer import byte_tokenizer
 from nanochat_ternary.generate import generate
 from nanochat_ternary.model.gpt import GPT
-from nanochat_ternary.serve.batched import SlotCache, decode_step, prefill
+from nanochat_ternary.model.decode import Decoder
+from nanochat_ternary.serve.batched import (
+    SlotCache, decode_step, decode_step_fused, fused_decoder, prefill, prefill_fused,
+)
 from nanochat_ternary.serve.engine import Engine, Job
 from nanochat_ternary.serve.text import TextStream
 
@@ -101,6 +104,27 @@ def test_decode_step_matches_full_forward_per_row(one_thread, kv_heads):
     assert cache.lengths[:4] == [n + 3 for n in lengths]
 
 
+def test_fused_decode_step_matches_the_decoder_per_row(one_thread):
+    """The fused path (model/decode.py's packed weights) batched == the Decoder's own batch-1 forward."""
+    model = tiny_model(261, 48, seed=2)  # fp32: the Decoder's weights are fp32
+    dec = fused_decoder(model)
+    assert dec is not None and dec.mode == "fp32"
+    lengths = [5, 1, 17]
+    seqs = [torch.randint(0, 261, (n + 2,)).tolist() for n in lengths]
+    cache = SlotCache(model, slots=4)
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        cache.load(row, prefill_fused(dec, s[:n])[0])
+    for t in range(2):
+        logits = decode_step_fused(dec, cache, [s[n + t] for n, s in zip(lengths, seqs)])  # [3, V]
+        for row, (n, s) in enumerate(zip(lengths, seqs)):
+            ref = Decoder(model, mode="fp32").forward(s[:n + t + 1])  # the Decoder alone, batch 1
+            # fp32, the same weights and ops; only the GEMM's row count differs (its blocking can
+            # reorder sums): ~1e-6 of logits of size ~10
+            torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
+            full = model(torch.tensor([s[:n + t + 1]]))[0, -1]  # and the model's own forward
+            torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)
+
+
 def test_engine_batched_equals_generate_token_for_token(one_thread):
     """Several requests decoded together give each exactly what generate() gives it alone: the same
     greedy tokens, and with a seed the same sampled tokens (each request has its own generator)."""
@@ -116,6 +140,7 @@ def test_engine_batched_equals_generate_token_for_token(one_thread):
     settings.append(dict(temperature=0.0, stop_ids=frozenset([stop])))
     budgets.append(12)
     engine = Engine(model, max_batch=3, max_queue=4)  # 5 requests, 3 rows: two wait, then join mid-decode
+    assert engine.path == "modules"  # float64: the model's own modules
     outs: list[list] = [[] for _ in prompts]
     done = [threading.Event() for _ in prompts]
 
