@@ -366,29 +366,41 @@ def test_concurrent_streams_short_load(chat_server):
 @pytest.fixture(scope="module")
 def long_ckpt(tmp_path_factory) -> Path:
     # a long context so one reply lasts a while (seconds) and is surely still in flight when poked
-    return make_checkpoint(tmp_path_factory.mktemp("longmodel"), chat=True, context=512)
+    return make_checkpoint(tmp_path_factory.mktemp("longmodel"), chat=True, context=1024)
 
 
 def _stream_lines(base: str, max_tokens: int):
-    r = httpx.stream("POST", base + "/v1/completions", json={"prompt": "a", "max_tokens": max_tokens, "stream": True,
-                                                              "stream_options": {"include_usage": True}}, timeout=60)
-    return r
+    # greedy: the test model gives <|endoftext|> a zero logit, below the best printable byte's, so a
+    # reply never ends early
+    body = {"prompt": "a", "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    return httpx.stream("POST", base + "/v1/completions", json=body, timeout=60)
 
 
-def test_full_queue_is_503_and_sigterm_drains_then_exits_0(long_ckpt):
+def test_full_queue_is_503_a_gone_client_frees_its_row_and_sigterm_drains_then_exits_0(long_ckpt):
     with live_server(long_ckpt, "--max-batch", "1", "--max-queue", "0") as (base, proc):
-        with _stream_lines(base, 400) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the one decode row is taken now
+        c = client(base)
+        with _stream_lines(base, 1000) as r:
+            first = r.iter_lines()  # held: dropping a line iterator closes httpx's response
+            assert next(first).startswith("data: ")  # the one decode row is taken now
             with pytest.raises(openai.InternalServerError) as e:
-                client(base).completions.create(model="chat/step_000001", prompt="b", max_tokens=2)
+                c.completions.create(model="chat/step_000001", prompt="b", max_tokens=2)
             assert e.value.status_code == 503 and e.value.code == "server_busy"
+            first.close()
+        # the client hung up: the server stops that reply and frees the row well before its 1000 tokens
+        deadline = time.time() + 10
+        while (h := httpx.get(base + "/health").json())["decoding"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert h["decoding"] == 0 and h["decode_steps"] < 999, h
+        with _stream_lines(base, 1000) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
             assert httpx.get(base + "/health").json()["decoding"] == 1  # still in flight as SIGTERM comes
             proc.send_signal(signal.SIGTERM)
             rest = [x for x in lines if x]
         assert rest[-1] == "data: [DONE]"
         usage = json.loads([x for x in rest if '"usage"' in x][-1][6:])["usage"]
-        assert usage["completion_tokens"] == 400  # the reply in flight finished whole
+        assert usage["completion_tokens"] == 1000  # the reply in flight finished whole
         assert proc.wait(30) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(base + "/health", timeout=2)  # and it is gone
