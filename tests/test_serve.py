@@ -318,6 +318,10 @@ def test_raw_http_errors_and_the_server_survives(chat_server):
     assert _error(httpx.post(url, json=big, timeout=30), 413)["code"] == "request_too_large"
     assert _error(httpx.get(chat_server + "/v1/nothing"), 404)["code"] == "not_found"
     assert _error(httpx.get(url), 405)["code"] == "method_not_allowed"
+    # nulls mean "not set"; any integer seed is taken
+    odd = httpx.post(url, json={"messages": MSGS, "max_tokens": 2, "temperature": None, "n": None, "seed": -(10 ** 30)},
+                     timeout=30)
+    assert odd.status_code == 200, odd.text
     # still serving after all that
     ok = httpx.post(url, json={"messages": MSGS, "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2

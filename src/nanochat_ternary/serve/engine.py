@@ -143,13 +143,14 @@ class Engine:
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
-        job.generator = torch.Generator(device=self.device)
-        job.generator.manual_seed(job.seed if job.seed is not None else time.time_ns() % (2 ** 63))
         try:
+            job.generator = torch.Generator(device=self.device)
+            # any int a client sends maps to a valid seed (torch takes 0 .. 2**64 - 1)
+            job.generator.manual_seed(job.seed % (2 ** 63) if job.seed is not None else time.time_ns() % (2 ** 63))
             cache, logits = (prefill_fused(self.decoder, job.prompt) if self.decoder is not None
                              else prefill(self.model, job.prompt))  # logits [1, V]
         except Exception as e:  # this request's failure only (the HTTP side checks lengths first)
-            log.exception("prefill failed")
+            log.exception("admitting a request failed")
             job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
             return
         row = len(self._live)
