@@ -240,8 +240,8 @@ def main() -> None:
               f"ttft p50={s['ttft_p50_s']} s p95={s['ttft_p95_s']} s tokens/s={s['tokens_per_s']}")
     print(f"8 clients vs 1: {out['ratio_8_vs_1']}x aggregate tokens/s (target >= 4x)")
     if engine:
-        print(f"decode step alone ({engine['path']}): {engine['ms_per_step_1']} ms at 1 row, {engine['ms_per_step_8']} ms "
-              f"at 8 rows: {engine['ratio_8_vs_1']}x tokens/s")
+        print(f"decode step alone ({engine['path']}): {engine['ms_per_step_1']} ms at 1 row, "
+              f"{engine['ms_per_step_8']} ms at 8 rows: {engine['ratio_8_vs_1']}x tokens/s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -28,10 +28,15 @@ from nanochat_ternary.config import build_config
 from nanochat_ternary.data.chat_template import ChatTemplate, add_chat_tokens
 from nanochat_ternary.data.tokenizer import byte_tokenizer
 from nanochat_ternary.generate import generate
-from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.model.decode import Decoder
+from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.serve.batched import (
-    SlotCache, decode_step, decode_step_fused, fused_decoder, prefill, prefill_fused,
+    SlotCache,
+    decode_step,
+    decode_step_fused,
+    fused_decoder,
+    prefill,
+    prefill_fused,
 )
 from nanochat_ternary.serve.engine import Engine, Job
 from nanochat_ternary.serve.text import TextStream
@@ -73,13 +78,15 @@ def make_checkpoint(root: Path, chat: bool, context: int) -> Path:
         printable[32:127] = True
         model.lm_head.weight.masked_fill_(~printable[:, None], 0.0)
     meta = {"config": tiny_config(tok.vocab_size, context).to_dict()}
-    return save_checkpoint(root / ("chat" if chat else "base"), 1, model, {}, meta, tokenizer_path=root / "tokenizer.json")
+    return save_checkpoint(root / ("chat" if chat else "base"), 1, model, {}, meta,
+                           tokenizer_path=root / "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------
 # numerics: batched decode == the model's own full forward, row by row
 
 
+@pytest.mark.numerics  # make test reruns it with ATEN_CPU_CAPABILITY=avx2 and =default
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_decode_step_matches_full_forward_per_row(one_thread, kv_heads):
     cfg = build_config("tiny-cpu", overrides=[*SMALL[:3], f"n_kv_heads={kv_heads}", "group_size=64",
@@ -104,6 +111,7 @@ def test_decode_step_matches_full_forward_per_row(one_thread, kv_heads):
     assert cache.lengths[:4] == [n + 3 for n in lengths]
 
 
+@pytest.mark.numerics
 def test_fused_decode_step_matches_the_decoder_per_row(one_thread):
     """The fused path (model/decode.py's packed weights) batched == the Decoder's own batch-1 forward."""
     model = tiny_model(261, 48, seed=2)  # fp32: the Decoder's weights are fp32
@@ -125,6 +133,7 @@ def test_fused_decode_step_matches_the_decoder_per_row(one_thread):
             torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_engine_batched_equals_generate_token_for_token(one_thread):
     """Several requests decoded together give each exactly what generate() gives it alone: the same
     greedy tokens, and with a seed the same sampled tokens (each request has its own generator)."""

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "at /. Up to --max-batch requests decode together; --max-queue more wait; "
                                    "beyond that a request gets 503. SIGTERM finishes the replies in flight and "
                                    "exits 0. See docs/chat_and_serving.md.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $NANOCHAT_API_KEY if "

@@ -16,8 +16,16 @@ from ..data.chat_template import ROLE_TOKENS, ChatTemplate, has_chat_tokens
 from ..data.tokenizer import Tokenizer
 from .engine import Busy, Engine, Event, Job
 from .protocol import (
-    ApiError, ChatRequest, CompletionRequest, _Sampling, chat_chunk, chat_response, completion_chunk,
-    completion_response, new_id, usage_chunk,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    _Sampling,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    usage_chunk,
 )
 from .text import TextStream
 
@@ -104,7 +112,8 @@ class Service:
 
     # ------------------------------------------------------------------ job -> text
 
-    async def pieces(self, job: Job, events: asyncio.Queue, stop: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
+    async def pieces(self, job: Job, events: asyncio.Queue,
+                     stop: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
         """``(text, finish_reason or None, tokens so far)`` as the job runs; the last one has the finish reason."""
         stream = TextStream(self.tok.decode, stop)
         n = 0
@@ -131,9 +140,8 @@ class Service:
         job, events = self.start(req, prompt, stop_ids)
         text, finish, n = "", "length", 0
         try:
-            async for piece, fin, n in self.pieces(job, events, req.stop_strings):
-                text += piece
-                finish = fin or finish
+            async for piece, fin, count in self.pieces(job, events, req.stop_strings):
+                text, finish, n = text + piece, fin or finish, count
         except GenerationFailed as e:
             raise ApiError(500, str(e), type="server_error", code="generation_failed") from None
         build = chat_response if chat else completion_response
@@ -154,7 +162,8 @@ class Service:
             if chat:
                 yield f"data: {json.dumps(chat_chunk(rid, self.name, {'role': 'assistant', 'content': ''}, None))}\n\n"
             try:
-                async for piece, finish, n in self.pieces(job, events, req.stop_strings):
+                async for piece, finish, count in self.pieces(job, events, req.stop_strings):
+                    n = count
                     if piece:
                         yield chunk(piece, None)
                     if finish:
