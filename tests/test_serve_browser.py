@@ -48,10 +48,11 @@ def _wait(cond, timeout: float = 30.0, what: str = "") -> None:
 def test_page_streams_a_reply(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
-    ckpt = make_checkpoint(tmp_path / "model", chat=True, context=256)
+    # context 128 and replies of 60 tokens: the third turn no longer fits
+    ckpt = make_checkpoint(tmp_path / "model", chat=True, context=128)
     with live_server(ckpt) as (base, _):
         browser.get(base + "/")
-        _wait(lambda: "context 256" in browser.find_element(By.ID, "model").text, what="the page to read /health")
+        _wait(lambda: "context 128" in browser.find_element(By.ID, "model").text, what="the page to read /health")
         browser.find_element(By.ID, "max-tokens").clear()
         browser.find_element(By.ID, "max-tokens").send_keys("60")
         browser.find_element(By.ID, "input").send_keys("Hello, who are you?")
@@ -82,3 +83,16 @@ def test_page_streams_a_reply(tmp_path, browser):
         print(f"screenshot: {shot}")
         # the page's request went through the real API: the engine decoded it
         assert httpx.get(base + "/health").json()["decode_steps"] > 0
+
+        # a conversation longer than the context: the page drops its oldest turns and says so
+        for text in ("second message", "third message"):
+            browser.find_element(By.ID, "input").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1 + len(users) and
+                  browser.find_element(By.ID, "send").is_enabled(), what=f"the reply to {text!r}")
+            users = browser.find_elements(By.CSS_SELECTOR, ".msg.user")
+        notes = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".note")]
+        assert any("dropped" in n for n in notes), notes
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+        assert reply() and reply() != "(no reply)"
+        browser.save_screenshot(str(tmp_path / "chat_page_long.png"))
