@@ -91,7 +91,11 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = MAX
     """The app serving ``service``; with ``api_key`` every ``/v1/`` route needs ``Authorization: Bearer <key>``."""
     app = FastAPI(title="nanochat-ternary", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
-    page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+    try:
+        page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+    except FileNotFoundError:  # an install without the package data: the API still serves
+        log.warning("serve/page.html is not installed; / answers with a note instead of the chat page")
+        page = "<!doctype html><p>The chat page (serve/page.html) is not installed; the API at /v1/ works.</p>"
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
