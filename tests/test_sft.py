@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_corpus
+
 from nanochat_ternary.chat.format_eval import format_following
 from nanochat_ternary.chat.sft_data import default_conversations, read_conversations
 from nanochat_ternary.checkpoint import open_checkpoint
@@ -115,9 +115,9 @@ def _write(tmp_path: Path, lines: list[str]) -> Path:
 
 
 def test_reads_openai_and_sharegpt_lines(tmp_path):
-    p = _write(tmp_path, [json.dumps({"messages": CONVS[0]}), "",
-                          json.dumps({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                                                        {"from": "gpt", "value": "a"}]})])
+    share = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                               {"from": "gpt", "value": "a"}]}
+    p = _write(tmp_path, [json.dumps({"messages": CONVS[0]}), "", json.dumps(share)])
     assert read_conversations(p) == [CONVS[0], [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                                                 {"role": "assistant", "content": "a"}]]
 
@@ -161,7 +161,8 @@ def base_run(tmp_path_factory):
     mp.setenv("NANOCHAT_CACHE", str(d / "cache"))
     corpus = write_corpus(d / "corpus")
     rc = main(["train", *SMALL, "--dataset", "text", "--data-path", str(corpus), "--set", "tokenizer_vocab_size=400",
-               "--total-steps", "20", "--sample-tokens", "0", "--eval-interval", "0", "--checkpoint-dir", str(d / "base")])
+               "--total-steps", "20", "--sample-tokens", "0", "--eval-interval", "0",
+               "--checkpoint-dir", str(d / "base")])
     assert rc == 0
     yield d
     mp.undo()

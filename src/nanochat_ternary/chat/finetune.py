@@ -15,7 +15,7 @@ from ..checkpoint.files import read_meta, resolve_checkpoint
 from ..config import Config, build_config
 from ..errors import UserError
 from ..train.sft import SFTTask
-from ..train.trainer import TrainResult, Trainer
+from ..train.trainer import Trainer, TrainResult
 from .sft_data import default_conversations, read_conversations, split_conversations
 
 DEFAULT_VAL_FRACTION = 0.1
