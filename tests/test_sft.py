@@ -200,6 +200,9 @@ def test_sft_resume_reproduces_a_straight_run(base_run, tmp_path, batching):
     opened = open_checkpoint(tmp_path / "resumed")
     assert ChatTemplate(opened.require_tokenizer()).end_id < opened.config.model.vocab_size
     assert opened.config.model.vocab_size % 64 == 0
+    # the wrong command for a run is one line, not a data-fingerprint puzzle
+    assert main(["train", "--resume", str(tmp_path / "resumed")]) == 1
+    assert main(["sft", "--resume", str(base_run / "base")]) == 1
 
 
 def test_fine_tuned_model_ends_its_turn_far_more_often_than_its_base(base_run, tmp_path):
