@@ -108,6 +108,9 @@ class Trainer:
         if t.resume:
             self.resume_ckpt = ckpt_io.resolve_checkpoint(t.resume)
             resume_meta = ckpt_io.read_meta(self.resume_ckpt)
+            if task is None and str((resume_meta.get("data") or {}).get("name", "")).startswith("sft:"):
+                raise UserError(f"{self.resume_ckpt} is a chat fine-tune: continue it with "
+                                f"nanochat-train sft --resume {t.resume}")
         # warm start (init_from): a checkpoint's weights, and its tokenizer for the data (warm_start.py)
         self.warm = WarmStart.open(t.init_from) if t.init_from else None
         # FIRE already applied in this run (recorded in its checkpoints): never again on resume
