@@ -221,3 +221,14 @@ def test_fine_tuned_model_ends_its_turn_far_more_often_than_its_base(base_run, t
     r_base = format_following(base.eval(), t, held, max_tokens=24)
     r_ft = format_following(ft.model, t, held, max_tokens=24)
     assert r_base.end_rate <= 0.1 and r_ft.end_rate >= 0.7, (r_base.line(), r_ft.line())
+
+
+def test_train_refuses_the_sft_fields(tmp_path, capsys):
+    """An accepted field takes effect: plain ``train`` has no conversations to read, so sft_data is an error."""
+    from conftest import SMALL_CPU_RUN
+
+    from nanochat_ternary.cli import main
+
+    rc = main(["train", *SMALL_CPU_RUN, "--total-steps", "1", "--checkpoint-dir", str(tmp_path / "r"),
+               "--set", "sft_data=x.jsonl"])
+    assert rc == 1 and "nanochat-train sft" in capsys.readouterr().err

@@ -101,6 +101,9 @@ class Trainer:
         self.warn: Callable[[str], None] = ((lambda msg: tqdm.write(msg, file=sys.stderr))
                                             if runtime.is_main else (lambda _msg: None))
         t = cfg.training
+        if task is None and (t.sft_data or t.sft_batching != "pack"):
+            raise UserError("sft_data / sft_batching apply to chat fine-tuning: run nanochat-train sft "
+                            "(train reads the corpus of --dataset)")
 
         # ---- resume target (read first: it fixes the run dir and the model shape)
         self.resume_ckpt: Path | None = None
