@@ -12,7 +12,7 @@ from nanochat_ternary.cli import main
 from nanochat_ternary.config import Config, build_config
 from nanochat_ternary.errors import ConfigError
 from nanochat_ternary.model.bitlinear import BitLinear
-from nanochat_ternary.train import checkpoint as ck
+from nanochat_ternary.checkpoint import files as ck
 from nanochat_ternary.train.distill import Distiller, distill_kl
 from nanochat_ternary.train.objective import Objective
 from nanochat_ternary.train.qat import quant_mix
