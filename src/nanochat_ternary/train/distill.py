@@ -65,6 +65,9 @@ class Distiller:
         if tv != cfg.model.vocab_size:
             raise UserError(f"teacher {self.ckpt}: vocab_size {tv} differs from the student's "
                             f"{cfg.model.vocab_size}; the teacher must use the run's tokenizer")
+        if self.teacher.cfg.max_seq_len < t.seq_len:
+            raise UserError(f"teacher {self.ckpt}: max_seq_len {self.teacher.cfg.max_seq_len} is shorter than the "
+                            f"run's seq_len {t.seq_len}")
         theirs = (meta.get("data_fingerprint") or {}).get("tokenizer_sha256")
         ours = data_fingerprint.get("tokenizer_sha256")
         if theirs != ours:
