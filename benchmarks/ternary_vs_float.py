@@ -80,7 +80,8 @@ def from_log(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict 
     if not recs or recs[-1]["step"] != args.steps or recs[-1].get("val_loss") is None:
         return None
     return {"variant": name, "seed": seed, "val_loss": recs[-1]["val_loss"], "val_bpb": recs[-1].get("val_bpb"),
-            "train_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"], "s_per_step": recs[-1]["elapsed_s"] / args.steps,
+            "train_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"],
+            "s_per_step": recs[-1]["elapsed_s"] / args.steps,
             "curve": [(r["step"], r["loss"]) for r in recs]}
 
 
@@ -141,7 +142,8 @@ def main() -> None:
                 if (names[(side, m)], args.seeds[0]) in by]
         best[side] = float(fixed[side]) if side in fixed else (min(done)[1] if done else 1.0)
         names.setdefault((side, best[side]), register(f"{side}-lr{best[side]:g}", SIDES[side] + lr_sets(best[side])))
-        print(f"# sweep, seed {args.seeds[0]}, {side}: " + ", ".join(f"x{m:g} {v:.4f}" for v, m in sorted(done, key=lambda t: t[1]))
+        tried = ", ".join(f"x{m:g} {v:.4f}" for v, m in sorted(done, key=lambda t: t[1]))
+        print(f"# sweep, seed {args.seeds[0]}, {side}: " + tried
               + f"; best x{best[side]:g}", flush=True)
     rows = [names[(side, best[side])] for side in SIDES]
     if "best" in stages:
