@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="runs at once (each with --threads threads)")
     ap.add_argument("--lr-mults", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="the float side's sweep")
     ap.add_argument("--ternary-lr-mults", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    ap.add_argument("--stages", default="sweep,best,recipes")
+    ap.add_argument("--stages", default="sweep,best,recipes", help="sweep,best,recipes, or report (the table only)")
     ap.add_argument("--sides", default="ternary,float", help="the sides the sweep runs")
     ap.add_argument("--best", default="", help="skip the choice: e.g. ternary=2,float=1 (LR multiples)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
@@ -155,6 +155,8 @@ def main() -> None:
             sets = [s.format(teacher=teacher) for s in RECIPES[r]]
             rows.append(register(f"{r}-lr{best['ternary']:g}", sets + lr_sets(best["ternary"])))
         by.update(run_all([(n, s) for n in rows[2:] for s in args.seeds], args, out))
+    elif "report" in stages:  # only the table, from what earlier invocations recorded
+        rows += [f"{r}-lr{best['ternary']:g}" for r in args.recipes.split(",")]
     shown = [*dict.fromkeys([*names.values(), *rows])]
     by = {**load_cached([(n, s) for n in shown for s in args.seeds], out), **by}  # earlier invocations' too
     report(shown, by, args, names[("float", best["float"])])
