@@ -44,6 +44,7 @@ from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
 from .dataset import LoadedData, load_training_data
+from .distill import Distiller
 from .fingerprint import check_resume_data, data_fingerprint
 from .fire import apply_fire
 from .gpu_monitor import GpuUtilization
@@ -51,9 +52,8 @@ from .guard import NonFiniteGuard
 from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
-from .runtime import Runtime, is_comm_failure
-from .distill import Distiller
 from .qat import QatSchedule
+from .runtime import Runtime, is_comm_failure
 from .schedule import schedule_factors, set_lr, set_weight_decay
 from .signals import Preempted, StopRequests
 from .warm_start import WarmStart, check_model_config, reset_momentum
