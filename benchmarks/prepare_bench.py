@@ -79,6 +79,40 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, kib / 2**20, r.stdout
 
 
+def sampler_bench(prepared: Path, shard_tokens: int, n_gets: int = 3000) -> dict[str, float]:
+    """Batches per second from the same tokens as one memmapped file and as shards of
+    ``shard_tokens`` (``TokenBatches.get``, batch 8 x 256: the data side of a training step)."""
+    sys.path.insert(0, str(SRC))
+    import numpy as np
+
+    from nanochat_ternary.data import TokenBatches, load_prepared, write_tokens
+    from nanochat_ternary.data.shards import ShardedTokens
+
+    one = np.asarray(load_prepared(prepared).train)
+    d = prepared.parent / f"{prepared.name}-shards"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    vocab = int(one.max()) + 1
+    paths = []
+    for i in range(0, len(one), shard_tokens):
+        paths.append(d / f"train-{i // shard_tokens:05d}.bin")
+        write_tokens(paths[-1], one[i:i + shard_tokens], vocab)
+    single = d / "single.bin"
+    write_tokens(single, one, vocab)
+    from nanochat_ternary.data import read_tokens
+
+    out = {"shards": len(paths)}
+    for name, tokens in (("single", read_tokens(single)), ("shards", ShardedTokens(paths)),
+                         ("single_again", read_tokens(single))):
+        b = TokenBatches(tokens, 8, 256, seed=0)
+        b.get(0)
+        t0 = time.perf_counter()
+        for step in range(n_gets):
+            b.get(step)
+        out[f"{name}_batches_per_s"] = n_gets / (time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[100.0])
@@ -111,6 +145,7 @@ def main() -> None:
                "peak_rss_gib_full": rss_full, "peak_rss_gib_given": rss_given}
         row["ratio_given_vs_bare"] = row["prepare_given_tok_mb_s"] / row["bare_encode_mb_s"]
         row["ratio_full_vs_bare"] = row["prepare_full_mb_s"] / row["bare_encode_mb_s"]
+        row.update(sampler_bench(given, 1_000_000))
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -115,6 +115,8 @@ def test_shards_concatenated_equal_single_file(tmp_path, tok_file):
     idx = rng.integers(0, len(one.train), (7, 33))
     np.testing.assert_array_equal(sh.train[idx], one.train[idx])
     np.testing.assert_array_equal(sh.train[695:1410], one.train[695:1410])  # spans three shards
+    edges = np.arange(690, 723)[None, :] + np.array([[0], [700], [1400], [5]])  # windows across shard edges
+    np.testing.assert_array_equal(sh.train[edges], one.train[edges])
     assert sh.train[-1] == one.train[-1] and sh.train[700] == one.train[700]
     # the sampler's batches (rank-disjoint windows, position = step) are the same across shard edges
     for rank in (0, 1):
