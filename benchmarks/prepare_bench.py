@@ -1,7 +1,9 @@
 """prepare-data throughput and peak memory against the bare tokenizer, side by side in one run.
 
 For each corpus size (generated from the local stdlib's .py files, lines shuffled per copy so BPE
-sees new text), three subprocesses, each timed, its peak RSS read by GNU time (``/usr/bin/time -f %M``):
+sees new text), four subprocesses in turn, each timed, its peak RSS read by GNU time
+(``/usr/bin/time -f %M``): bare, prepare --tokenizer, bare again (the machine's load drifts: the two
+bare rates bracket the prepare), full prepare:
 
 * ``bare``: a loop of ``Tokenizer.encode_batch_fast`` over the same files in 1 MB batches (read
   lazily, ids discarded) with the same tokenizer: the speed the tokenizer allows on this machine;
@@ -130,19 +132,22 @@ def main() -> None:
         given = work / f"given-{mb:g}"
         shutil.rmtree(full, ignore_errors=True)
         shutil.rmtree(given, ignore_errors=True)
-        t_bare, _, out = timed([sys.executable, "-c", BARE, str(corpus), str(work / "tokenizer.json")]) \
-            if (work / "tokenizer.json").is_file() else (None, None, None)
+        tok = work / "tokenizer.json"
+        if not tok.is_file():  # a BPE trained on this corpus's first size, shared by the runs below
+            t_full, rss_full, _ = timed([*cli, str(corpus), "--out", str(full)])
+            shutil.copy(full / "tokenizer.json", tok)
+            shutil.rmtree(full)
+        # bare, prepare --tokenizer, bare again, full: the bare rate brackets the prepare (load drifts)
+        _, rss_bare, out1 = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
+        t_given, rss_given, _ = timed([*cli, str(corpus), "--out", str(given), "--tokenizer", str(tok)])
+        _, _, out2 = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
         t_full, rss_full, _ = timed([*cli, str(corpus), "--out", str(full)])
-        if t_bare is None:
-            shutil.copy(full / "tokenizer.json", work / "tokenizer.json")
-            t_bare, _, out = timed([sys.executable, "-c", BARE, str(corpus), str(work / "tokenizer.json")])
-        bare_bytes, bare_encode_s = out.split()
-        t_given, rss_given, _ = timed([*cli, str(corpus), "--out", str(given), "--tokenizer", str(work / "tokenizer.json")])
+        bare = [int(o.split()[0]) / 1e6 / float(o.split()[1]) for o in (out1, out2)]
         meta = json.loads((full / "meta.json").read_text())
         row = {"corpus_mb": n_bytes / 1e6, "tokens": meta["train_tokens"] + meta["val_tokens"],
-               "bare_encode_mb_s": int(bare_bytes) / 1e6 / float(bare_encode_s),
+               "bare_encode_mb_s": sum(bare) / 2, "bare_before_after": bare,
                "prepare_given_tok_mb_s": n_bytes / 1e6 / t_given, "prepare_full_mb_s": n_bytes / 1e6 / t_full,
-               "peak_rss_gib_full": rss_full, "peak_rss_gib_given": rss_given}
+               "peak_rss_gib_bare": rss_bare, "peak_rss_gib_given": rss_given, "peak_rss_gib_full": rss_full}
         row["ratio_given_vs_bare"] = row["prepare_given_tok_mb_s"] / row["bare_encode_mb_s"]
         row["ratio_full_vs_bare"] = row["prepare_full_mb_s"] / row["bare_encode_mb_s"]
         row.update(sampler_bench(given, 1_000_000))

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .tokenfile import HEADER_SIZE, _pack_header, check_token_range, dtype_for_vocab, read_header, read_tokens
+from .tokenfile import _pack_header, check_token_range, dtype_for_vocab, read_header, read_tokens
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "nanochat-ternary shards"
