@@ -138,11 +138,12 @@ def main() -> None:
             shutil.copy(full / "tokenizer.json", tok)
             shutil.rmtree(full)
         # bare, prepare --tokenizer, bare again, full: the bare rate brackets the prepare (load drifts)
-        _, rss_bare, out1 = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
+        # every rate is bytes / the subprocess's wall time (interpreter and imports included in all)
+        t_bare1, rss_bare, _ = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
         t_given, rss_given, _ = timed([*cli, str(corpus), "--out", str(given), "--tokenizer", str(tok)])
-        _, _, out2 = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
+        t_bare2, _, _ = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
         t_full, rss_full, _ = timed([*cli, str(corpus), "--out", str(full)])
-        bare = [int(o.split()[0]) / 1e6 / float(o.split()[1]) for o in (out1, out2)]
+        bare = [n_bytes / 1e6 / t for t in (t_bare1, t_bare2)]
         meta = json.loads((full / "meta.json").read_text())
         row = {"corpus_mb": n_bytes / 1e6, "tokens": meta["train_tokens"] + meta["val_tokens"],
                "bare_encode_mb_s": sum(bare) / 2, "bare_before_after": bare,

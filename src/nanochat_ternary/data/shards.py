@@ -294,6 +294,8 @@ class ShardedTokens:
         idx = np.asarray(key)
         if idx.dtype.kind not in "iu":
             raise IndexError(f"shard sets take int, slice or integer-array indices, not {idx.dtype}")
+        if len(self.plain) == 1:
+            return self.plain[0][idx]
         if idx.ndim == 2 and idx.shape[1] > 1:
             rows = self._windows(idx)
             if rows is not None:
