@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write token shards (streamed, resumable)",
                        description="Tokenize text/code dirs, JSONL, parquet, datasets dirs and .gz/.zst files into "
-                                   "a prepared dir (docs/data.md). An interrupted run resumes when re-run the same way.")
+                                   "a prepared dir (docs/data.md). An interrupted run resumes when re-run the "
+                                   "same way.")
     p.add_argument("inputs", nargs="+", help="text files, directories, .jsonl, .parquet, datasets dirs (.gz/.zst too)")
     p.add_argument("--out", "-o", required=True,
                    help="output dir: must not exist or be empty, or be an unfinished prepare of the same inputs")
