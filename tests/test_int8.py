@@ -331,3 +331,23 @@ def test_generate_uses_the_int8_decoder(monkeypatch):
     assert gen_mod._int8_decoder(model, 16) is not None
     monkeypatch.setattr(gen_mod, "_int8_decoder", lambda m, n: None)  # the model's own forward
     assert list(gen_mod.generate(model, [1, 2, 3], 10, temperature=0.0)) == fast
+
+
+def test_checkpointing_and_bf16_latents_take_the_int8_path():
+    """Gradient checkpointing recomputes the int8 forward bit for bit (same gradients as without);
+    a bf16 latent weight is packed in fp32 and gets a bf16 gradient."""
+    torch.manual_seed(0)
+    model = GPT(build_config("tiny-cpu", overrides=TINY + ["ternary_matmul=int8", "ternary_backward=float32"]).model)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        model(x, targets=x).backward()
+        grads.append(model.blocks[0].ffn.w2.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    lin = _layer(128, 16)
+    lin.weight.data = lin.weight.data.bfloat16()
+    xin = torch.randn(3, 128, requires_grad=True)
+    lin(xin).sum().backward()
+    assert lin._pack.codes.dtype in (torch.int8, torch.float32) and lin.weight.grad.dtype == torch.bfloat16
