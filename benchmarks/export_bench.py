@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanochat_ternary.checkpoint import open_checkpoint
 from nanochat_ternary.data.datasets import default_cache_dir, load_dataset
 from nanochat_ternary.export import ExportError, export_checkpoint
 from nanochat_ternary.export.common import load_checkpoint
-from nanochat_ternary.export.packed import load_packed
 from nanochat_ternary.model.gpt import KVCache
 
 QUANTS = ("tq2_0", "tq1_0", "q8_0", "f16", "f32")
@@ -82,9 +82,9 @@ def speed_only(ck, preset: str, threads: int, n_tokens: int, overrides: list[str
     """Decode tok/s of a randomly initialised ``preset`` model (group_size 256, ``ck``'s tokenizer
     and vocab) in every GGUF type, next to our PyTorch decode: speed does not depend on training,
     and a bigger model than ``ck`` shows the matmul cost rather than per-token overheads."""
+    from nanochat_ternary.checkpoint.files import save_checkpoint
     from nanochat_ternary.config import build_config
     from nanochat_ternary.model.gpt import GPT
-    from nanochat_ternary.train.checkpoint import save_checkpoint
 
     cfg = build_config(preset, overrides=["group_size=256", f"vocab_size={ck.config.model.vocab_size}", *overrides])
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def speed_only(ck, preset: str, threads: int, n_tokens: int, overrides: list[str
         # ours: the packed model (weights quantized once; a checkpoint's BitLinear re-quantizes its
         # shadow weights in every forward, which is training's cost, not inference's)
         export_checkpoint(run, "packed", d / "m.safetensors", log=lambda *_: None)
-        packed = load_packed(d / "m.safetensors").model
+        packed = open_checkpoint(d / "m.safetensors").model
         out["ours_packed_decode_tok_s"] = our_decode_tok_s(packed, n_tokens)
         del packed
         print(f"{preset}: ours (packed, PyTorch fp32) decode {out['ours_packed_decode_tok_s']:.1f} tok/s", flush=True)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         p = d / "m.safetensors"
         export_checkpoint(ck.path, "packed", p, log=quiet)
         res["sizes"]["packed"] = p.stat().st_size
-        pm = load_packed(p)
+        pm = open_checkpoint(p)
         with torch.inference_mode():
             diff = max((pm.model(torch.tensor([w]))[0] - o).abs().max().item() for w, o in zip(windows, ours))
         res["packed_max_logit_diff"] = diff

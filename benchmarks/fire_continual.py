@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat_ternary.config import Config
+from nanochat_ternary.checkpoint import open_checkpoint
+from nanochat_ternary.checkpoint.files import resolve_checkpoint
 from nanochat_ternary.data.batches import val_batches
 from nanochat_ternary.data.datasets import load_dataset, stdlib_dataset
-from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.provenance import describe, provenance
-from nanochat_ternary.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
 
 WAYS: dict[str, list[str]] = {
     "warm": ["--init-from", "{ckpt_a}"],
@@ -77,10 +76,7 @@ def train(name: str, seed: int, steps: int, data: list[str], extra: list[str], a
 def val_loss(ckpt: str, tokens: np.ndarray, args: argparse.Namespace) -> float:
     """Mean next-token CE of a checkpoint on ``tokens`` (a val split), over the batches a run's own
     evaluation would use (``eval_batches`` evenly spaced windows; Trainer.evaluate's sum)."""
-    cfg = Config.from_dict(read_meta(Path(ckpt))["config"])
-    model = GPT(cfg.model)
-    load_model_weights(model, Path(ckpt))
-    model.eval()
+    model = open_checkpoint(ckpt).model
     total = n = 0.0
     for x, y in val_batches(tokens, args.batch_size, args.seq_len, args.eval_batches):
         total += float(model(x, targets=y)) * y.numel()

@@ -301,7 +301,7 @@ def bench_shape_cuda(preset: str, tokens_per_step: int, micro_batch: int, seq: i
         tr = random_token_trainer(c, rt, Path(tmp.name) / name, total)
         trainers.append(tr)
         counter = iter(range(10**9))
-        step = lambda: tr._train_step(next(counter))  # noqa: E731 - the trainer's own step
+        step = lambda: tr.train_step(next(counter))  # noqa: E731 - the trainer's own step
         t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()

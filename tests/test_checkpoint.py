@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat_ternary.checkpoint import files as ck
 from nanochat_ternary.errors import CheckpointError, UserError
-from nanochat_ternary.train import checkpoint as ck
 
 
 class Tied(torch.nn.Module):

@@ -10,12 +10,12 @@ import torch
 from conftest import SMALL_CPU_RUN, write_corpus
 from safetensors.torch import load_file
 
+from nanochat_ternary.checkpoint import files as ck
 from nanochat_ternary.cli import _cli_overrides, build_parser, main
 from nanochat_ternary.config import build_config
 from nanochat_ternary.data import datasets, pkgdocs
 from nanochat_ternary.model.bitlinear import ternary_quantize_weight
 from nanochat_ternary.optim.factory import split_named_params
-from nanochat_ternary.train import checkpoint as ck
 from nanochat_ternary.train.fire import apply_fire, fire_matrix, fire_scale, polar_newton_schulz
 from nanochat_ternary.train.runtime import Runtime
 from nanochat_ternary.train.trainer import Trainer

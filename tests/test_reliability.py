@@ -25,8 +25,8 @@ from conftest import write_corpus
 from faults import POINTS, TINY
 from safetensors.torch import load_file
 
+from nanochat_ternary.checkpoint import files as ck
 from nanochat_ternary.cli import main
-from nanochat_ternary.train import checkpoint as ck
 from nanochat_ternary.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,9 @@ model and attends over the cached keys/values, O(T).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -126,3 +128,38 @@ def generate(
                 logits = _forward_last(model, torch.tensor([[tok]], dtype=torch.long, device=device), cache)
     finally:
         model.train(was_training)
+
+
+class TextTokenizer(Protocol):
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
+    """The ids a generation starts from: the prompt's tokens, or for an empty prompt the
+    end-of-text separator the data puts between documents (i.e. start a new document)."""
+    return tok.encode(prompt) if prompt else [tok.eot_id]
+
+
+def stream_text(tokens: Iterable[int], decode: Callable[[list[int]], str],
+                write: Callable[[str], object] | None = None, flush: Callable[[], object] | None = None) -> list[int]:
+    """Write the decoded text of ``tokens`` as it arrives, whole UTF-8 characters only (a token may end
+    inside a multi-byte character: its decoded text then ends in U+FFFD until the rest arrives).
+    Returns the ids; the final flush writes whatever is left, replacement characters included.
+    ``write`` / ``flush`` default to the *current* ``sys.stdout`` (looked up per call, not at import)."""
+    write = write or sys.stdout.write
+    flush = flush or sys.stdout.flush
+    out: list[int] = []
+    printed = 0
+    for tid in tokens:
+        out.append(tid)
+        text = decode(out)
+        if not text.endswith("\ufffd"):
+            write(text[printed:])
+            flush()
+            printed = len(text)
+    write(decode(out)[printed:])
+    flush()
+    return out

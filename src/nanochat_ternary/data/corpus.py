@@ -469,6 +469,43 @@ def _resolve_vocab(meta: dict[str, Any], bins: list[Path], arrays: list[np.ndarr
     return max(int(np.max(a)) for a in arrays if len(a)) + 1
 
 
+def _tokenizer_in(path: Path, meta: dict[str, Any]) -> Path | None:
+    """The tokenizer file meta.json names: a plain file name inside the dir, never a path elsewhere
+    (a crafted meta.json must not get another file copied into checkpoints)."""
+    name = meta.get("tokenizer", "tokenizer.json")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise DataError(f"{path / 'meta.json'}: 'tokenizer' must be a file name inside {path}, got {name!r}")
+    p = path / name
+    if not p.is_file():
+        return None
+    if p.is_symlink() or p.resolve().parent != path.resolve():
+        raise DataError(f"{path / 'meta.json'}: tokenizer {name!r} must be a regular file inside {path}, not a link")
+    return p
+
+
+def _load_sharded(path: Path, meta: dict[str, Any]) -> PreparedData:
+    """A dir written by ``prepare-data`` with shards (see ``shards``): each split one token array."""
+    from .shards import INDEX_NAME, ShardedTokens, read_index, shard_paths
+
+    if meta.get("layout") == "datatrove":  # written by HF datatrove's tokenizer (data/datatrove_io.py)
+        from .datatrove_io import load_split
+
+        train, val = (load_split(path, meta, sp) for sp in ("train", "val"))
+    else:
+        idx = read_index(path / INDEX_NAME)
+        if not idx.get("complete"):
+            raise DataError(f"{path / INDEX_NAME} is not marked complete: run the same prepare-data command to resume")
+        train, val = (ShardedTokens(shard_paths(path, idx, sp)) for sp in ("train", "val"))
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise DataError(f"{path / 'meta.json'}: 'vocab_size' must be a positive integer, got {vocab!r}")
+    for arr, sp in ((train, "train"), (val, "val")):
+        check_token_range(arr, vocab, f"the {sp} shards of {path}")
+    return PreparedData(path, _tokenizer_in(path, meta), train, val, meta, vocab)  # type: ignore[arg-type]
+
+
 def load_prepared(path: str | Path, val_fraction: float = 0.01) -> PreparedData:
     """Load a prepared data dir, or a single ``.bin`` token file.
 
@@ -485,18 +522,21 @@ def load_prepared(path: str | Path, val_fraction: float = 0.01) -> PreparedData:
     if path.is_file() and path.name == "train.bin" and (path.parent / "val.bin").is_file():
         path = path.parent
     if path.is_dir():
+        meta = _read_meta(path / "meta.json") if (path / "meta.json").is_file() else {}
+        if (path / "index.json").is_file() and not meta:
+            raise DataError(f"{path} is an unfinished prepare-data output (index.json, no meta.json): run the "
+                            "same prepare-data command again to resume it")
+        if meta.get("layout") in ("shards", "datatrove"):
+            return _load_sharded(path, meta)
         train_bin, val_bin = path / "train.bin", path / "val.bin"
         for b in (train_bin, val_bin):
             if not b.is_file():
                 raise DataError(f"not a prepared data dir (no {b.name}): {path} — run prepare-data")
-        meta = _read_meta(path / "meta.json") if (path / "meta.json").is_file() else {}
         train, val = read_tokens(train_bin), read_tokens(val_bin)
         vocab = _resolve_vocab(meta, [train_bin, val_bin], [train, val])
         for arr, b in ((train, train_bin), (val, val_bin)):
             check_token_range(arr, vocab, b)
-        tok_name = meta.get("tokenizer", "tokenizer.json")
-        tok_path = path / tok_name if isinstance(tok_name, str) and (path / tok_name).is_file() else None
-        return PreparedData(path, tok_path, train, val, meta, vocab)
+        return PreparedData(path, _tokenizer_in(path, meta), train, val, meta, vocab)
 
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")

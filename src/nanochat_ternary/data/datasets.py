@@ -425,7 +425,7 @@ def synthetic_dataset(
 
 
 def _looks_prepared(p: Path) -> bool:
-    return p.suffix == ".bin" or (p.is_dir() and (p / "train.bin").is_file())
+    return p.suffix == ".bin" or (p.is_dir() and any((p / f).is_file() for f in ("train.bin", "index.json", "meta.json")))
 
 
 def load_dataset(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -76,6 +77,13 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many documents at once; HF parallelises this across cores."""
         return [list(e.ids) for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Like ``encode_batch``, as uint32 arrays, without the offsets (``encode_batch_fast``: the
+        same ids, less work and memory); the documents are encoded in parallel on all cores."""
+        hf = self.hf
+        enc = hf.encode_batch_fast if hasattr(hf, "encode_batch_fast") else hf.encode_batch
+        return [np.array(e.ids, dtype=np.uint32) for e in enc(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text. Special tokens are kept so a separator stays visible in generations."""

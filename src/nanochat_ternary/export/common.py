@@ -20,79 +20,32 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import Config
+from ..checkpoint import OpenedModel, open_checkpoint
 from ..errors import UserError
 from ..model.bitlinear import BitLinear
 from ..model.gpt import GPT
-from ..train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from ..model.ternary import BLOCK_LINEARS, TernaryTensor, split_quantized
+
+# what an export reads: a checkpoint's model and what came with it (checkpoint/open.py)
+LoadedCheckpoint = OpenedModel
+
+__all__ = ["BLOCK_LINEARS", "ExportError", "LoadedCheckpoint", "TernaryTensor", "atomic_output", "block_scales",
+           "check_not_overlapping", "file_size", "llama_qk_permutation", "load_checkpoint", "split_quantized", "ternary_weights"]
 
 
 class ExportError(UserError):
     """An export that cannot be done as asked; the message is one line that says why and what to do."""
 
 
-# The BitLinear layers of a block, by their attribute path, in the order formats list them.
-BLOCK_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w3", "ffn.w2")
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A checkpoint's model (weights loaded, eval mode, fp32 on CPU) and what came with it."""
-
-    path: Path  # the step dir
-    config: Config
-    model: GPT
-    tokenizer_path: Path | None  # tokenizer.json in the step dir, if the run had one
-    step: int
-    dropped: list[str]  # parts of the checkpoint an export leaves out (MTP heads), for a note
-
-
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path) -> OpenedModel:
     """A run dir (its newest complete checkpoint) or a step dir -> the model, on CPU in fp32."""
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    cfg = Config.from_dict(meta["config"])
-    model = GPT(cfg.model)
-    load_model_weights(model, ckpt)
-    model.eval()
-    dropped = []
-    if cfg.model.use_mtp:
-        dropped.append(f"{cfg.model.mtp_n_tokens} multi-token-prediction heads (training only)")
-    tok = ckpt / "tokenizer.json"
-    return LoadedCheckpoint(ckpt, cfg, model, tok if tok.is_file() else None, int(meta["step"]), dropped)
-
-
-@dataclass
-class TernaryTensor:
-    """One BitLinear weight as ternary codes and fp32 group scales (``W_q = codes * scale``)."""
-
-    codes: Tensor  # int8 [out, in], values in {-1, 0, 1}
-    scales: Tensor  # fp32 [n_groups]
-    group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
-
-    def scale_map(self) -> Tensor:
-        """fp32 ``[out, in]``: the scale each weight is multiplied by."""
-        n = self.codes.numel()
-        return self.scales.repeat_interleave(self.group_size)[:n].view(self.shape)
-
-    def dequantize(self) -> Tensor:
-        """The weight the training forward uses, bit for bit (``t * s`` is exact in fp32)."""
-        return self.codes.float() * self.scale_map()
-
-    def permute_rows(self, order: Tensor) -> tuple[Tensor, Tensor]:
-        """``(codes, scale_map)`` with rows reordered (a row keeps its weights and their scales)."""
-        return self.codes[order], self.scale_map()[order]
+    return open_checkpoint(path, kinds=("checkpoint",))
 
 
 def ternary_weights(model: GPT) -> dict[str, TernaryTensor]:
@@ -107,20 +60,6 @@ def ternary_weights(model: GPT) -> dict[str, TernaryTensor]:
             assert isinstance(lin, BitLinear)
             out[f"blocks.{i}.{attr}"] = split_quantized(lin.quantized_weight().float(), lin.group_size)
     return out
-
-
-def split_quantized(w_q: Tensor, group_size: int) -> TernaryTensor:
-    """``t * s`` (the forward's fake-quantized weight) -> codes ``t`` and per-group scales ``s``.
-
-    Taking the weight the forward actually multiplies with, rather than re-deriving the scales,
-    makes ``codes * scales`` bit-identical to it: every non-zero ``|w_q|`` in a group *is* ``s``
-    (``t * s`` with ``t = +-1`` is exact in fp32). A group whose codes are all zero gets scale 0.
-    """
-    flat = w_q.reshape(-1)
-    pad = (-flat.numel()) % group_size
-    groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, group_size)
-    scales = groups.abs().amax(dim=1)
-    return TernaryTensor(torch.sign(w_q).to(torch.int8), scales, group_size)
 
 
 def block_scales(codes: Tensor, scale_map: Tensor, block: int, name: str, fmt: str,
@@ -153,41 +92,74 @@ def block_scales(codes: Tensor, scale_map: Tensor, block: int, name: str, fmt: s
 # Output: nothing half-written at --out
 
 
+def check_not_overlapping(out: Path, checkpoint: Path) -> None:
+    """Refuse an ``--out`` that overlaps what the export reads, ``--force`` or not.
+
+    Replacing ``out`` would destroy the source when ``out`` is one of the checkpoint's files, its
+    step dir, its run dir or any dir above them; and ``--force`` is for replacing an earlier
+    export, never a checkpoint: an existing ``out`` that is (or holds) a checkpoint is refused too.
+    Paths are compared resolved (symlinks and ``..`` followed)."""
+    try:  # a name the filesystem refuses (over 255 bytes, a file used as a dir): one line, now
+        os.lstat(out)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    src = checkpoint.resolve()
+    dst = Path(out).resolve()
+    if dst == src or dst in src.parents:
+        raise ExportError(f"--out {out} would replace the checkpoint being exported ({checkpoint} is "
+                          f"{'it' if dst == src else 'inside it'}); choose a path outside it")
+    if dst.parent == src and dst.exists():
+        raise ExportError(f"--out {out} is a file of the checkpoint being exported; choose another path")
+    if dst.is_dir() and ((dst / "meta.json").is_file() or any(
+            (c / "meta.json").is_file() for c in dst.iterdir() if c.name.startswith("step_"))):
+        raise ExportError(f"--out {out} is a checkpoint or a run dir; an export never replaces one "
+                          f"(choose another path)")
+
+
 @contextmanager
 def atomic_output(out: Path, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temp path beside ``out``; on success it is renamed to ``out``, on failure removed.
 
     ``out`` existing is an error unless ``force`` (then it is replaced only once the new one is
     complete). The temp path lives in ``out``'s directory so the final rename never crosses a
-    filesystem.
+    filesystem. The temp is created with ``mkstemp`` / ``mkdtemp`` (``O_EXCL``, a fresh name: never
+    something already there). A filesystem error (full disk, a name too long, no permission) is one
+    ``ExportError`` line, with the temp removed and ``out`` as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise ExportError(f"--out {out} already exists (remove it, choose another path, or pass --force)")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"--out {out}: directory {parent} does not exist")
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    prefix = f".tmp-{out.name[:200]}-"  # a 255-byte name stays one: the temp's name must fit too
+    tmp: Path | None = None
     try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+            os.close(fd)
+            tmp = Path(name)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)  # mkstemp/mkdtemp create 0600/0700; give the result the usual permissions
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
-        if out.exists():  # --force: move the old one aside only now that the new one is whole
-            old = parent / f".old-{out.name}-{os.getpid()}"
+        if out.exists() or out.is_symlink():  # --force: move the old one aside only now that the new one is whole
+            old = parent / f".old-{out.name[:200]}-{os.getpid()}"
             os.rename(out, old)
             os.rename(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         else:
             os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write it ({e.strerror or e}); nothing was left there") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def llama_qk_permutation(n_heads: int, head_dim: int) -> Tensor:

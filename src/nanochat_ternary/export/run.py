@@ -1,6 +1,6 @@
-"""Run an exported model: ``generate --checkpoint model.safetensors`` (packed) or ``model.gguf``.
+"""Run a ``.gguf`` export: ``generate --checkpoint model.gguf``.
 
-Packed files run on our own GPT (same code, same tokens as the checkpoint). GGUF files run on
+(Packed files run on our own GPT through ``checkpoint.open_checkpoint``, like checkpoints.) GGUF files run on
 llama.cpp through ``llama-cpp-python`` (an optional extra), so a user can try the exported model
 without learning another CLI.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..generate import stream_text
 
 
 def _llama_cpp():
@@ -43,47 +44,11 @@ def llamacpp_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def _stream(tokens: Iterator[int], decode, prompt: str) -> None:
-    """Print the prompt, then the decoded continuation as whole UTF-8 characters arrive."""
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    out: list[int] = []
-    printed = 0
-    for tid in tokens:
-        out.append(tid)
-        text = decode(out)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
-            printed = len(text)
-    sys.stdout.write(decode(out)[printed:] + "\n")
-
-
-def generate_from_file(args: argparse.Namespace) -> int:
-    """``generate`` for an exported file (flags as for a checkpoint)."""
-    path = Path(args.checkpoint)
-    if path.suffix == ".gguf":
-        return _generate_gguf(args, path)
-    from .packed import is_packed, load_packed
-
-    if not is_packed(path):
-        raise UserError(f"--checkpoint {path}: a file, but neither a packed export (.safetensors) nor a .gguf")
-    import torch
-
-    from ..data.tokenizer import Tokenizer
-    from ..generate import generate
-
-    pm = load_packed(path)
-    if pm.tokenizer_json is None:
-        raise UserError(f"{path} has no tokenizer (its checkpoint was trained on token ids without one)")
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tok = Tokenizer(HFTokenizer.from_str(pm.tokenizer_json))
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty prompt: start a document
-    with torch.inference_mode():
-        _stream(generate(pm.model, ids, max_tokens=args.max_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed), tok.decode, args.prompt)
-    return 0
+def generate_gguf(args: argparse.Namespace, path: Path) -> int:
+    """``generate`` for a ``.gguf`` file, on llama.cpp (CPU; ``--device`` other than auto/cpu is refused)."""
+    if args.device not in ("auto", "cpu"):
+        raise UserError(f"--device {args.device}: a .gguf runs on llama.cpp's CPU backend here; use --device cpu")
+    return _generate_gguf(args, path)
 
 
 def _generate_gguf(args: argparse.Namespace, path: Path) -> int:
@@ -100,5 +65,7 @@ def _generate_gguf(args: argparse.Namespace, path: Path) -> int:
             yield int(t)
 
     llm.set_seed(args.seed)
-    _stream(tokens(), lambda out: llm.detokenize(out).decode("utf-8", errors="replace"), args.prompt)
+    sys.stdout.write(args.prompt)
+    stream_text(tokens(), lambda out: llm.detokenize(out).decode("utf-8", errors="replace"))
+    sys.stdout.write("\n")
     return 0

@@ -278,6 +278,9 @@ class BitLinear(nn.Module):
         self.matmul = "fake_quant"
         self.backward = "auto"
         self._pack: i8.TernaryPack | None = None  # int8 path: codes + scales of the current weight
+        # continual QAT (train/qat.py): 0 = the full-precision path, 1 = ternary (the default, today's
+        # exact path), in between both the weight and the input are w + mix * (quant(w) - w), STE
+        self.quant_mix = 1.0
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
@@ -294,16 +297,20 @@ class BitLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def quantize_input(self, x: Tensor) -> Tensor | i8.Int8Input:
-        """The input as this layer would see it (fake-quantized if ``quantize``), STE gradient; on
-        the int8 path its codes (:class:`~.int8_linear.Int8Input`), for layers sharing the input."""
+        """The input as this layer would see it (fake-quantized if ``quantize``, blended during a QAT
+        ramp), STE gradient; on the int8 path its codes (:class:`~.int8_linear.Int8Input`), for layers
+        sharing the input."""
+        if not self.quantize or self.quant_mix == 0.0:
+            return x
         if self.uses_int8(x.device):
             return i8.Int8Input(x, *i8.quantize_act_codes(x, self._code_dtype(x.device)))
-        return quantize_activations(x, self.act_format, self.act_block_size) if self.quantize else x
+        x_q = quantize_activations(x, self.act_format, self.act_block_size)
+        return x_q if self.quant_mix == 1.0 else x + self.quant_mix * (x_q - x)
 
     def uses_int8(self, device: torch.device) -> bool:
         """Whether this layer's forward takes the integer path (``matmul`` and its shape/format)."""
-        if not self.quantize or self.matmul == "fake_quant":
-            return False
+        if not self.quantize or self.matmul == "fake_quant" or self.quant_mix != 1.0:
+            return False  # the QAT ramp's blend is a float computation
         if self.matmul not in i8.MATMUL_CHOICES:
             raise ValueError(f"ternary_matmul must be one of {i8.MATMUL_CHOICES}, got {self.matmul!r}")
         if not i8.int8_supported(self.in_features, self.group_size, self.act_format):
@@ -344,8 +351,12 @@ class BitLinear(nn.Module):
             if self.uses_int8(x.x.device):
                 return self._int8_forward(x)
             x, x_is_quantized = x.x, False  # this layer takes the fake-quant path: quantize anew
-        if not self.quantize:
+        if not self.quantize or self.quant_mix == 0.0:
             return F.linear(x, _compute_dtype(self.weight, x), self.bias)
+        if self.quant_mix != 1.0:  # QAT ramp: blended weight and input (both STE), see quant_mix
+            x = x if x_is_quantized else self.quantize_input(x)
+            w = _compute_dtype(self.weight, x)
+            return F.linear(x, w + self.quant_mix * (quantize_weight(w, self.group_size) - w), self.bias)
         if not x_is_quantized and self.uses_int8(x.device):
             return self._int8_forward(self.quantize_input(x))
         if not x_is_quantized:
