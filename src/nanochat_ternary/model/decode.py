@@ -125,7 +125,8 @@ class Decoder:
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # [T, hd/2]
         mask, causal = None, start == 0 and T > 1
         if start > 0 and T > 1:  # query i at absolute position start+i sees keys 0..start+i
-            mask = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
+            dev = self.emb.device
+            mask = torch.arange(start + T, device=dev)[None, :] <= torch.arange(start, start + T, device=dev)[:, None]
         extra = {"enable_gqa": True} if Hkv != H else {}
         x = F.embedding(ids, self.emb)  # [T, D]
         for i, b in enumerate(self.blocks):
