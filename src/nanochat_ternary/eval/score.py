@@ -84,8 +84,7 @@ def score_requests(model: GPT, requests: Sequence[Request], batch_size: int = 16
     try:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
         for chunk in _batches(order, batch_size):
-            for i, lp in zip(chunk, _score_batch(model, [requests[i] for i in chunk])):
-                yield i, lp
+            yield from zip(chunk, _score_batch(model, [requests[i] for i in chunk]))
             if progress is not None:
                 progress(len(chunk))
     finally:
