@@ -60,8 +60,12 @@ def truncate_at_stop(text: str) -> str:
 def complete(opened: OpenedModel, prompt: str, max_tokens: int, temperature: float, seed: int) -> str:
     """One completion of ``prompt``, stopped at a stop sequence (checked as the text grows)."""
     tok = opened.require_tokenizer()
+    # keep room for max_tokens: a prompt longer than the context loses its start (its docstring
+    # head), not the room to answer (generate alone would keep max_seq_len - 1 prompt tokens)
+    room = max(1, opened.config.model.max_seq_len - max_tokens)
+    prompt_ids = tok.encode(prompt)[-room:]
     ids: list[int] = []
-    for t in generate(opened.model, tok.encode(prompt), max_tokens, temperature=temperature, top_k=None,
+    for t in generate(opened.model, prompt_ids, max_tokens, temperature=temperature, top_k=None,
                       top_p=0.95, seed=seed, stop_ids=[tok.eot_id]):
         ids.append(t)
         text = tok.decode(ids)
