@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or an lm-eval-harness task YAML, the built-in stdlib-next-line task, HumanEval "
                                    "pass@k in a sandbox. A table on stdout, --json with provenance. "
                                    "See docs/evaluation.md.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
     p.add_argument("--text", action="append", default=[], metavar="PATH",
                    help="bits per byte on a file, dir, glob or prepared data dir (its val split); repeatable")
     p.add_argument("--tasks", action="append", default=[], metavar="TASK",
