@@ -5,7 +5,8 @@ Phases (each a fixed wall time, clients sending streaming chat requests back to 
 * ``--clients`` (default 32) for ``--duration`` s (default 30): failed requests, time to first token
   (first chunk with content) p50/p95, aggregate tokens/s;
 * 1 client, then 8 clients, ``--ratio-duration`` s each: the 8-vs-1 aggregate tokens/s ratio (the
-  batched decode target is >= 4x).
+  batched decode target is >= 4x);
+* the decode step alone (no HTTP, in this process): ms per step at 1 and 8 rows, interleaved.
 
 It starts its own server on a free loopback port (``--checkpoint``, or by default a random-init
 model of the tiny-cpu shape with the byte tokenizer + chat tokens written to a temp dir), or talks
@@ -162,6 +163,35 @@ def start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Po
     raise RuntimeError("server did not answer /health within 120 s")
 
 
+def engine_step_ratio(checkpoint: Path, threads: int, steps: int = 40, rounds: int = 3) -> dict:
+    """The decode step alone, no HTTP: ms per batched step at 1 and 8 rows, interleaved rounds (median),
+    and the 8-vs-1 tokens/s ratio it allows."""
+    import torch
+
+    from nanochat_ternary.checkpoint import open_checkpoint
+    from nanochat_ternary.serve.batched import SlotCache, decode_step_fused, fused_decoder, prefill_fused
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = open_checkpoint(checkpoint, "cpu").model
+    dec = fused_decoder(model)
+    if dec is None:
+        return {}
+    times: dict[int, list[float]] = {1: [], 8: []}
+    for _ in range(rounds):
+        for n in (1, 8):
+            cache = SlotCache(model, 8)
+            for row in range(n):
+                cache.load(row, prefill_fused(dec, list(range(1, 17)))[0])
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decode_step_fused(dec, cache, [1] * n)
+            times[n].append((time.perf_counter() - t0) / steps * 1e3)
+    ms = {n: statistics.median(v) for n, v in times.items()}
+    return {"ms_per_step_1": round(ms[1], 2), "ms_per_step_8": round(ms[8], 2),
+            "ratio_8_vs_1": round(8 * ms[1] / ms[8], 2), "path": f"fused {dec.mode}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", help="a running server on a loopback address (default: start one)")
@@ -199,15 +229,19 @@ def main() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
+        engine = engine_step_ratio(ckpt, args.threads) if not args.url else {}
     ratio = eight["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
     out = {"load": load, "one_client": one, "eight_clients": eight, "ratio_8_vs_1": round(ratio, 2),
            "server": {k: health.get(k) for k in ("model", "max_batch", "max_queue", "decode_steps", "mean_batch")},
-           "threads": args.threads, "max_tokens": args.max_tokens}
+           "engine_only": engine, "threads": args.threads, "max_tokens": args.max_tokens}
     for name in ("load", "one_client", "eight_clients"):
         s = out[name]
         print(f"{name:14s} clients={s['clients']:3d} requests={s['requests']:4d} failed={s['failed']} "
               f"ttft p50={s['ttft_p50_s']} s p95={s['ttft_p95_s']} s tokens/s={s['tokens_per_s']}")
     print(f"8 clients vs 1: {out['ratio_8_vs_1']}x aggregate tokens/s (target >= 4x)")
+    if engine:
+        print(f"decode step alone ({engine['path']}): {engine['ms_per_step_1']} ms at 1 row, {engine['ms_per_step_8']} ms "
+              f"at 8 rows: {engine['ratio_8_vs_1']}x tokens/s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -29,7 +29,10 @@ from nanochat_ternary.data.chat_template import ChatTemplate, add_chat_tokens
 from nanochat_ternary.data.tokenizer import byte_tokenizer
 from nanochat_ternary.generate import generate
 from nanochat_ternary.model.gpt import GPT
-from nanochat_ternary.serve.batched import SlotCache, decode_step, prefill
+from nanochat_ternary.model.decode import Decoder
+from nanochat_ternary.serve.batched import (
+    SlotCache, decode_step, decode_step_fused, fused_decoder, prefill, prefill_fused,
+)
 from nanochat_ternary.serve.engine import Engine, Job
 from nanochat_ternary.serve.text import TextStream
 
@@ -48,10 +51,12 @@ def tiny_config(vocab: int, context: int):
 def tiny_model(vocab: int, context: int, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(tiny_config(vocab, context).model)
-    with torch.no_grad():  # make attention position-dependent, so a wrong position or mask shows
-        for block in model.blocks:
+    with torch.no_grad():
+        for block in model.blocks:  # attention position-dependent, so a wrong position or mask shows
             block.attn.wq.weight.mul_(8.0)
             block.attn.wk.weight.mul_(8.0)
+        # peaked logits, so a wrong context changes sampled tokens, not just their probabilities
+        model.lm_head.weight.mul_(20.0)
     return model.eval()
 
 
@@ -66,7 +71,7 @@ def make_checkpoint(root: Path, chat: bool, context: int) -> Path:
     with torch.no_grad():  # readable gibberish: only printable ASCII gets a non-zero (peaked) logit
         printable = torch.zeros(tok.vocab_size, dtype=torch.bool)
         printable[32:127] = True
-        model.lm_head.weight.mul_(20.0).masked_fill_(~printable[:, None], 0.0)
+        model.lm_head.weight.masked_fill_(~printable[:, None], 0.0)
     meta = {"config": tiny_config(tok.vocab_size, context).to_dict()}
     return save_checkpoint(root / ("chat" if chat else "base"), 1, model, {}, meta, tokenizer_path=root / "tokenizer.json")
 
@@ -99,19 +104,43 @@ def test_decode_step_matches_full_forward_per_row(one_thread, kv_heads):
     assert cache.lengths[:4] == [n + 3 for n in lengths]
 
 
+def test_fused_decode_step_matches_the_decoder_per_row(one_thread):
+    """The fused path (model/decode.py's packed weights) batched == the Decoder's own batch-1 forward."""
+    model = tiny_model(261, 48, seed=2)  # fp32: the Decoder's weights are fp32
+    dec = fused_decoder(model)
+    assert dec is not None and dec.mode == "fp32"
+    lengths = [5, 1, 17]
+    seqs = [torch.randint(0, 261, (n + 2,)).tolist() for n in lengths]
+    cache = SlotCache(model, slots=4)
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        cache.load(row, prefill_fused(dec, s[:n])[0])
+    for t in range(2):
+        logits = decode_step_fused(dec, cache, [s[n + t] for n, s in zip(lengths, seqs)])  # [3, V]
+        for row, (n, s) in enumerate(zip(lengths, seqs)):
+            ref = Decoder(model, mode="fp32").forward(s[:n + t + 1])  # the Decoder alone, batch 1
+            # fp32, the same weights and ops; only the GEMM's row count differs (its blocking can
+            # reorder sums): ~1e-6 of logits of size ~10
+            torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
+            full = model(torch.tensor([s[:n + t + 1]]))[0, -1]  # and the model's own forward
+            torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)
+
+
 def test_engine_batched_equals_generate_token_for_token(one_thread):
     """Several requests decoded together give each exactly what generate() gives it alone: the same
     greedy tokens, and with a seed the same sampled tokens (each request has its own generator)."""
     model = tiny_model(261, 64).double()
-    prompts = [[256, 1, 2, 3], [256], list(range(40, 60)), [256, 7, 7]]
-    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=5), dict(temperature=0.9, top_k=20, seed=6),
-                dict(temperature=1.2, top_p=0.8, seed=7)]
-    budgets = [12, 20, 9, 15]
-    stop = list(generate(model, prompts[0], 12, temperature=0.0))[3]  # a 5th request ends on a stop id
+    prompts = [[256, 1, 2, 3], [256], [256, 7, 7], list(range(40, 60))]
+    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=5), dict(temperature=0.0),
+                dict(temperature=0.9, top_k=20, top_p=0.8, seed=7)]
+    # the first request ends first, so the last row (a greedy one: a wrong context would show) moves
+    # into its row mid-decode; the 4th and 5th wait for a free row and join later
+    budgets = [4, 20, 16, 9]
+    stop = list(generate(model, prompts[0], 12, temperature=0.0))[2]  # a 5th request ends on a stop id
     prompts.append(prompts[0])
     settings.append(dict(temperature=0.0, stop_ids=frozenset([stop])))
     budgets.append(12)
     engine = Engine(model, max_batch=3, max_queue=4)  # 5 requests, 3 rows: two wait, then join mid-decode
+    assert engine.path == "modules"  # float64: the model's own modules
     outs: list[list] = [[] for _ in prompts]
     done = [threading.Event() for _ in prompts]
 
@@ -132,7 +161,7 @@ def test_engine_batched_equals_generate_token_for_token(one_thread):
                             seed=s.get("seed", 0), stop_ids=s.get("stop_ids")))
         assert [v for k, v in outs[i] if k == "token"] == ref
         assert outs[i][-1] == ("done", "stop" if "stop_ids" in s else "length")
-    assert len([v for k, v in outs[4] if k == "token"]) < 4  # the stop id came by the 4th token
+    assert len([v for k, v in outs[4] if k == "token"]) < 3  # the stop id came by the 3rd token
     assert engine.rows_decoded > engine.steps  # more than one row per step: it did batch
 
 
@@ -289,6 +318,10 @@ def test_raw_http_errors_and_the_server_survives(chat_server):
     assert _error(httpx.post(url, json=big, timeout=30), 413)["code"] == "request_too_large"
     assert _error(httpx.get(chat_server + "/v1/nothing"), 404)["code"] == "not_found"
     assert _error(httpx.get(url), 405)["code"] == "method_not_allowed"
+    # nulls mean "not set"; any integer seed is taken
+    odd = httpx.post(url, json={"messages": MSGS, "max_tokens": 2, "temperature": None, "n": None, "seed": -(10 ** 30)},
+                     timeout=30)
+    assert odd.status_code == 200, odd.text
     # still serving after all that
     ok = httpx.post(url, json={"messages": MSGS, "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
@@ -337,29 +370,41 @@ def test_concurrent_streams_short_load(chat_server):
 @pytest.fixture(scope="module")
 def long_ckpt(tmp_path_factory) -> Path:
     # a long context so one reply lasts a while (seconds) and is surely still in flight when poked
-    return make_checkpoint(tmp_path_factory.mktemp("longmodel"), chat=True, context=512)
+    return make_checkpoint(tmp_path_factory.mktemp("longmodel"), chat=True, context=1024)
 
 
 def _stream_lines(base: str, max_tokens: int):
-    r = httpx.stream("POST", base + "/v1/completions", json={"prompt": "a", "max_tokens": max_tokens, "stream": True,
-                                                              "stream_options": {"include_usage": True}}, timeout=60)
-    return r
+    # greedy: the test model gives <|endoftext|> a zero logit, below the best printable byte's, so a
+    # reply never ends early
+    body = {"prompt": "a", "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    return httpx.stream("POST", base + "/v1/completions", json=body, timeout=60)
 
 
-def test_full_queue_is_503_and_sigterm_drains_then_exits_0(long_ckpt):
+def test_full_queue_is_503_a_gone_client_frees_its_row_and_sigterm_drains_then_exits_0(long_ckpt):
     with live_server(long_ckpt, "--max-batch", "1", "--max-queue", "0") as (base, proc):
-        with _stream_lines(base, 400) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the one decode row is taken now
+        c = client(base)
+        with _stream_lines(base, 1000) as r:
+            first = r.iter_lines()  # held: dropping a line iterator closes httpx's response
+            assert next(first).startswith("data: ")  # the one decode row is taken now
             with pytest.raises(openai.InternalServerError) as e:
-                client(base).completions.create(model="chat/step_000001", prompt="b", max_tokens=2)
+                c.completions.create(model="chat/step_000001", prompt="b", max_tokens=2)
             assert e.value.status_code == 503 and e.value.code == "server_busy"
+            first.close()
+        # the client hung up: the server stops that reply and frees the row well before its 1000 tokens
+        deadline = time.time() + 10
+        while (h := httpx.get(base + "/health").json())["decoding"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert h["decoding"] == 0 and h["decode_steps"] < 999, h
+        with _stream_lines(base, 1000) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
             assert httpx.get(base + "/health").json()["decoding"] == 1  # still in flight as SIGTERM comes
             proc.send_signal(signal.SIGTERM)
             rest = [x for x in lines if x]
         assert rest[-1] == "data: [DONE]"
         usage = json.loads([x for x in rest if '"usage"' in x][-1][6:])["usage"]
-        assert usage["completion_tokens"] == 400  # the reply in flight finished whole
+        assert usage["completion_tokens"] == 1000  # the reply in flight finished whole
         assert proc.wait(30) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(base + "/health", timeout=2)  # and it is gone

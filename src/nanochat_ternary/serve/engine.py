@@ -27,7 +27,7 @@ import torch
 
 from ..generate import sample_next
 from ..model.gpt import GPT
-from .batched import SlotCache, decode_step, prefill
+from .batched import SlotCache, decode_step, decode_step_fused, fused_decoder, prefill, prefill_fused
 
 log = logging.getLogger("nanochat_ternary.serve")
 
@@ -65,10 +65,14 @@ class Job:
 class Engine:
     """A worker thread decoding up to ``max_batch`` requests per forward step; ``max_queue`` more wait."""
 
-    def __init__(self, model: GPT, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model: GPT, max_batch: int = 8, max_queue: int = 64, fused: bool = True) -> None:
+        """``fused``: decode through model/decode.py's packed weights where they apply (see
+        :func:`~.batched.fused_decoder`); False: always through the model's modules."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model.eval()
+        self.decoder = fused_decoder(model) if fused else None
+        self.path = f"fused {self.decoder.mode}" if self.decoder is not None else "modules"
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.device = model.tok_emb.weight.device
@@ -95,11 +99,12 @@ class Engine:
             self._waiting.append(job)
             self._cond.notify()
 
-    def load(self) -> dict[str, float]:
+    def load(self) -> dict[str, object]:
         """Requests decoding / waiting, the limits, decode steps so far and their mean batch size."""
         with self._cond:
             return {"decoding": len(self._live), "waiting": len(self._waiting),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue, "decode_steps": self.steps,
+                    "max_batch": self.max_batch, "max_queue": self.max_queue, "decode_path": self.path,
+                    "decode_steps": self.steps,
                     "mean_batch": round(self.rows_decoded / self.steps, 3) if self.steps else 0.0}
 
     def close(self, timeout: float = 30.0) -> None:
@@ -138,12 +143,14 @@ class Engine:
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
-        job.generator = torch.Generator(device=self.device)
-        job.generator.manual_seed(job.seed if job.seed is not None else time.time_ns() % (2 ** 63))
         try:
-            cache, logits = prefill(self.model, job.prompt)  # logits [1, V]
+            job.generator = torch.Generator(device=self.device)
+            # any int a client sends maps to a valid seed (torch takes 0 .. 2**64 - 1)
+            job.generator.manual_seed(job.seed % (2 ** 63) if job.seed is not None else time.time_ns() % (2 ** 63))
+            cache, logits = (prefill_fused(self.decoder, job.prompt) if self.decoder is not None
+                             else prefill(self.model, job.prompt))  # logits [1, V]
         except Exception as e:  # this request's failure only (the HTTP side checks lengths first)
-            log.exception("prefill failed")
+            log.exception("admitting a request failed")
             job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
             return
         row = len(self._live)
@@ -171,7 +178,9 @@ class Engine:
         self._compact()
         if not self._live:
             return
-        logits = decode_step(self.model, self.cache, [j.next_token for j in self._live])  # [n, V]
+        tokens = [j.next_token for j in self._live]
+        logits = (decode_step_fused(self.decoder, self.cache, tokens) if self.decoder is not None
+                  else decode_step(self.model, self.cache, tokens))  # [n, V]
         self.steps += 1
         self.rows_decoded += len(self._live)
         for row in range(len(self._live)):

@@ -64,6 +64,12 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        # clients built on other SDKs send "temperature": null and the like for "not set"
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, v: int) -> int:

@@ -1,8 +1,8 @@
 """``nanochat-train serve``: open a checkpoint, start the engine, run uvicorn until SIGTERM / Ctrl-C.
 
-On SIGTERM (or the first Ctrl-C) uvicorn stops accepting connections and lets the in-flight
-responses, streams included, finish (at most ``DRAIN_TIMEOUT`` seconds); then the engine stops and
-the process exits 0.
+On SIGTERM uvicorn stops accepting connections and lets the in-flight responses, streams
+included, finish (at most ``DRAIN_TIMEOUT`` seconds); then the engine stops and the process exits
+0. Ctrl-C drains the same way, then exits 130 as any interrupted command.
 """
 
 from __future__ import annotations
