@@ -85,6 +85,8 @@ class Decoder:
                 raise ValueError(f"the int8 decoder needs int8 activations and in_features % group_size == 0 "
                                  f"(got {lin.in_features} % {lin.group_size}, act_format {lin.act_format}); "
                                  "use mode='fp32'")
+            if isinstance(lin, BitLinear) and lin.quantize and getattr(lin, "quant_mix", 1.0) != 1.0:
+                raise ValueError("the decoder runs the ternary model: this one is mid QAT ramp (quant_mix != 1)")
             if isinstance(lin, BitLinear) and lin.quantize and lin.act_format != "int8":
                 raise ValueError(f"the decoder supports int8 activations only, not {lin.act_format!r}")
         self.cfg, self.mode = cfg, mode
