@@ -1,7 +1,9 @@
 """prepare-data throughput and peak memory against the bare tokenizer, side by side in one run.
 
 For each corpus size (generated from the local stdlib's .py files, lines shuffled per copy so BPE
-sees new text), three subprocesses, each timed, its peak RSS read by GNU time (``/usr/bin/time -f %M``):
+sees new text), four subprocesses in turn, each timed, its peak RSS read by GNU time
+(``/usr/bin/time -f %M``): bare, prepare --tokenizer, bare again (the machine's load drifts: the two
+bare rates bracket the prepare), full prepare:
 
 * ``bare``: a loop of ``Tokenizer.encode_batch_fast`` over the same files in 1 MB batches (read
   lazily, ids discarded) with the same tokenizer: the speed the tokenizer allows on this machine;
@@ -79,6 +81,40 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, kib / 2**20, r.stdout
 
 
+def sampler_bench(prepared: Path, shard_tokens: int, n_gets: int = 3000) -> dict[str, float]:
+    """Batches per second from the same tokens as one memmapped file and as shards of
+    ``shard_tokens`` (``TokenBatches.get``, batch 8 x 256: the data side of a training step)."""
+    sys.path.insert(0, str(SRC))
+    import numpy as np
+
+    from nanochat_ternary.data import TokenBatches, load_prepared, write_tokens
+    from nanochat_ternary.data.shards import ShardedTokens
+
+    one = np.asarray(load_prepared(prepared).train)
+    d = prepared.parent / f"{prepared.name}-shards"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    vocab = int(one.max()) + 1
+    paths = []
+    for i in range(0, len(one), shard_tokens):
+        paths.append(d / f"train-{i // shard_tokens:05d}.bin")
+        write_tokens(paths[-1], one[i:i + shard_tokens], vocab)
+    single = d / "single.bin"
+    write_tokens(single, one, vocab)
+    from nanochat_ternary.data import read_tokens
+
+    out = {"shards": len(paths)}
+    for name, tokens in (("single", read_tokens(single)), ("shards", ShardedTokens(paths)),
+                         ("single_again", read_tokens(single))):
+        b = TokenBatches(tokens, 8, 256, seed=0)
+        b.get(0)
+        t0 = time.perf_counter()
+        for step in range(n_gets):
+            b.get(step)
+        out[f"{name}_batches_per_s"] = n_gets / (time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[100.0])
@@ -96,21 +132,26 @@ def main() -> None:
         given = work / f"given-{mb:g}"
         shutil.rmtree(full, ignore_errors=True)
         shutil.rmtree(given, ignore_errors=True)
-        t_bare, _, out = timed([sys.executable, "-c", BARE, str(corpus), str(work / "tokenizer.json")]) \
-            if (work / "tokenizer.json").is_file() else (None, None, None)
+        tok = work / "tokenizer.json"
+        if not tok.is_file():  # a BPE trained on this corpus's first size, shared by the runs below
+            t_full, rss_full, _ = timed([*cli, str(corpus), "--out", str(full)])
+            shutil.copy(full / "tokenizer.json", tok)
+            shutil.rmtree(full)
+        # bare, prepare --tokenizer, bare again, full: the bare rate brackets the prepare (load drifts)
+        # every rate is bytes / the subprocess's wall time (interpreter and imports included in all)
+        t_bare1, rss_bare, _ = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
+        t_given, rss_given, _ = timed([*cli, str(corpus), "--out", str(given), "--tokenizer", str(tok)])
+        t_bare2, _, _ = timed([sys.executable, "-c", BARE, str(corpus), str(tok)])
         t_full, rss_full, _ = timed([*cli, str(corpus), "--out", str(full)])
-        if t_bare is None:
-            shutil.copy(full / "tokenizer.json", work / "tokenizer.json")
-            t_bare, _, out = timed([sys.executable, "-c", BARE, str(corpus), str(work / "tokenizer.json")])
-        bare_bytes, bare_encode_s = out.split()
-        t_given, rss_given, _ = timed([*cli, str(corpus), "--out", str(given), "--tokenizer", str(work / "tokenizer.json")])
+        bare = [n_bytes / 1e6 / t for t in (t_bare1, t_bare2)]
         meta = json.loads((full / "meta.json").read_text())
         row = {"corpus_mb": n_bytes / 1e6, "tokens": meta["train_tokens"] + meta["val_tokens"],
-               "bare_encode_mb_s": int(bare_bytes) / 1e6 / float(bare_encode_s),
+               "bare_encode_mb_s": sum(bare) / 2, "bare_before_after": bare,
                "prepare_given_tok_mb_s": n_bytes / 1e6 / t_given, "prepare_full_mb_s": n_bytes / 1e6 / t_full,
-               "peak_rss_gib_full": rss_full, "peak_rss_gib_given": rss_given}
+               "peak_rss_gib_bare": rss_bare, "peak_rss_gib_given": rss_given, "peak_rss_gib_full": rss_full}
         row["ratio_given_vs_bare"] = row["prepare_given_tok_mb_s"] / row["bare_encode_mb_s"]
         row["ratio_full_vs_bare"] = row["prepare_full_mb_s"] / row["bare_encode_mb_s"]
+        row.update(sampler_bench(given, 1_000_000))
         rows.append(row)
         print(json.dumps(row), flush=True)
 

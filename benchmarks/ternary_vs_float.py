@@ -80,7 +80,8 @@ def from_log(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict 
     if not recs or recs[-1]["step"] != args.steps or recs[-1].get("val_loss") is None:
         return None
     return {"variant": name, "seed": seed, "val_loss": recs[-1]["val_loss"], "val_bpb": recs[-1].get("val_bpb"),
-            "train_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"], "s_per_step": recs[-1]["elapsed_s"] / args.steps,
+            "train_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"],
+            "s_per_step": recs[-1]["elapsed_s"] / args.steps,
             "curve": [(r["step"], r["loss"]) for r in recs]}
 
 
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="runs at once (each with --threads threads)")
     ap.add_argument("--lr-mults", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="the float side's sweep")
     ap.add_argument("--ternary-lr-mults", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    ap.add_argument("--stages", default="sweep,best,recipes")
+    ap.add_argument("--stages", default="sweep,best,recipes", help="sweep,best,recipes, or report (the table only)")
     ap.add_argument("--sides", default="ternary,float", help="the sides the sweep runs")
     ap.add_argument("--best", default="", help="skip the choice: e.g. ternary=2,float=1 (LR multiples)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
@@ -141,7 +142,8 @@ def main() -> None:
                 if (names[(side, m)], args.seeds[0]) in by]
         best[side] = float(fixed[side]) if side in fixed else (min(done)[1] if done else 1.0)
         names.setdefault((side, best[side]), register(f"{side}-lr{best[side]:g}", SIDES[side] + lr_sets(best[side])))
-        print(f"# sweep, seed {args.seeds[0]}, {side}: " + ", ".join(f"x{m:g} {v:.4f}" for v, m in sorted(done, key=lambda t: t[1]))
+        tried = ", ".join(f"x{m:g} {v:.4f}" for v, m in sorted(done, key=lambda t: t[1]))
+        print(f"# sweep, seed {args.seeds[0]}, {side}: " + tried
               + f"; best x{best[side]:g}", flush=True)
     rows = [names[(side, best[side])] for side in SIDES]
     if "best" in stages:
@@ -153,6 +155,8 @@ def main() -> None:
             sets = [s.format(teacher=teacher) for s in RECIPES[r]]
             rows.append(register(f"{r}-lr{best['ternary']:g}", sets + lr_sets(best["ternary"])))
         by.update(run_all([(n, s) for n in rows[2:] for s in args.seeds], args, out))
+    elif "report" in stages:  # only the table, from what earlier invocations recorded
+        rows += [f"{r}-lr{best['ternary']:g}" for r in args.recipes.split(",")]
     shown = [*dict.fromkeys([*names.values(), *rows])]
     by = {**load_cached([(n, s) for n in shown for s in args.seeds], out), **by}  # earlier invocations' too
     report(shown, by, args, names[("float", best["float"])])

@@ -183,7 +183,8 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
             extra[name] = make_step(torch.compile(ref), ref_opts, accum, batches,
                                     autocast_bf16=name.endswith("bf16"))
         else:
-            raise SystemExit(f"--cpu-sides: unknown side {name!r} (ours-int8, ref-bf16, ref-compiled, ref-compiled-bf16)")
+            raise SystemExit(f"--cpu-sides: unknown side {name!r} "
+                             "(ours-int8, ref-bf16, ref-compiled, ref-compiled-bf16)")
     first_extra = {name: f() for name, f in extra.items()}  # warm-up; compiling included
     t_extra: dict[str, list[float]] = {name: [] for name in extra}
 
@@ -463,7 +464,8 @@ def main() -> None:
             peers = {"ref": r["ref_tok_s"]} | {k: v["tok_s"] for k, v in r["sides"].items() if k.startswith("ref")}
             best = max(peers, key=peers.get)
             for name, v in [("ours", {"tok_s": r["ours_tok_s"]})] + list(r["sides"].items()):
-                print(f"{'':<10} {name:<18} {v['tok_s']:>9.1f} tok/s  {v['tok_s'] / r['ref_tok_s']:.3f}x ref (fp32 eager)"
+                print(f"{'':<10} {name:<18} {v['tok_s']:>9.1f} tok/s  "
+                      f"{v['tok_s'] / r['ref_tok_s']:.3f}x ref (fp32 eager)"
                       f"  {v['tok_s'] / peers[best]:.3f}x the best plain peer ({best})")
     if args.json:
         print(json.dumps({"provenance": prov, "results": results}, indent=2))

@@ -115,6 +115,7 @@ from io import StringIO  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from conftest import write_corpus  # noqa: E402
+
 from nanochat_ternary.chat.terminal import Terminal  # noqa: E402
 from nanochat_ternary.checkpoint import open_checkpoint  # noqa: E402
 from nanochat_ternary.cli import main  # noqa: E402

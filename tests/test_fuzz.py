@@ -13,6 +13,7 @@ example counts are sized so the whole file takes well under 60 s on one core.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,6 +57,20 @@ def _one_line_or_ok(fn, *args: Any) -> Any:
     except UserError as e:
         assert "\n" not in str(e) and str(e), repr(e)
         return None
+
+
+def _sane(cfg: Config | None) -> None:
+    """A config that validated holds only finite numbers of a bounded size (NaN passes every ``>``
+    check by failing it silently; inf and 10**30 pass ``> 0``)."""
+    if cfg is None:
+        return
+    for section in (cfg.model, cfg.training):
+        for v in vars(section).values():
+            for x in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(x, float):
+                    assert math.isfinite(x), vars(section)
+                elif isinstance(x, int) and not isinstance(x, bool):
+                    assert abs(x) <= 2**53, vars(section)
 
 
 def _tree(root: Path) -> set[str]:
@@ -123,7 +138,7 @@ def test_fuzz_toml_files(untouched, raw):
     def load():
         return build_config(str(path))
 
-    _one_line_or_ok(load)
+    _sane(_one_line_or_ok(load))
 
 
 @fuzz(200)
@@ -136,7 +151,7 @@ def test_fuzz_config_tables(untouched, table):
         validate(cfg)
         return cfg
 
-    _one_line_or_ok(apply)
+    _sane(_one_line_or_ok(apply))
 
 
 @fuzz(200)
@@ -145,7 +160,7 @@ def test_fuzz_config_tables(untouched, table):
        sep=st.sampled_from(["=", "", " = "]))
 def test_fuzz_set_overrides(untouched, items, sep):
     sets = [f"{k}{sep}{v}" for k, v in items]
-    _one_line_or_ok(build_config, None, None, None, sets)
+    _sane(_one_line_or_ok(build_config, None, None, None, sets))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +200,7 @@ def test_fuzz_meta_json(sandbox, untouched, path, value, drop):
         return cfg
 
     cfg = _one_line_or_ok(read)
+    _sane(cfg)
     if cfg is not None and cfg.model.max_seq_len <= 4096 and cfg.model.hidden_dim <= 4096:
         _one_line_or_ok(open_checkpoint, ckpt)  # builds the model: only for configs of a sane size
 

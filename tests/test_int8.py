@@ -19,6 +19,8 @@ from nanochat_ternary.model.bitlinear import BitLinear
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim.factory import build_optimizers
 
+TINY = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=2", "vocab_size=128", "max_seq_len=32", "seq_len=32",
+        "group_size=32"]  # a 2-layer model whose widths are multiples of the group size
 U32 = 2.0**-24  # fp32 unit roundoff
 U16 = 2.0**-8  # bf16 unit roundoff (8 significant bits)
 BACKENDS = ["float"] + (["int8"] if i8.cpu_has_int8_dot() else [])
@@ -228,8 +230,7 @@ def test_layer_equals_fake_quant_to_rounding_and_fallback_for_partial_groups():
 def test_cache_reused_within_a_step_and_never_stale_after_one():
     """The pack is built once per weight version: reused by forward, backward and the next
     micro-batch; an optimizer step (or a load) bumps the version and forces a new pack."""
-    cfg = build_config("tiny-cpu", overrides=["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=2", "vocab_size=128",
-                                              "max_seq_len=32", "seq_len=32", "group_size=32", "ternary_matmul=int8", "ternary_backward=float32"])
+    cfg = build_config("tiny-cpu", overrides=TINY + ["ternary_matmul=int8", "ternary_backward=float32"])
     torch.manual_seed(0)
     model = GPT(cfg.model)
     opts = build_optimizers(model, cfg.training, torch.device("cpu"))
@@ -256,7 +257,7 @@ def test_cache_reused_within_a_step_and_never_stale_after_one():
 
 
 def test_model_loss_matches_fake_quant():
-    over = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=2", "vocab_size=128", "max_seq_len=32", "seq_len=32", "group_size=32"]
+    over = TINY
     x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for mode in ("fake_quant", "int8"):
@@ -330,3 +331,23 @@ def test_generate_uses_the_int8_decoder(monkeypatch):
     assert gen_mod._int8_decoder(model, 16) is not None
     monkeypatch.setattr(gen_mod, "_int8_decoder", lambda m, n: None)  # the model's own forward
     assert list(gen_mod.generate(model, [1, 2, 3], 10, temperature=0.0)) == fast
+
+
+def test_checkpointing_and_bf16_latents_take_the_int8_path():
+    """Gradient checkpointing recomputes the int8 forward bit for bit (same gradients as without);
+    a bf16 latent weight is packed in fp32 and gets a bf16 gradient."""
+    torch.manual_seed(0)
+    model = GPT(build_config("tiny-cpu", overrides=TINY + ["ternary_matmul=int8", "ternary_backward=float32"]).model)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        model(x, targets=x).backward()
+        grads.append(model.blocks[0].ffn.w2.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    lin = _layer(128, 16)
+    lin.weight.data = lin.weight.data.bfloat16()
+    xin = torch.randn(3, 128, requires_grad=True)
+    lin(xin).sum().backward()
+    assert lin._pack.codes.dtype in (torch.int8, torch.float32) and lin.weight.grad.dtype == torch.bfloat16

@@ -1,18 +1,18 @@
 """Recipes that close the ternary gap (docs/recipes.md): the BitNet two-stage schedule, continual
 QAT (float first, then ternary, optionally ramped), distillation from a teacher checkpoint."""
 
-import math
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import train_small, write_corpus
+
+from nanochat_ternary.checkpoint import files as ck
 from nanochat_ternary.cli import main
 from nanochat_ternary.config import Config, build_config
 from nanochat_ternary.errors import ConfigError
 from nanochat_ternary.model.bitlinear import BitLinear
-from nanochat_ternary.train import checkpoint as ck
 from nanochat_ternary.train.distill import Distiller, distill_kl
 from nanochat_ternary.train.objective import Objective
 from nanochat_ternary.train.qat import quant_mix
@@ -225,3 +225,52 @@ def test_teacher_of_another_tokenizer_is_one_line_error(tmp_path, teacher, capsy
     assert main(["train", "--set", f"teacher={tmp_path / 'nope'}", "--dataset", "synthetic", "--total-steps", "1",
                  "--checkpoint-dir", str(tmp_path / "y")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face Llama import
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+def test_hf_import_round_trip_gives_equal_logits(tmp_path, teacher):
+    """A float model of ours -> export --format hf -> import: the same weights, our logits bit-equal to
+    the original's, and transformers' logits on the same dir equal ours up to summation order
+    (fp32, ~1e-6 relative; 1e-4 as in test_export)."""
+    from transformers import LlamaForCausalLM
+
+    from nanochat_ternary.checkpoint import open_checkpoint
+    from nanochat_ternary.checkpoint.hf_import import import_hf
+    from nanochat_ternary.export import export_checkpoint
+
+    export_checkpoint(teacher, "hf", tmp_path / "hf", log=lambda *_: None)
+    orig = open_checkpoint(teacher, "cpu").model
+    ours, tok = import_hf(tmp_path / "hf", quantization="none")
+    assert tok is not None and tok.read_text() == (ck.resolve_checkpoint(teacher) / "tokenizer.json").read_text()
+    want = {k: v for k, v in orig.state_dict().items() if not k.startswith("mtp.")}
+    got = ours.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.randint(0, orig.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b, c = ours(ids), orig(ids), hf(ids).logits
+    assert torch.equal(a, b)
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+    tern, _ = import_hf(tmp_path / "hf")  # ternarized: BitLinear on the same shadow weights
+    assert tern.cfg.quantization == "ternary"
+    assert torch.equal(tern.blocks[0].attn.wq.weight, orig.blocks[0].attn.wq.weight)
+
+
+def test_hf_import_refuses_what_it_cannot_represent(tmp_path):
+    import json as _json
+
+    from nanochat_ternary.checkpoint.hf_import import import_hf
+    from nanochat_ternary.errors import CheckpointError
+
+    d = tmp_path / "qwen"
+    d.mkdir()
+    (d / "config.json").write_text(_json.dumps({"model_type": "qwen2", "hidden_size": 64}))
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="biases"):
+        import_hf(d)
+    with pytest.raises(CheckpointError, match="not a Hugging Face model dir"):
+        import_hf(tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_corpus
+
 from nanochat_ternary.chat.format_eval import format_following
 from nanochat_ternary.chat.sft_data import default_conversations, read_conversations
 from nanochat_ternary.checkpoint import open_checkpoint
@@ -115,9 +115,9 @@ def _write(tmp_path: Path, lines: list[str]) -> Path:
 
 
 def test_reads_openai_and_sharegpt_lines(tmp_path):
-    p = _write(tmp_path, [json.dumps({"messages": CONVS[0]}), "",
-                          json.dumps({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                                                        {"from": "gpt", "value": "a"}]})])
+    share = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                               {"from": "gpt", "value": "a"}]}
+    p = _write(tmp_path, [json.dumps({"messages": CONVS[0]}), "", json.dumps(share)])
     assert read_conversations(p) == [CONVS[0], [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                                                 {"role": "assistant", "content": "a"}]]
 
@@ -161,7 +161,8 @@ def base_run(tmp_path_factory):
     mp.setenv("NANOCHAT_CACHE", str(d / "cache"))
     corpus = write_corpus(d / "corpus")
     rc = main(["train", *SMALL, "--dataset", "text", "--data-path", str(corpus), "--set", "tokenizer_vocab_size=400",
-               "--total-steps", "20", "--sample-tokens", "0", "--eval-interval", "0", "--checkpoint-dir", str(d / "base")])
+               "--total-steps", "20", "--sample-tokens", "0", "--eval-interval", "0",
+               "--checkpoint-dir", str(d / "base")])
     assert rc == 0
     yield d
     mp.undo()
@@ -199,6 +200,9 @@ def test_sft_resume_reproduces_a_straight_run(base_run, tmp_path, batching):
     opened = open_checkpoint(tmp_path / "resumed")
     assert ChatTemplate(opened.require_tokenizer()).end_id < opened.config.model.vocab_size
     assert opened.config.model.vocab_size % 64 == 0
+    # the wrong command for a run is one line, not a data-fingerprint puzzle
+    assert main(["train", "--resume", str(tmp_path / "resumed")]) == 1
+    assert main(["sft", "--resume", str(base_run / "base")]) == 1
 
 
 def test_fine_tuned_model_ends_its_turn_far_more_often_than_its_base(base_run, tmp_path):
@@ -217,3 +221,14 @@ def test_fine_tuned_model_ends_its_turn_far_more_often_than_its_base(base_run, t
     r_base = format_following(base.eval(), t, held, max_tokens=24)
     r_ft = format_following(ft.model, t, held, max_tokens=24)
     assert r_base.end_rate <= 0.1 and r_ft.end_rate >= 0.7, (r_base.line(), r_ft.line())
+
+
+def test_train_refuses_the_sft_fields(tmp_path, capsys):
+    """An accepted field takes effect: plain ``train`` has no conversations to read, so sft_data is an error."""
+    from conftest import SMALL_CPU_RUN
+
+    from nanochat_ternary.cli import main
+
+    rc = main(["train", *SMALL_CPU_RUN, "--total-steps", "1", "--checkpoint-dir", str(tmp_path / "r"),
+               "--set", "sft_data=x.jsonl"])
+    assert rc == 1 and "nanochat-train sft" in capsys.readouterr().err

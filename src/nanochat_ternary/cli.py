@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write token shards (streamed, resumable)",
                        description="Tokenize text/code dirs, JSONL, parquet, datasets dirs and .gz/.zst files into "
-                                   "a prepared dir (docs/data.md). An interrupted run resumes when re-run the same way.")
+                                   "a prepared dir (docs/data.md). An interrupted run resumes when re-run the "
+                                   "same way.")
     p.add_argument("inputs", nargs="+", help="text files, directories, .jsonl, .parquet, datasets dirs (.gz/.zst too)")
     p.add_argument("--out", "-o", required=True,
                    help="output dir: must not exist or be empty, or be an unfinished prepare of the same inputs")
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or an lm-eval-harness task YAML, the built-in stdlib-next-line task, HumanEval "
                                    "pass@k in a sandbox. A table on stdout, --json with provenance. "
                                    "See docs/evaluation.md.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
     p.add_argument("--text", action="append", default=[], metavar="PATH",
                    help="bits per byte on a file, dir, glob or prepared data dir (its val split); repeatable")
     p.add_argument("--tasks", action="append", default=[], metavar="TASK",

@@ -56,9 +56,8 @@ class ModelConfig:
     # BitLinear's activation format (docs/roadmap.md): int8 | int4 | fp4 | a4.8
     act_quant: str = "int8"
     act_block_size: int = 16  # fp4: values per E4M3 block scale
-    # BitLinear's forward product (docs/performance.md): fake_quant (fp32/bf16 GEMM of the dequantized
-    # values) | int8 (exact integer GEMM of the codes, eager only) | auto (int8 where measured faster)
-    ternary_matmul: str = "fake_quant"
+    # BitLinear's forward product (docs/performance.md)
+    ternary_matmul: str = "fake_quant"  # fake_quant (GEMM of dequantized values) / int8 (exact int8 GEMM, eager) / auto
     ternary_backward: str = "auto"  # the int8 path's backward GEMMs: auto (bf16 where faster) | float32 | bfloat16
     # multi-token prediction heads (issue: training features)
     use_mtp: bool = False

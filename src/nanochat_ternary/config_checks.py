@@ -25,10 +25,13 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 # Upper bounds on the model's shape: far above any real model (large-7b: dim 4096, 32 layers, vocab
 # 128000), low enough that a typo or a crafted file (n_layers = 1e12) is refused at config time
-# instead of exhausting memory while the model is built.
+# instead of exhausting memory while the model is built; and on a few resource counts.
 SHAPE_LIMITS: dict[str, int] = {"dim": 65536, "n_layers": 1024, "n_heads": 4096, "n_kv_heads": 4096,
                                 "vocab_size": 2**24, "max_seq_len": 2**20, "ffn_hidden": 2**20,
-                                "group_size": 2**30, "act_block_size": 2**16, "mtp_n_tokens": 64}
+                                "group_size": 2**30, "act_block_size": 2**16, "mtp_n_tokens": 64,
+                                # resources a typo would exhaust: processes, threads, memory
+                                "threads": 4096, "num_workers": 256, "prefetch_batches": 4096,
+                                "eval_batches": 10**6, "n_samples": 10**8}
 MAX_FFN_MULT = 64.0
 MAX_EPOCHS = 1e6
 # any other integer: exactly representable in JSON/float64 (meta.json, TOML) and within torch's seed range

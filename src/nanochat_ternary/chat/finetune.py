@@ -15,7 +15,7 @@ from ..checkpoint.files import read_meta, resolve_checkpoint
 from ..config import Config, build_config
 from ..errors import UserError
 from ..train.sft import SFTTask
-from ..train.trainer import TrainResult, Trainer
+from ..train.trainer import Trainer, TrainResult
 from .sft_data import default_conversations, read_conversations, split_conversations
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -64,6 +64,8 @@ def run_sft(cfg: Config, runtime: Any) -> TrainResult:
     if not tok.is_file():
         raise UserError(f"sft: {ckpt} has no tokenizer.json (it was trained on bare token ids); chat needs a model "
                         f"trained on text")
+    if t.resume and not str((read_meta(ckpt).get("data") or {}).get("name", "")).startswith("sft:"):
+        raise UserError(f"sft --resume {t.resume}: not a chat fine-tune run; start one from it with --init-from")
     train, val, source = conversations(cfg)
     if not t.checkpoint_dir and not t.resume:
         t.checkpoint_dir = str(Path("runs") / f"sft-{ckpt.parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")

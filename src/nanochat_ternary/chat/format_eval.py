@@ -1,5 +1,6 @@
 """Does a model follow the chat format? The share of held-out conversations where its reply ends
-with ``<|end|>`` after at least one token (the turn answered and closed, as sft teaches) rather than running on or starting a new document.
+with ``<|end|>`` after at least one token (the turn answered and closed, as sft teaches) rather
+than running on or starting a new document.
 
 Each conversation is cut before its last assistant message; the model replies greedily (temperature
 0, so the figure is a property of the weights, not of a seed) for up to ``max_tokens``. Also

@@ -122,6 +122,9 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {ckpt}: meta.json has no '{key}'")
     if not isinstance(meta["config"], dict):
         raise _fail(ckpt, f"'config' is a {type(meta['config']).__name__}, not an object")
+    for section in ("model", "training"):
+        if not isinstance(meta["config"].get(section, {}), dict):
+            raise _fail(ckpt, f"'config.{section}' is a {type(meta['config'][section]).__name__}, not an object")
     if not _is_int(meta["step"]) or not 0 <= meta["step"] < 10**15:
         raise _fail(ckpt, f"'step' = {meta['step']!r:.40} is not a step number (an integer >= 0)")
     for key, types in _META_TYPES.items():

@@ -425,7 +425,12 @@ def synthetic_dataset(
 
 
 def _looks_prepared(p: Path) -> bool:
-    return p.suffix == ".bin" or (p.is_dir() and any((p / f).is_file() for f in ("train.bin", "index.json", "meta.json")))
+    if p.suffix == ".bin":
+        return True
+    if not p.is_dir():
+        return False
+    datatrove_out = (p / "meta.json").is_file() and (p / "train").is_dir() and (p / "val").is_dir()
+    return (p / "train.bin").is_file() or (p / "index.json").is_file() or datatrove_out
 
 
 def load_dataset(

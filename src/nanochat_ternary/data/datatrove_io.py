@@ -117,7 +117,7 @@ def finish_dir(out: str | Path, tokenizer: str | Path, val_fraction: float, seed
     lengths = np.asarray(tok.token_byte_lengths(), dtype=np.int64)
     meta: dict[str, Any] = {"source": f"datatrove:{out}", "vocab_size": tok.vocab_size, "tokenizer": "tokenizer.json",
                             "eot_id": tok.eot_id, "layout": LAYOUT, "val_fraction": val_fraction, "seed": seed,
-                            "val_split": "per document, seeded hash of its datatrove id"}
+                            "split_rule": "per document, seeded hash of its datatrove id"}
     for split in ("train", "val"):
         arr = ShardedTokens(_ds_files(out, split), _dtype(tok.vocab_size))
         meta[f"{split}_tokens"] = len(arr)

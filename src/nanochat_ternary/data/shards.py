@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .tokenfile import HEADER_SIZE, _pack_header, check_token_range, dtype_for_vocab, read_header, read_tokens
+from .tokenfile import _pack_header, check_token_range, dtype_for_vocab, read_header, read_tokens
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "nanochat-ternary shards"
@@ -251,12 +251,15 @@ class ShardedTokens:
         self.paths = list(paths)
         self.raw_dtype = raw_dtype
         self.arrays = [read_tokens(p) for p in self.paths] if raw_dtype is None else [_raw(p, raw_dtype) for p in paths]
+        # plain ndarray views of the maps: indexing a np.memmap subclass costs more than the copy
+        self.plain = [np.asarray(a) for a in self.arrays]
         dtypes = {a.dtype for a in self.arrays}
         if len(dtypes) != 1:
             raise DataError(f"shards of {self.paths[0].parent} mix token dtypes {sorted(map(str, dtypes))}")
         self.dtype = self.arrays[0].dtype
         lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(lengths)])  # [n_shards + 1]
+        self._fixed = int(lengths[0]) if len(lengths) > 1 and (lengths[:-1] == lengths[0]).all() else 0
         self.size = int(self.starts[-1])
         self.shape = (self.size,)
         self.nbytes = self.size * self.dtype.itemsize
@@ -291,16 +294,52 @@ class ShardedTokens:
         idx = np.asarray(key)
         if idx.dtype.kind not in "iu":
             raise IndexError(f"shard sets take int, slice or integer-array indices, not {idx.dtype}")
+        if len(self.plain) == 1:
+            return self.plain[0][idx]
+        if idx.ndim == 2 and idx.shape[1] > 1:
+            rows = self._windows(idx)
+            if rows is not None:
+                return rows
         flat = idx.reshape(-1).astype(np.int64, copy=False)
         flat = np.where(flat < 0, flat + self.size, flat)
         if flat.size and (flat.min() < 0 or flat.max() >= self.size):
             raise IndexError(f"index out of range for {self.size} tokens")
+        if len(self.plain) == 1:
+            return self.plain[0][flat].reshape(idx.shape)
+        if self._fixed:  # all shards but the last hold the same count: a division finds the shard
+            shard = np.minimum(flat // self._fixed, len(self.plain) - 1)
+        else:
+            shard = np.searchsorted(self.starts, flat, side="right") - 1
+        local = flat - self.starts[shard]
+        counts = np.bincount(shard, minlength=len(self.plain))
+        hit = np.flatnonzero(counts)
+        if len(hit) == 1:
+            return self.plain[hit[0]][local].reshape(idx.shape)
+        order = np.argsort(shard, kind="stable")  # group the positions by shard
         out = np.empty(flat.shape, dtype=self.dtype)
-        shard = np.searchsorted(self.starts, flat, side="right") - 1
-        for s in np.unique(shard):  # a batch touches one or two shards
-            sel = shard == s
-            out[sel] = self.arrays[s][flat[sel] - self.starts[s]]
+        ends = np.cumsum(counts)
+        for s in hit:  # a batch touches a few shards
+            pos = order[ends[s] - counts[s]:ends[s]]
+            out[pos] = self.plain[s][local[pos]]
         return out.reshape(idx.shape)
+
+    def _windows(self, idx: np.ndarray) -> np.ndarray | None:
+        """Fast path for what the batch sampler asks: rows of consecutive positions (windows).
+        Each row inside one shard is one slice copy; None when the rows are not windows."""
+        n = idx.shape[1]
+        first = idx[:, 0].astype(np.int64)
+        if (first < 0).any() or (first + n > self.size).any() or not (idx == first[:, None] + np.arange(n)).all():
+            return None
+        out = np.empty(idx.shape, dtype=self.dtype)
+        for r, a in enumerate(first.tolist()):
+            s = min(a // self._fixed, len(self.plain) - 1) if self._fixed else \
+                int(np.searchsorted(self.starts, a, side="right") - 1)
+            lo = a - int(self.starts[s])
+            if lo + n <= len(self.plain[s]):
+                out[r] = self.plain[s][lo:lo + n]
+            else:  # the window straddles a shard boundary
+                out[r] = self._slice(a, a + n)
+        return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self._slice(0, self.size)

@@ -96,12 +96,13 @@ class PrepareSummary:
 
     def lines(self) -> list[str]:
         m = self.meta
+        kind = "shards" if m["layout"] == "shards" else "files"
         tokens = m["train_tokens"] + m["val_tokens"]
         mb = (m["train_bytes"] + m["val_bytes"]) / 1e6
         rate = f", {mb / self.seconds:.2f} MB/s" if self.seconds > 0 else ""
         return [f"wrote {self.out}{' (resumed)' if self.resumed else ''}: vocab {m['vocab_size']}, "
                 f"{m['n_docs']:,} documents, {tokens:,} tokens, {mb:,.2f} MB of text, "
-                f"{m['train_shards']} train + {m['val_shards']} val {'shards' if m['layout'] == 'shards' else 'files'}, "
+                f"{m['train_shards']} train + {m['val_shards']} val {kind}, "
                 f"val share {m['val_tokens'] / max(tokens, 1):.2%} of tokens ({m['n_val_docs']:,} documents)"
                 f"; {self.seconds:.0f} s{rate}"]
 
@@ -386,7 +387,7 @@ def _meta(plan: _Plan, states: dict[str, SplitState], tok: Tokenizer, listing: l
         "skipped_files": problems.count,
         "skipped_examples": problems.examples,
         "val_fraction": s.val_fraction,
-        "val_split": {"docs": "per document, seeded hash of its key", "pieces": "per piece of the one document",
+        "split_rule": {"docs": "per document, seeded hash of its key", "pieces": "per piece of the one document",
                       "tail": "the tail of the one document's tokens"}[plan.mode],
         "seed": s.seed,
         "glob": s.glob,
@@ -451,7 +452,8 @@ def _run(out: Path, listing: list, opts: ReadOptions, s: PrepareSettings, job: d
     if warning:
         print(warning, file=sys.stderr)
     if have_tok and tok_sha is not None and _file_sha(out / "tokenizer.json") != tok_sha:
-        raise DataError(f"{out / 'tokenizer.json'} changed since the interrupted prepare; delete {out} and prepare again")
+        raise DataError(f"{out / 'tokenizer.json'} changed since the interrupted prepare; "
+                        f"delete {out} and prepare again")
     tok = _tokenizer_for(out, idx, given, sample, s, show_progress)
     del sample
     if tok_sha is None:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import glob
 import math
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -22,9 +22,9 @@ read by :mod:`.taskfile`.
 from __future__ import annotations
 
 import json
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -139,7 +139,8 @@ def next_line_items(texts: list[str], n_items: int = N_ITEMS, seed: int = 0, fit
             for start in range(max(0, gold_line.no - CONTEXT_LINES), gold_line.no):
                 context = "\n".join(lines[start:gold_line.no]) + "\n"
                 if fits is None or fits(context, choices):
-                    where = f"stdlib-next-line item {len(items)} (set {g}, held-out file {gold_line.doc}, line {gold_line.no + 1})"
+                    where = (f"stdlib-next-line item {len(items)} (set {g}, held-out file {gold_line.doc}, "
+                             f"line {gold_line.no + 1})")
                     items.append(ChoiceItem(context, choices, gold, where))
                     break
     return items

@@ -85,6 +85,8 @@ class Decoder:
                 raise ValueError(f"the int8 decoder needs int8 activations and in_features % group_size == 0 "
                                  f"(got {lin.in_features} % {lin.group_size}, act_format {lin.act_format}); "
                                  "use mode='fp32'")
+            if isinstance(lin, BitLinear) and lin.quantize and getattr(lin, "quant_mix", 1.0) != 1.0:
+                raise ValueError("the decoder runs the ternary model: this one is mid QAT ramp (quant_mix != 1)")
             if isinstance(lin, BitLinear) and lin.quantize and lin.act_format != "int8":
                 raise ValueError(f"the decoder supports int8 activations only, not {lin.act_format!r}")
         self.cfg, self.mode = cfg, mode
@@ -125,7 +127,8 @@ class Decoder:
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # [T, hd/2]
         mask, causal = None, start == 0 and T > 1
         if start > 0 and T > 1:  # query i at absolute position start+i sees keys 0..start+i
-            mask = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
+            dev = self.emb.device
+            mask = torch.arange(start + T, device=dev)[None, :] <= torch.arange(start, start + T, device=dev)[:, None]
         extra = {"enable_gqa": True} if Hkv != H else {}
         x = F.embedding(ids, self.emb)  # [T, D]
         for i, b in enumerate(self.blocks):

@@ -99,6 +99,8 @@ def _best_ms(fn, reps: int = 3) -> float:
 
 
 @functools.cache
+@torch.autocast("cpu", enabled=False)  # measure fp32 against int8, whatever region the first call is in
+@torch.no_grad()
 def int8_measured_faster() -> bool:
     """Whether the int8 forward beats the fp32 GEMM here: capability first, then one quick
     interleaved measurement at a training-like shape (256 tokens, 768 -> 768), cached per process."""
@@ -117,6 +119,8 @@ def int8_measured_faster() -> bool:
 
 
 @functools.cache
+@torch.autocast("cpu", enabled=False)
+@torch.no_grad()
 def bf16_measured_faster() -> bool:
     """Whether a bf16 GEMM beats fp32 here (capability, then one quick measurement, cached)."""
     if not cpu_has_bf16():

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import open_checkpoint
 from ..config import Config
 from ..errors import CheckpointError, UserError
 from ..model.gpt import GPT
-from . import checkpoint as ckpt_io
 
 
 def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -44,15 +44,10 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 
 def load_teacher(path: str, device: torch.device) -> tuple[GPT, dict[str, Any], Path]:
     """The teacher checkpoint (a checkpoint dir, or a run dir: its latest) as an eval-mode GPT on
-    ``device``, with its meta and resolved dir. (To become checkpoint.open_checkpoint.)"""
-    ckpt = ckpt_io.resolve_checkpoint(path)
-    meta = ckpt_io.read_meta(ckpt)
-    cfg = Config.from_dict(meta["config"])
-    with torch.device(device):
-        model = GPT(cfg.model)
-    ckpt_io.load_model_weights(model, ckpt)
-    model.eval().requires_grad_(False)
-    return model, meta, ckpt
+    ``device`` without gradients, with its meta (its tokenizer is checked against the run's) and dir."""
+    opened = open_checkpoint(path, device, kinds=("checkpoint",))
+    opened.model.requires_grad_(False)
+    return opened.model, opened.meta, opened.path
 
 
 class Distiller:
@@ -70,6 +65,9 @@ class Distiller:
         if tv != cfg.model.vocab_size:
             raise UserError(f"teacher {self.ckpt}: vocab_size {tv} differs from the student's "
                             f"{cfg.model.vocab_size}; the teacher must use the run's tokenizer")
+        if self.teacher.cfg.max_seq_len < t.seq_len:
+            raise UserError(f"teacher {self.ckpt}: max_seq_len {self.teacher.cfg.max_seq_len} is shorter than the "
+                            f"run's seq_len {t.seq_len}")
         theirs = (meta.get("data_fingerprint") or {}).get("tokenizer_sha256")
         ours = data_fingerprint.get("tokenizer_sha256")
         if theirs != ours:

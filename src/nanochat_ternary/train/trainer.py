@@ -44,6 +44,7 @@ from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
 from .dataset import LoadedData, load_training_data
+from .distill import Distiller
 from .fingerprint import check_resume_data, data_fingerprint
 from .fire import apply_fire
 from .gpu_monitor import GpuUtilization
@@ -51,9 +52,8 @@ from .guard import NonFiniteGuard
 from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
-from .runtime import Runtime, is_comm_failure
-from .distill import Distiller
 from .qat import QatSchedule
+from .runtime import Runtime, is_comm_failure
 from .schedule import schedule_factors, set_lr, set_weight_decay
 from .signals import Preempted, StopRequests
 from .warm_start import WarmStart, check_model_config, reset_momentum
@@ -101,6 +101,9 @@ class Trainer:
         self.warn: Callable[[str], None] = ((lambda msg: tqdm.write(msg, file=sys.stderr))
                                             if runtime.is_main else (lambda _msg: None))
         t = cfg.training
+        if task is None and (t.sft_data or t.sft_batching != "pack"):
+            raise UserError("sft_data / sft_batching apply to chat fine-tuning: run nanochat-train sft "
+                            "(train reads the corpus of --dataset)")
 
         # ---- resume target (read first: it fixes the run dir and the model shape)
         self.resume_ckpt: Path | None = None
@@ -108,6 +111,9 @@ class Trainer:
         if t.resume:
             self.resume_ckpt = ckpt_io.resolve_checkpoint(t.resume)
             resume_meta = ckpt_io.read_meta(self.resume_ckpt)
+            if task is None and str((resume_meta.get("data") or {}).get("name", "")).startswith("sft:"):
+                raise UserError(f"{self.resume_ckpt} is a chat fine-tune: continue it with "
+                                f"nanochat-train sft --resume {t.resume}")
         # warm start (init_from): a checkpoint's weights, and its tokenizer for the data (warm_start.py)
         self.warm = WarmStart.open(t.init_from) if t.init_from else None
         # FIRE already applied in this run (recorded in its checkpoints): never again on resume
