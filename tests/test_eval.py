@@ -238,7 +238,9 @@ def test_next_line_sets_are_balanced_and_chance_is_exact():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("evalrun")
-    train_small(tmp, "run", "--total-steps", "2", "--set", "max_seq_len=40")
+    with pytest.MonkeyPatch.context() as mp:  # isolated_cache, for a module-scoped fixture
+        mp.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
+        train_small(tmp, "run", "--total-steps", "2", "--set", "max_seq_len=40")
     return tmp / "run"
 
 
