@@ -238,7 +238,9 @@ def test_next_line_sets_are_balanced_and_chance_is_exact():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("evalrun")
-    train_small(tmp, "run", "--total-steps", "2", "--set", "max_seq_len=40")
+    with pytest.MonkeyPatch.context() as mp:  # isolated_cache, for a module-scoped fixture
+        mp.setenv("NANOCHAT_CACHE", str(tmp_path_factory.getbasetemp() / "nanochat-cache"))
+        train_small(tmp, "run", "--total-steps", "2", "--set", "max_seq_len=40")
     return tmp / "run"
 
 
@@ -261,7 +263,8 @@ def test_eval_command_table_json_and_errors(run_dir, tmp_path, capsys):
     too_long = _write(tmp_path / "long.jsonl", [json.dumps({"query": "x" * 60, "choices": ["a", "b"], "gold": 0})])
     for args, msg in [(["--tasks", str(too_long)], f"{too_long}:1: field 'query'"),
                       (["--tasks", "nope"], "not a .jsonl"), ([], "nothing to score"),
-                      (["--tasks", str(tasks), "--batch-size", "0"], "--batch-size")]:
+                      (["--tasks", str(tasks), "--batch-size", "0"], "--batch-size"),
+                      (["--tasks", str(tasks), "--json", str(tmp_path / "no" / "r.json")], "does not exist")]:
         assert main(["eval", "--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", *args]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err

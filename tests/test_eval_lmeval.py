@@ -44,7 +44,7 @@ def _task(d):
     return d / "count20.yaml"
 
 
-def test_lm_eval_on_the_hf_export_matches_our_eval(tmp_path):
+def test_lm_eval_on_the_hf_export_matches_our_eval(tmp_path, isolated_cache):
     train_small(tmp_path, "run", "--total-steps", "20", "--set", "quantization=none", "--set", "max_seq_len=64")
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     task_dir = tmp_path / "tasks"

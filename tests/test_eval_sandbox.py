@@ -104,3 +104,24 @@ def test_sandbox_has_no_network():
             "except OSError as e:\n    print('no network:', e)\n    raise SystemExit(1)\n")
     r, _ = _contained(prog)
     assert "no network" in r.output
+
+
+def test_eval_command_humaneval(tmp_path, isolated_cache, capsys):
+    import json
+
+    from conftest import train_small
+
+    from nanochat_ternary.cli import main
+
+    train_small(tmp_path, "run", "--total-steps", "2")
+    out = tmp_path / "he.json"
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--tasks", "humaneval", "--limit", "2", "--samples", "2",
+               "--pass-k", "1,2", "--max-tokens", "8", "--json", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"]
+    assert [(r["metric"], r["n"]) for r in res] == [("pass@1", 2), ("pass@2", 2)]
+    assert all(0.0 <= r["value"] <= 1.0 and "sandbox" in r["notes"] for r in res)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--tasks", "humaneval", "--samples", "2",
+                 "--pass-k", "1,5", "--device", "cpu"]) == 1
+    assert "--pass-k 1,5: each k must be between 1 and --samples (2)" in capsys.readouterr().err

@@ -63,6 +63,8 @@ def _check(opts: EvalOptions) -> None:
         raise UserError(f"--threads {opts.threads}: must be >= 0 (0: torch's default)")
     if opts.json_path and Path(opts.json_path).is_dir():
         raise UserError(f"--json {opts.json_path}: is a directory; give a file name")
+    if opts.json_path and not Path(opts.json_path).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--json {opts.json_path}: its directory does not exist")
 
 
 def _text_job(opened: OpenedModel, spec: str, opts: EvalOptions) -> Job:
@@ -167,7 +169,7 @@ def run_eval(opts: EvalOptions) -> int:
                                                                                           time.gmtime()),
                "model": _model_info(opened), "interrupted": interrupted, "elapsed_s": round(elapsed, 2),
                "results": [r.to_dict() for r in results]}
-        Path(opts.json_path).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        Path(opts.json_path).expanduser().write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {opts.json_path}")
     if interrupted:
         print("interrupted", file=sys.stderr)
