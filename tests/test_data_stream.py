@@ -363,6 +363,11 @@ def test_nothing_readable_and_special_files(tmp_path, capsys):
     assert "not a regular file" in capsys.readouterr().err
     assert main(["prepare-data", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]) == 1
     assert main(["prepare-data", str(tmp_path / "blank"), "--out", str(tmp_path / "o4"), "--shard-tokens", "-1"]) == 1
+    capsys.readouterr()
+    (tmp_path / "blank" / "b.txt").write_text("some text\n")
+    assert main(["prepare-data", str(tmp_path / "blank"), "--out", str(tmp_path / ("x" * 300)), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot create --out")
 
 
 def test_hf_datasets_dir(tmp_path, tok_file):
