@@ -449,10 +449,10 @@ def _run(out: Path, listing: list, opts: ReadOptions, s: PrepareSettings, job: d
         except OSError as e:
             raise disk_error(e, out / INDEX_NAME) from e
 
-    if idx is None:
-        save_index()  # from here on the dir is an unfinished prepare of this job, resumable
     plan, sample, problems = _scan(listing, opts, s, want_sample=given is None and not have_tok,
                                    show_progress=show_progress)
+    if idx is None:  # after the scan: a bad input under --strict leaves the dir empty, not claimed
+        save_index()  # from here on the dir is an unfinished prepare of this job, resumable
     warning = problems.summary()
     if warning:
         print(warning, file=sys.stderr)
