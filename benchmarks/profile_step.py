@@ -39,12 +39,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tr = random_token_trainer(cfg, rt, Path(tmp), args.warmup + args.steps + 1)
         for s in range(args.warmup):
-            tr._train_step(s)
+            tr.train_step(s)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for s in range(args.warmup, args.warmup + args.steps):
-                tr._train_step(s)
+                tr.train_step(s)
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         tr.close()

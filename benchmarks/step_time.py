@@ -16,15 +16,13 @@ optimizer state, is excluded) and its ratio to the baseline.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 
 from nanochat_ternary.config import build_config
-from nanochat_ternary.provenance import describe, provenance
 from nanochat_ternary.train.runtime import setup_runtime
 from nanochat_ternary.train.trainer import Trainer
 
@@ -69,26 +67,18 @@ def main() -> None:
             "dataset=synthetic", "n_samples=400", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}",
             "sample_tokens=0", "device=cpu", f"checkpoint_dir={tmp / name}", "warmup_steps=0"])
         trainers[name] = Trainer(cfg, setup_runtime("cpu", args.threads), echo=lambda _m: None)
-        trainers[name]._train_step(0)  # allocates the optimizer state: not timed
-    times: dict[str, list[float]] = {name: [] for name in options}
-    step = 1
-    for _ in range(args.rounds):
-        for name, tr in trainers.items():
-            for k in range(args.steps):
-                t0 = time.perf_counter()
-                tr._train_step(step + k)  # returns Python numbers: the step's work is done
-                times[name].append(time.perf_counter() - t0)
-        step += args.steps
-    base = statistics.median(times["baseline"])
-    print(f"# {describe(provenance())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"torch {torch.__version__}, {args.group} options")
-    print(f"# {args.config}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), "
-          f"{args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"{'option':<18} {'s/step (median)':>16} {'vs baseline':>12}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<18} {med:>16.3f} {med / base:>11.2f}x")
+        trainers[name].train_step(0)  # allocates the optimizer state: not timed
+    kit.header("step_time", config=args.config, batch=f"{args.batch_size}x{args.seq_len}", group=args.group,
+               rounds=args.rounds, steps_per_round=args.steps)
+    counter = {name: 1 for name in trainers}
 
+    def steps(name: str) -> None:
+        for _ in range(args.steps):
+            trainers[name].train_step(counter[name])  # returns Python numbers: the step's work is done
+            counter[name] += 1
+
+    timings = kit.interleaved({name: (lambda n=name: steps(n)) for name in trainers}, reps=args.rounds, warmup=0)
+    kit.print_ratios(timings, "baseline", unit=f"s/{args.steps} steps")
 
 if __name__ == "__main__":
     main()

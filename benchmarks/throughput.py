@@ -124,15 +124,18 @@ def flops_per_token(n_matmul_params: int, n_layers: int, dim: int, seq: int) -> 
     return 6 * n_matmul_params + 6 * n_layers * dim * seq
 
 
-def make_step(model: nn.Module, optimizers: list, accum: int, batches: list, clip: float = 1.0):
-    """One optimizer step as the trainer does it: forward/backward per micro-batch, clip, step."""
+def make_step(model: nn.Module, optimizers: list, accum: int, batches: list, clip: float = 1.0,
+              autocast_bf16: bool = False):
+    """One optimizer step as the trainer does it: forward/backward per micro-batch, clip, step.
+    ``autocast_bf16``: the forward under CPU bf16 autocast (the plain peer's fast CPU mode)."""
     ours = isinstance(model, GPT)
     opt_times: list[float] = []
 
     def step() -> float:
         t0 = time.perf_counter()
         for x, y in batches[:accum]:
-            loss = model(x, targets=y) if ours else model(x, y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss = model(x, targets=y) if ours else model(x, y)
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         t1 = time.perf_counter()
@@ -147,7 +150,7 @@ def make_step(model: nn.Module, optimizers: list, accum: int, batches: list, cli
 
 
 def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, steps: int,
-                compiled: bool = False) -> dict:
+                compiled: bool = False, extra_sides: tuple[str, ...] = ()) -> dict:
     cfg = build_config(preset, overrides=[f"seq_len={seq}", f"batch_size={micro_batch}"])
     m = cfg.model
     accum = max(1, tokens_per_step // (micro_batch * seq))
@@ -164,6 +167,27 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
     run_ours = make_step(ours, ours_opts, accum, batches)
     run_ref = make_step(ref, ref_opts, accum, batches)
 
+    # more sides (issue #26), interleaved with the two above: ours with the exact int8 forward,
+    # and the plain peer at its best on a CPU (bf16 autocast, torch.compile); the peer's sides
+    # share one model and optimizer (only their call paths differ)
+    extra: dict[str, object] = {}
+    for name in extra_sides:
+        if name == "ours-int8":
+            c8 = build_config(preset, overrides=[f"seq_len={seq}", f"batch_size={micro_batch}", "ternary_matmul=int8"])
+            torch.manual_seed(0)
+            o8 = GPT(c8.model)
+            extra[name] = make_step(o8, build_optimizers(o8, c8.training, torch.device("cpu")), accum, batches)
+        elif name == "ref-bf16":
+            extra[name] = make_step(ref, ref_opts, accum, batches, autocast_bf16=True)
+        elif name in ("ref-compiled", "ref-compiled-bf16"):
+            extra[name] = make_step(torch.compile(ref), ref_opts, accum, batches,
+                                    autocast_bf16=name.endswith("bf16"))
+        else:
+            raise SystemExit(f"--cpu-sides: unknown side {name!r} "
+                             "(ours-int8, ref-bf16, ref-compiled, ref-compiled-bf16)")
+    first_extra = {name: f() for name, f in extra.items()}  # warm-up; compiling included
+    t_extra: dict[str, list[float]] = {name: [] for name in extra}
+
     run_comp = None
     if compiled:  # ours again, same init, with the blocks under torch.compile (compile = true)
         torch.manual_seed(0)
@@ -178,10 +202,15 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
         if run_comp:
             t_comp.append(run_comp())
         t_ref.append(run_ref())
+        for name, f in extra.items():
+            t_extra[name].append(f())
     tokens = accum * micro_batch * seq
-    extra = {}
+    sides = {name: {"step_s": statistics.median(v), "tok_s": tokens / statistics.median(v),
+                    "vs_ref": statistics.median(t_ref) / statistics.median(v), "first_step_s": first_extra[name]}
+             for name, v in t_extra.items()}
+    extra = {"sides": sides}
     if run_comp:
-        extra = {"compiled_step_s": statistics.median(t_comp), "compiled_tok_s": tokens / statistics.median(t_comp),
+        extra |= {"compiled_step_s": statistics.median(t_comp), "compiled_tok_s": tokens / statistics.median(t_comp),
                  "compiled_ratio": statistics.median(t_ref) / statistics.median(t_comp),
                  "compiled_first_step_s": first_compiled}
     n_matmul = ours.num_params(non_embedding=True) + m.vocab_size * m.dim  # blocks + LM head
@@ -272,7 +301,7 @@ def bench_shape_cuda(preset: str, tokens_per_step: int, micro_batch: int, seq: i
         tr = random_token_trainer(c, rt, Path(tmp.name) / name, total)
         trainers.append(tr)
         counter = iter(range(10**9))
-        step = lambda: tr._train_step(next(counter))  # noqa: E731 - the trainer's own step
+        step = lambda: tr.train_step(next(counter))  # noqa: E731 - the trainer's own step
         t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
@@ -389,6 +418,9 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--cpu-compiled", action="store_true",
                     help="CPU: also time ours with the blocks under torch.compile (interleaved)")
+    ap.add_argument("--cpu-sides", default="",
+                    help="CPU: more sides, comma-separated: ours-int8 (ternary_matmul = int8), ref-bf16 (the "
+                         "peer under bf16 autocast), ref-compiled, ref-compiled-bf16 (the peer under torch.compile)")
     ap.add_argument("--warmup", type=int, default=3, help="CUDA: untimed steps per side (compiling included)")
     ap.add_argument("--sides", default="ours,peer-eager,peer-compiled",
                     help="CUDA: any of ours, ours-eager, peer-eager, peer-compiled")
@@ -415,7 +447,8 @@ def main() -> None:
     results = []
     for preset in args.models.split(","):
         r = bench_shape(preset.strip(), args.tokens_per_step, args.micro_batch, args.seq_len, args.steps,
-                        compiled=args.cpu_compiled)
+                        compiled=args.cpu_compiled,
+                        extra_sides=tuple(x.strip() for x in args.cpu_sides.split(",") if x.strip()))
         r["ours_mfu"] = r["ours_tok_s"] * r["flops_per_token"] / (peak * 1e9)
         r["ref_mfu"] = r["ref_tok_s"] * r["flops_per_token"] / (peak * 1e9)
         r["peak_gflops"] = peak
@@ -427,6 +460,13 @@ def main() -> None:
         if "compiled_tok_s" in r:
             print(f"{'':<10} {'':>8} compiled: {r['compiled_tok_s']:.1f} tok/s, {r['compiled_ratio']:.3f}x the ref "
                   f"(first step {r['compiled_first_step_s']:.0f} s, compiling included)")
+        if r["sides"]:
+            peers = {"ref": r["ref_tok_s"]} | {k: v["tok_s"] for k, v in r["sides"].items() if k.startswith("ref")}
+            best = max(peers, key=peers.get)
+            for name, v in [("ours", {"tok_s": r["ours_tok_s"]})] + list(r["sides"].items()):
+                print(f"{'':<10} {name:<18} {v['tok_s']:>9.1f} tok/s  "
+                      f"{v['tok_s'] / r['ref_tok_s']:.3f}x ref (fp32 eager)"
+                      f"  {v['tok_s'] / peers[best]:.3f}x the best plain peer ({best})")
     if args.json:
         print(json.dumps({"provenance": prov, "results": results}, indent=2))
 

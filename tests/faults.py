@@ -305,9 +305,9 @@ def _install_rank_fault(spec: str) -> None:
     action, where = spec.split("@")
     rank_s, step_s = where.split(":")
     rank, at_step = int(rank_s.removeprefix("rank")), int(step_s.removeprefix("step"))
-    orig = Trainer._train_step
+    orig = Trainer.train_step
 
-    def _train_step(self, step, source=None):
+    def train_step(self, step, source=None):
         if self.rt.rank == rank and step + 1 == at_step:
             print(f"fault-time {time.time():.3f}", file=sys.stderr, flush=True)
             if action == "kill":
@@ -315,7 +315,7 @@ def _install_rank_fault(spec: str) -> None:
             raise RuntimeError(f"injected fault: rank {rank} failed at step {at_step}")
         return orig(self, step, source)
 
-    Trainer._train_step = _train_step
+    Trainer.train_step = train_step
 
 
 def main(argv: list[str]) -> int:

@@ -278,3 +278,23 @@ def test_trainer_trains_and_resumes_with_foam(tmp_path, isolated_cache, observe_
         assert torch.equal(p, q), n
     for r in rest:
         assert r["loss"] == straight[r["step"] - 1]["loss"]
+
+
+def test_optimizers_share_one_base_with_a_built_once_index():
+    """Muon (and its 8-bit / GaLore variants), AdamW8bit and AdamWFoam share optim/base.py: the
+    parameter index is a dict built when the groups are (no scan per parameter per step), and it
+    follows add_param_group."""
+    from nanochat_ternary.optim import Muon
+    from nanochat_ternary.optim.adamw_lowmem import AdamW8bit
+    from nanochat_ternary.optim.base import StatefulOptimizer
+    from nanochat_ternary.optim.foam import AdamWFoam
+
+    ps = [torch.nn.Parameter(torch.zeros(8, 8)) for _ in range(3)]
+    for cls in (Muon, AdamW8bit, AdamWFoam):
+        opt = cls(ps[:2], lr=0.1)
+        assert isinstance(opt, StatefulOptimizer)
+        assert [opt._param_index(p) for p in ps[:2]] == [0, 1]
+        opt.add_param_group({"params": [ps[2]]})
+        assert opt._param_index(ps[2]) == 2
+        with pytest.raises(KeyError):
+            opt._param_index(torch.nn.Parameter(torch.zeros(1)))

@@ -168,8 +168,8 @@ def test_results_json_validates_against_the_documented_fields(quick_suite):
     assert any("results.provenance: 'dirty' has type str" in e for e in errs)
     del broken["provenance"]
     assert any("missing 'provenance'" in e for e in report.validate_results(broken))
-    # docs/bench.md documents every field the validator checks
-    doc = (ROOT / "docs" / "bench.md").read_text()
+    # docs/bench-suite.md documents every field the validator checks
+    doc = (ROOT / "docs" / "bench-suite.md").read_text()
     for spec in (report.TOP_FIELDS, report.CONFIG_FIELDS, report.RUN_FIELDS, report.PROVENANCE_FIELDS):
         for key in spec:
             assert f"`{key}`" in doc, key
@@ -197,7 +197,7 @@ def test_results_record_the_code_that_produced_them(quick_suite):
 @pytest.mark.parametrize("name", ["e3-cpu-2026-11-22", "collider-cpu-2026-11-22"])
 def test_published_reports_name_the_commit_they_ran_on(name):
     """docs/bench's reports predate provenance in results.json: they carry it as a label, taken from
-    git history (see docs/bench.md), and still validate against the schema they were written with."""
+    git history (see docs/bench-suite.md), and still validate against the schema they were written with."""
     d = ROOT / "docs" / "bench" / name
     res = json.loads((d / "results.json").read_text())
     assert report.validate_results(res) == []

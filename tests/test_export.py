@@ -150,7 +150,7 @@ def test_gguf_dequantizes_to_our_ternary_weights(tmp_path, tokenizer_file, one_t
 def test_gguf_tq_refuses_groups_of_128_without_writing(tmp_path, tokenizer_file):
     run = make_checkpoint(tmp_path / "run", tokenizer_file, "group_size=128")
     out = tmp_path / "m.gguf"
-    r = cli("export", "--checkpoint", str(run.parent), "--format", "gguf", "--out", str(out))
+    r = cli("export", "--checkpoint", str(run.parent), "--format", "gguf", "--quant", "tq2_0", "--out", str(out))
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in r.stderr
@@ -158,11 +158,19 @@ def test_gguf_tq_refuses_groups_of_128_without_writing(tmp_path, tokenizer_file)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp file left
 
 
+@pytest.mark.parametrize("group,want", [(256, "tq2_0"), (128, "q8_0")])
+def test_gguf_without_quant_picks_the_exact_type(tmp_path, tokenizer_file, group, want):
+    run = make_checkpoint(tmp_path / "run", tokenizer_file, f"group_size={group}")
+    lines: list[str] = []
+    summary = export_checkpoint(run, "gguf", tmp_path / "m.gguf", log=lines.append)
+    assert summary["quant"] == want and f"no --quant given: {want} is exact for group_size {group}" in lines[0]
+
+
 def test_gguf_refuses_rows_llamacpp_cannot_block(tmp_path, tokenizer_file):
     run = make_checkpoint(tmp_path / "run", tokenizer_file, "dim=128", "n_heads=2", "n_kv_heads=2",
                           "ffn_hidden=256", "group_size=128")
     with pytest.raises(ExportError, match="not a multiple of TQ2_0's block of 256"):
-        export_checkpoint(run, "gguf", tmp_path / "m.gguf", log=lambda *_: None)
+        export_checkpoint(run, "gguf", tmp_path / "m.gguf", quant="tq2_0", log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

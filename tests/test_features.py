@@ -187,6 +187,7 @@ def test_cli_async_loader_and_checkpointing_reproduce_sync_run(tmp_path, isolate
 # multi-token prediction
 
 import dataclasses  # noqa: E402
+import math  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -511,3 +512,29 @@ def test_torchrun_two_ranks_with_all_features(tmp_path, isolated_cache):
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and "mtp_ce_2" in r and "kept_frac" in r for r in recs)
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 5.0])
+def test_collider_threshold_reaches_the_objective(threshold):
+    """The Objective keeps exactly the tokens a float64 re-computation of the rule keeps for *its*
+    threshold: the top ceil((1-s) n) losses plus every loss >= (1 + threshold) * mean. At sparsity 0.9 the
+    safety net decides most of the kept set, so an objective that ignored ``collider_threshold`` (e.g.
+    always 0.3) keeps another fraction for 0.05 and 5.0."""
+    torch.manual_seed(0)
+    mcfg = ModelConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=97, max_seq_len=32, group_size=32)
+    model = GPT(mcfg)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(30)  # sharp logits: token losses spread from ~0 to ~20, so the net binds
+    tcfg = TrainConfig(use_collider=True, collider_sparsity=0.9, collider_threshold=threshold)
+    x, y = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    h = model.hidden_states(x)
+    _, stats = Objective(mcfg, tcfg, chunked_head=False)(model, h, y)
+    with torch.no_grad():
+        tok = F.cross_entropy(model.logits(h).double().view(-1, 97), y.view(-1), reduction="none")
+    n = tok.numel()
+    k = math.ceil(0.1 * n)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.topk(tok, k).indices] = True
+    keep |= tok >= (1 + threshold) * tok.mean()
+    assert float(stats["kept_frac"]) == pytest.approx(float(keep.sum()) / n, abs=1.5 / n)  # a tie at the edge
+    assert int(keep.sum()) > k + 2 or threshold > 0.1  # at 0.05 the safety net adds tokens beyond the top-k

@@ -167,8 +167,9 @@ def test_in_backward_fp32_ternary_stays_within_a_few_flipped_codes():
     ref = _train(tcfg, steps=3, in_backward=False)
     got = _train(tcfg, steps=3, in_backward=True)
     init = _model()
-    diff = sum(float((p - q).abs().sum()) for p, q in zip(ref.parameters(), got.parameters()))
-    moved = sum(float((p - q).abs().sum()) for p, q in zip(ref.parameters(), init.parameters()))
+    with torch.no_grad():
+        diff = sum(float((p - q).abs().sum()) for p, q in zip(ref.parameters(), got.parameters()))
+        moved = sum(float((p - q).abs().sum()) for p, q in zip(ref.parameters(), init.parameters()))
     assert diff <= 0.01 * moved, f"paths differ by {diff / moved:.2e} of the movement"
     with torch.no_grad():
         for x, y in _batches(2, seed=7):

@@ -2,8 +2,10 @@
 
 Every user mistake (bad config, missing data, corrupt checkpoint...) surfaces as a ``UserError``:
 one line on stderr, exit status 1, no traceback. Exit statuses: 0 done, 1 an error in the input or
-environment, 2 bad command line, 3 training diverged (train/guard.py), 75 stopped by a signal with a
-checkpoint saved (train/signals.py), 130 interrupted without a checkpoint. Run under ``torchrun``
+environment, 2 bad command line, 3 training diverged (train/guard.py), 70 an internal error (a bug:
+one line ``internal error: ...; details in FILE``, the traceback in FILE), 75 stopped by a signal with
+a checkpoint saved (train/signals.py), 130 interrupted without a checkpoint, 141 stdout closed by its
+reader (``generate | head``). Run under ``torchrun``
 for data parallel training.
 """
 
@@ -69,6 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (typ, help_text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
 
+    p = sub.add_parser("sft", help="chat fine-tune a checkpoint on conversations (loss on the assistant's tokens)",
+                       description="Chat fine-tuning: adds the chat tokens to the checkpoint's tokenizer and model, "
+                                   "then trains on conversations (OpenAI {\"messages\"} or ShareGPT "
+                                   "{\"conversations\"} JSONL; default: the embedded set) with the train flags. "
+                                   "See docs/chat_and_serving.md.")
+    _add_config_args(p)
+    p.add_argument("--data", action="append", metavar="FILE.jsonl",
+                   help="conversations (repeatable; default: the embedded stdlib-docs + arithmetic set)")
+    for name, (typ, help_text) in TRAIN_FLAGS.items():
+        if name not in ("dataset", "data_path", "n_samples"):
+            p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
+
+    p = sub.add_parser("chat", help="chat with a fine-tuned checkpoint in the terminal (streamed)")
+    p.add_argument("--checkpoint", required=True, help="sft checkpoint dir, run dir, packed .safetensors or .gguf")
+    p.add_argument("--system", default="", help="system message (change it in the chat with /system TEXT)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+
     p = sub.add_parser("prepare-data", help="train a BPE tokenizer and write token shards (streamed, resumable)",
                        description="Tokenize text/code dirs, JSONL, parquet, datasets dirs and .gz/.zst files into "
                                    "a prepared dir (docs/data.md). An interrupted run resumes when re-run the "
@@ -101,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (a .gguf runs on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (+ a chat page at /) for a checkpoint",
+                       description="Serve a checkpoint over HTTP: POST /v1/chat/completions and /v1/completions "
+                                   "(streaming with stream: true), GET /v1/models, GET /health, and a chat page "
+                                   "at /. Up to --max-batch requests decode together; --max-queue more wait; "
+                                   "beyond that a request gets 503. SIGTERM finishes the replies in flight and "
+                                   "exits 0. See docs/chat_and_serving.md.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $NANOCHAT_API_KEY if "
+                                     "set, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward step")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a decode row before 503s")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p = sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp), a Hugging Face dir, or packed",
                        description="Export a checkpoint. gguf: llama.cpp's llama architecture, ternary blocks as "
@@ -152,6 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true",
                    help="add torch AdamW/Muon, bitsandbytes and torchao AdamW8bit, galore-torch GaLoreAdamW")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p = sub.add_parser("eval", help="score a model: bits per byte on text, multiple-choice tasks, HumanEval pass@k",
+                       description="Judge a checkpoint (run dir, step dir or packed .safetensors): bits per byte on "
+                                   "any text (tokenizer-independent), multiple-choice accuracy from a local JSONL "
+                                   "or an lm-eval-harness task YAML, the built-in stdlib-next-line task, HumanEval "
+                                   "pass@k in a sandbox. A table on stdout, --json with provenance. "
+                                   "See docs/evaluation.md.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+    p.add_argument("--text", action="append", default=[], metavar="PATH",
+                   help="bits per byte on a file, dir, glob or prepared data dir (its val split); repeatable")
+    p.add_argument("--tasks", action="append", default=[], metavar="TASK",
+                   help="FILE.jsonl ({query, choices, gold} per line) | TASK.yaml (lm-eval) | humaneval | "
+                        "stdlib-next-line; repeatable")
+    p.add_argument("--json", help="write the results with provenance to this file")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--limit", type=int, help="score only the first N items (documents for --text) of each")
+    p.add_argument("--stride", type=int, help="--text: window stride in tokens (default: half the model's context)")
+    p.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (n)")
+    p.add_argument("--pass-k", default="1", help="humaneval: comma-separated k of pass@k (each <= --samples)")
+    p.add_argument("--max-tokens", type=int, default=256, help="humaneval: new tokens per completion")
+    p.add_argument("--temperature", type=float, default=0.2, help="humaneval: sampling temperature (0: greedy)")
+    p.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program run")
+    p.add_argument("--seed", type=int, default=0, help="humaneval: sampling seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -161,17 +230,18 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint.files import read_meta, resolve_checkpoint
-    from .config import Config, build_config
+    from .checkpoint.files import read_config, resolve_checkpoint, resume_config
+    from .config import build_config
     from .train.runtime import setup_runtime
     from .train.trainer import Trainer
 
     base = None
     if args.resume and not (args.config or args.config_file):
-        base = Config.from_dict(read_meta(resolve_checkpoint(args.resume))["config"])
+        # the checkpoint's config minus its output paths: a resume writes where the user points
+        base = resume_config(args.resume)
     elif args.init_from and not (args.config or args.config_file):
         # a warm start without --config: the checkpoint's model, its preset's training settings
-        saved = Config.from_dict(read_meta(resolve_checkpoint(args.init_from))["config"])
+        saved = read_config(resolve_checkpoint(args.init_from))
         base = build_config(saved.preset or None)
         base.model = saved.model
     cfg = build_config(args.config, args.config_file, _cli_overrides(args), args.set, base=base)
@@ -185,6 +255,28 @@ def cmd_train(args: argparse.Namespace) -> int:
               + (f", val_bpb {result.val_bpb:.3f}" if result.val_bpb is not None else ""))
         print(f"next: nanochat-train generate --checkpoint {result.final_checkpoint} --prompt 'def '")
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .chat.finetune import run_sft, sft_config
+    from .train.runtime import setup_runtime
+
+    cfg = sft_config(args.config, args.config_file, _cli_overrides(args), args.set, args.data)
+    rt = setup_runtime(cfg.training.device, cfg.training.threads)
+    try:
+        result = run_sft(cfg, rt)
+    finally:
+        rt.shutdown()
+    if rt.is_main and result.final_checkpoint is not None:
+        print(f"done: step {result.step}, val_loss {result.val_loss:.4f} (assistant tokens)")
+        print(f"next: nanochat-train chat --checkpoint {result.final_checkpoint}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat.terminal import run_chat
+
+    return run_chat(args)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -212,6 +304,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
+    if 0 < args.temperature < 1e-4:  # logits / T overflows to inf, and softmax of inf is NaN
+        raise UserError(f"--temperature {args.temperature}: too small to sample with (>= 1e-4); "
+                        f"0 is greedy decoding")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in [0, 2**63)")
+    if args.max_tokens > 10**7:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be <= 10,000,000")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError("--prompt: not valid UTF-8 text (the shell passed bytes that are not UTF-8)") from None
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.threads < 0:
@@ -231,6 +334,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     tok.decode)
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.run import serve_checkpoint
+
+    return serve_checkpoint(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+                            max_batch=args.max_batch, max_queue=args.max_queue, device=args.device,
+                            threads=args.threads, log_level=args.log_level)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -358,8 +469,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.run import EvalOptions, run_eval
+
+    try:
+        pass_k = [int(k) for k in args.pass_k.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--pass-k {args.pass_k!r}: give comma-separated integers, e.g. 1,10") from None
+    return run_eval(EvalOptions(args.checkpoint, args.text, args.tasks, args.json, args.batch_size, args.device,
+                                args.limit, args.stride, args.threads, args.seed, args.samples, pass_k,
+                                args.max_tokens, args.temperature, args.timeout,
+                                command="nanochat-train " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+                                progress=not args.no_progress))
+
+
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare, "generate": cmd_generate, "info": cmd_info,
-            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export}
+            "memory": cmd_memory, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval,
+            "sft": cmd_sft, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,11 +497,73 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"{e.prefix}: {e}", file=sys.stderr)
+        print(f"{e.prefix}: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `generate ... | head`: the reader left; nothing to report
+        _silence_stdout()
+        return 141
+    except MemoryError as e:
+        print(f"error: out of memory ({_one_line(str(e)) or 'MemoryError'}); try a smaller model, batch or "
+              f"sequence", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, not bad input: one line, the traceback in a file
+        if _is_out_of_memory(e):
+            print(f"error: out of memory ({_one_line(str(e))[:200]}); try a smaller model, batch or sequence",
+                  file=sys.stderr)
+            return 1
+        where = _write_crash_report(args)
+        print(f"internal error: {type(e).__name__}: {_one_line(str(e))[:300]}; details in {where}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+#: Exit status of an unexpected exception (a bug): EX_SOFTWARE of sysexits.h, so a wrapper can tell it
+#: from bad input (1). The traceback goes to a file named in the one line printed.
+EXIT_INTERNAL = 70
+
+
+def _one_line(text: str) -> str:
+    """A message for one stderr line: its lines joined, never a multi-line dump."""
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _write_crash_report(args: argparse.Namespace) -> str:
+    """The current exception's traceback (+ version, command line) in a new file; its path.
+
+    In ``$NANOCHAT_CRASH_DIR`` if set, else the system temp dir; created with ``mkstemp`` (O_EXCL,
+    a fresh name), so it never overwrites or follows anything already there."""
+    import os
+    import tempfile
+    import traceback
+
+    text = (f"nanochat-ternary {__version__}\ncommand: {args.command}\nargv: {sys.argv if args.argv is None else args.argv}"
+            f"\n\n{traceback.format_exc()}")
+    try:
+        fd, name = tempfile.mkstemp(prefix="nanochat-ternary-crash-", suffix=".txt",
+                                    dir=os.environ.get("NANOCHAT_CRASH_DIR") or None)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
+            fh.write(text)
+        return name
+    except OSError as e:
+        return f"no file (it could not be written: {e.strerror or e}; set NANOCHAT_CRASH_DIR)"
 
 
 if __name__ == "__main__":

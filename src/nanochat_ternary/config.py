@@ -40,22 +40,25 @@ from .errors import ConfigError
 class ModelConfig:
     """Shape of the GPT. ``ffn_hidden`` is derived from ``ffn_mult`` unless set explicitly."""
 
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    ffn_mult: float = 2.0
+    dim: int = 256  # model width (residual stream)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads (head_dim = dim / n_heads)
+    n_kv_heads: int = 4  # key/value heads (GQA: query head h uses kv head h // (n_heads / n_kv_heads))
+    ffn_mult: float = 2.0  # SwiGLU hidden width as a multiple of dim (see ffn_hidden)
     ffn_hidden: int = 0  # 0: round_up(dim * ffn_mult, 128)
-    vocab_size: int = 4096
-    max_seq_len: int = 256
-    weight_tied: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = 4096  # token ids; data with a tokenizer sets it (rounded up to a multiple of 64)
+    max_seq_len: int = 256  # context length (RoPE tables, KV cache)
+    weight_tied: bool = True  # LM head shares the token embedding
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     quantization: str = "ternary"  # "ternary" | "none"
     group_size: int = 128  # BitLinear weight-scale group size
     # BitLinear's activation format (docs/roadmap.md): int8 | int4 | fp4 | a4.8
     act_quant: str = "int8"
     act_block_size: int = 16  # fp4: values per E4M3 block scale
+    # BitLinear's forward product (docs/performance.md)
+    ternary_matmul: str = "fake_quant"  # fake_quant (GEMM of dequantized values) / int8 (exact int8 GEMM, eager) / auto
+    ternary_backward: str = "auto"  # the int8 path's backward GEMMs: auto (bf16 where faster) | float32 | bfloat16
     # multi-token prediction heads (issue: training features)
     use_mtp: bool = False
     mtp_n_tokens: int = 4
@@ -97,6 +100,21 @@ class TrainConfig:
     warmup_steps: int = 20
     decay_start_frac: float = 0.8
     min_lr_ratio: float = 0.0
+    # "wsd" (above) | "bitnet": BitNet b1.58's two stages (train/schedule.py; docs/recipes.md): peak LR
+    # until bitnet_switch_frac of the run, then a drop to bitnet_stage2_ratio x peak, linear decay to
+    # min_lr_ratio, and weight decay off
+    lr_schedule: str = "wsd"
+    bitnet_switch_frac: float = 0.5
+    bitnet_stage2_ratio: float = 0.3
+    # continual QAT (train/qat.py): full precision before qat_start (0: ternary from step 0; in (0, 1):
+    # that fraction of the run; >= 1: that step), then ternary, phased in over qat_ramp_steps
+    qat_start: float = 0.0
+    qat_ramp_steps: int = 0
+    # distillation from a teacher checkpoint (train/distill.py): loss += distill_weight * T^2 *
+    # KL(teacher || student) on the logits at temperature T = distill_temperature; "" = off
+    teacher: str = ""
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     # memory-efficient optimizer variants (issue: memory-efficient Muon)
     use_8bit_optim: bool = False
     quant_block_size: int = 128
@@ -134,6 +152,9 @@ class TrainConfig:
     n_samples: int = 2000  # synthetic dataset: number of sequences
     tokenizer_vocab_size: int = 4096  # for datasets tokenized on the fly (text, stdlib)
     val_fraction: float = 0.0  # held-out share; 0: the dataset's default (see data/datasets.py)
+    # chat fine-tuning (nanochat-train sft; train/sft.py, docs/chat_and_serving.md)
+    sft_data: str = ""  # comma-separated conversation JSONL files; "" = the embedded default set
+    sft_batching: str = "pack"  # pack: fixed seq_len windows of the conversation stream | pad: one per row
     # evaluation and logging
     eval_interval: int = 100
     eval_batches: int = 8
@@ -174,7 +195,15 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """Rebuild a config stored in a checkpoint (validated like any other source)."""
-        cfg = cls(preset=d.get("preset", ""))
+        if not isinstance(d, dict):
+            raise ConfigError(f"checkpoint config is a {type(d).__name__}, not an object")
+        preset = d.get("preset", "")
+        if not isinstance(preset, str):
+            raise ConfigError(f"checkpoint config: preset = {preset!r:.40} is not a string")
+        cfg = cls(preset=preset)
+        for section in ("model", "training"):
+            if not isinstance(d.get(section, {}), dict):
+                raise ConfigError(f"checkpoint config: '{section}' is a {type(d[section]).__name__}, not an object")
         apply_mapping(cfg, {"model": d.get("model", {}), "training": d.get("training", {})}, "checkpoint")
         validate(cfg)
         return cfg
@@ -411,9 +440,22 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     try:
         with p.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read(MAX_TOML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_TOML_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_TOML_BYTES // 2**20} MiB, not a config file")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text (UTF-8) file, so not TOML (byte {e.start}: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid TOML: nested too deeply") from None
+
+
+MAX_TOML_BYTES = 16 * 2**20  # a config is a few KiB; read no more than this (a TOML path could be /dev/zero)
 
 
 def packaged_config_dir() -> Path:

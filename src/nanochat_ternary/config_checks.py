@@ -4,6 +4,8 @@ line naming the field, its value and what is allowed (the CLI prints it and exit
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -21,8 +23,45 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key} = {value!r} is not valid ({allowed})")
 
 
+# Upper bounds on the model's shape: far above any real model (large-7b: dim 4096, 32 layers, vocab
+# 128000), low enough that a typo or a crafted file (n_layers = 1e12) is refused at config time
+# instead of exhausting memory while the model is built; and on a few resource counts.
+SHAPE_LIMITS: dict[str, int] = {"dim": 65536, "n_layers": 1024, "n_heads": 4096, "n_kv_heads": 4096,
+                                "vocab_size": 2**24, "max_seq_len": 2**20, "ffn_hidden": 2**20,
+                                "group_size": 2**30, "act_block_size": 2**16, "mtp_n_tokens": 64,
+                                # resources a typo would exhaust: processes, threads, memory
+                                "threads": 4096, "num_workers": 256, "prefetch_batches": 4096,
+                                "eval_batches": 10**6, "n_samples": 10**8}
+MAX_FFN_MULT = 64.0
+MAX_EPOCHS = 1e6
+# any other integer: exactly representable in JSON/float64 (meta.json, TOML) and within torch's seed range
+MAX_INT = 2**53
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every number is finite and of a sane size, before any range check compares it (NaN compares
+    false with everything, so ``lr > 0`` alone lets ``lr = nan`` through, and ``inf`` passes it)."""
+    for section in (cfg.model, cfg.training):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            items = v if isinstance(v, tuple) else (v,)
+            for x in items:
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ConfigError(f"{f.name} = {v!r} is not valid (must be a finite number)")
+                if isinstance(x, int) and abs(x) > SHAPE_LIMITS.get(f.name, MAX_INT):
+                    raise ConfigError(f"{f.name} = {x} is not valid (must be at most "
+                                      f"{SHAPE_LIMITS.get(f.name, MAX_INT):,})")
+    _require(cfg.model.ffn_mult <= MAX_FFN_MULT, "ffn_mult", cfg.model.ffn_mult, f"must be <= {MAX_FFN_MULT:g}")
+    _require(cfg.model.hidden_dim <= SHAPE_LIMITS["ffn_hidden"], "ffn_mult", cfg.model.ffn_mult,
+             f"dim * ffn_mult must be <= {SHAPE_LIMITS['ffn_hidden']:,}")
+    _require(cfg.training.epochs <= MAX_EPOCHS, "epochs", cfg.training.epochs, f"must be <= {MAX_EPOCHS:g}")
+
+
 def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.training
+    _check_numbers(cfg)
     for key, off in NOT_AVAILABLE_YET.items():
         val = getattr(m, key) if hasattr(m, key) else getattr(t, key)
         if val != off:
@@ -66,6 +105,16 @@ def validate(cfg: Config) -> None:
     _require(t.adam_eps > 0, "adam_eps", t.adam_eps, "must be > 0")
     _require(t.grad_clip >= 0, "grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
     _require(0 <= t.decay_start_frac <= 1, "decay_start_frac", t.decay_start_frac, "must be in [0, 1]")
+    _require(t.lr_schedule in ("wsd", "bitnet"), "lr_schedule", t.lr_schedule, "allowed: 'wsd', 'bitnet'")
+    _require(0 <= t.bitnet_switch_frac <= 1, "bitnet_switch_frac", t.bitnet_switch_frac, "must be in [0, 1]")
+    _require(0 < t.bitnet_stage2_ratio <= 1, "bitnet_stage2_ratio", t.bitnet_stage2_ratio, "must be in (0, 1]")
+    _require(t.qat_start >= 0 and (t.qat_start < 1 or t.qat_start.is_integer()), "qat_start", t.qat_start,
+             "a fraction of the run in [0, 1) or a whole step number >= 1")
+    _require(t.qat_ramp_steps >= 0, "qat_ramp_steps", t.qat_ramp_steps, "must be >= 0")
+    if t.qat_start > 0 or t.qat_ramp_steps > 0:
+        _require(m.quantization == "ternary", "qat_start", t.qat_start, "continual QAT needs quantization = 'ternary'")
+    _require(t.distill_weight >= 0, "distill_weight", t.distill_weight, "must be >= 0")
+    _require(t.distill_temperature > 0, "distill_temperature", t.distill_temperature, "must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _require(0 <= t.collider_sparsity < 1, "collider_sparsity", t.collider_sparsity, "must be in [0, 1)")
     _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")
@@ -122,6 +171,12 @@ def _validate_act_quant(cfg: Config) -> None:
              "allowed: " + ", ".join(repr(c) for c in ACT_QUANT_CHOICES))
     _require(m.act_block_size >= 1, "act_block_size", m.act_block_size, "must be >= 1")
     _require(t.act_quant_switch_step >= 0, "act_quant_switch_step", t.act_quant_switch_step, "must be >= 0")
+    _require(m.ternary_matmul in ("fake_quant", "int8", "auto"), "ternary_matmul", m.ternary_matmul,
+             "allowed: 'fake_quant', 'int8', 'auto'")
+    _require(m.ternary_backward in ("auto", "float32", "bfloat16"), "ternary_backward", m.ternary_backward,
+             "allowed: 'auto', 'float32', 'bfloat16'")
+    _require(not (m.ternary_matmul != "fake_quant" and t.compile == "true"), "ternary_matmul", m.ternary_matmul,
+             "the int8 path runs eagerly: set compile = false, or ternary_matmul = 'fake_quant' to compile")
     if m.act_quant != "int8":
         _require(m.quantization == "ternary", "act_quant", m.act_quant,
                  "activation formats apply to ternary BitLinears: quantization = 'none' runs in full precision")

@@ -2,7 +2,9 @@
 
 Each class carries the exit status the CLI returns for it, so a wrapper script or a scheduler can
 tell "fix your input" (1) from "the run diverged" (3) from "stopped on a signal, resume me" (75)
-without parsing text. The statuses are listed in the README.
+without parsing text. The statuses are listed in the README. Any other exception reaching the CLI is
+a bug: ``cli.main`` prints one ``internal error: ...; details in FILE`` line (the traceback in FILE)
+and exits 70 (``cli.EXIT_INTERNAL``).
 """
 
 

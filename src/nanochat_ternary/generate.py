@@ -17,6 +17,18 @@ from torch import Tensor
 from .model.gpt import GPT, KVCache
 
 
+def _int8_decoder(model: GPT, max_len: int):
+    """model/decode.py's int8 Decoder when the model asks for the int8 product
+    (``ternary_matmul`` int8, or auto where it measures faster) and every layer can take it; else None."""
+    from .model.bitlinear import BitLinear
+    from .model.decode import Decoder
+
+    lins = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize]
+    if not lins or not all(m.uses_int8(m.weight.device) for m in lins):
+        return None
+    return Decoder(model, mode="int8", max_len=max_len)
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 1.0,
@@ -97,15 +109,22 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            cache = KVCache.for_model(model, batch_size=1, max_len=len(prompt) + budget)
-        logits = _forward_last(model, torch.tensor([prompt], dtype=torch.long, device=device), cache)
+        # the int8 path decodes with weights packed once (model/decode.py; exact int8 forward)
+        dec = _int8_decoder(model, len(prompt) + budget)
+        if dec is not None:
+            logits = dec.forward(prompt)[None]
+        else:
+            with torch.inference_mode():
+                cache = KVCache.for_model(model, batch_size=1, max_len=len(prompt) + budget)
+            logits = _forward_last(model, torch.tensor([prompt], dtype=torch.long, device=device), cache)
         for i in range(budget):
             tok = _sample(logits, temperature, top_k, top_p, generator)
             if tok in stops:
                 return
             yield tok
-            if i + 1 < budget:  # the last token needs no forward
+            if i + 1 < budget and dec is not None:
+                logits = dec.forward([tok])[None]
+            elif i + 1 < budget:  # the last token needs no forward
                 logits = _forward_last(model, torch.tensor([[tok]], dtype=torch.long, device=device), cache)
     finally:
         model.train(was_training)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------
-# results.json: the documented fields (docs/bench.md lists them; validate_results checks them)
+# results.json: the documented fields (docs/bench-suite.md lists them; validate_results checks them)
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))

@@ -14,14 +14,18 @@ its error, and the suite goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +161,58 @@ def _prepare_data(settings: BenchSettings) -> tuple[dict[str, Any], dict[str, in
     return {"name": data.describe()["name"], "train_tokens": len(data.train), "val_tokens": len(data.val)}, shape
 
 
+WORKER_PARENT_ENV = "NANOCHAT_BENCH_PARENT"
+WORKER_STOP_GRACE_S = 30.0  # a stopped worker saves nothing (checkpoint_interval=0): it ends in seconds
+
+
+class BenchStopped(UserError):
+    """``bench`` got SIGTERM / SIGHUP: its worker was stopped (with its process group); nothing runs on."""
+
+    prefix = "stopped"
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"bench: stopped by {signal.Signals(signum).name}; the run in progress was stopped "
+                         f"with its worker processes, no report written")
+        self.exit_status = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While a worker runs, SIGTERM / SIGHUP raise :class:`BenchStopped` here (default handling would
+    kill only this process and leave the worker training into an abandoned dir)."""
+    def handle(signum: int, _frame: Any) -> None:
+        raise BenchStopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, handle) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_worker(proc: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group, SIGKILL it after a grace period; return once it is gone."""
+    for sig, wait_s in ((signal.SIGTERM, WORKER_STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # the group's other members (loader workers) may outlive the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, label: str) -> dict[str, Any]:
     """Train one (configuration, seed) in a subprocess, with a progress bar fed by its JSONL log."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,15 +230,18 @@ def _run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, la
     bar = tqdm(total=settings.steps, desc=label, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr,
                disable=not live)
     with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # its own process group (start_new_session), so stopping it reaches its data-loader workers
+        # too; it also dies with this process (worker.py: parent-death signal), even on a kill -9 here
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", WORKER_PARENT_ENV: str(os.getpid())})
         pos = 0
         try:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                pos = _follow(log_file, pos, bar)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
+            with _stop_signals():
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    pos = _follow(log_file, pos, bar)
+        except (KeyboardInterrupt, BenchStopped):
+            _stop_worker(proc)
             raise
         finally:
             _follow(log_file, pos, bar)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import resource
+import signal
 import statistics
 import sys
 import threading
@@ -158,8 +160,27 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the bench process that started us dies, however it dies (kill -9
+    included), and stop at once if it is already gone: a worker never trains on for nobody."""
+    parent = os.environ.get("NANOCHAT_BENCH_PARENT")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
+
+    _die_with_parent()
 
     spec_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
     spec = json.loads(Path(spec_path).read_text())

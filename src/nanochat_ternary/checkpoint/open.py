@@ -75,14 +75,15 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def _open_step_dir(path: str | Path) -> OpenedModel:
     ckpt = files.resolve_checkpoint(path)
     meta = files.read_meta(ckpt)
-    try:
-        cfg = Config.from_dict(meta["config"])
-    except UserError as e:
-        raise CheckpointError(f"checkpoint {ckpt}: meta.json config: {e}") from None
+    cfg = files.read_config(ckpt, meta)
+    files.check_weights_header(ckpt, cfg)  # before building a model of the size the config claims
     model = GPT(cfg.model)
     files.load_model_weights(model, ckpt)
     tok_path = ckpt / "tokenizer.json"
-    tok = load_tokenizer(tok_path) if tok_path.is_file() else None
+    try:
+        tok = load_tokenizer(tok_path) if tok_path.is_file() else None
+    except UserError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json: {e}") from None
     dropped = [f"{cfg.model.mtp_n_tokens} multi-token-prediction heads (training only)"] if cfg.model.use_mtp else []
     return OpenedModel(ckpt, "checkpoint", cfg, model, tok, tok_path if tok is not None else None,
                        int(meta["step"]), meta, dropped)

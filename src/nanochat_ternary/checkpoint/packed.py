@@ -112,24 +112,67 @@ def load_packed(path: str | Path) -> tuple[Config, GPT, str | None, int]:
     if meta.get("format") != FORMAT:
         raise UserError(f"{p}: not a {FORMAT} file")
     if meta.get("version") != VERSION:
-        raise UserError(f"{p}: packed format version {meta.get('version')!r}, this version reads {VERSION}")
-    cfg = Config.from_dict(json.loads(meta["config"]))
+        raise UserError(f"{p}: packed format version {meta.get('version')!r:.40}, this version reads {VERSION}")
+    cfg = _packed_config(p, meta)
+    step = meta.get("step", "0")
+    if not (isinstance(step, str) and step.isdigit() and len(step) < 16):
+        raise UserError(f"{p}: metadata 'step' = {step!r:.40} is not a step number")
+    try:
+        model = _rebuild(cfg, tensors)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        detail = f"no tensor {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{p}: tensors do not match its config ({detail[:200]})") from None
+    return cfg, model, meta.get("tokenizer"), int(step)
+
+
+def _packed_config(p: Path, meta: dict[str, str]) -> Config:
+    """The ``config`` metadata entry: JSON of a config object, validated like any other source."""
+    if "config" not in meta:
+        raise UserError(f"{p}: packed file without its 'config' metadata")
+    try:
+        data = json.loads(meta["config"])
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{p}: metadata 'config' is not JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: metadata 'config' is a JSON {type(data).__name__}, not an object")
+    try:
+        return Config.from_dict(data)
+    except UserError as e:
+        raise UserError(f"{p}: metadata config: {e}") from None
+
+
+def _rebuild(cfg: Config, tensors: dict[str, Tensor]) -> GPT:
+    """The GPT of ``cfg`` with every block linear a PackedBitLinear from ``tensors`` (consumed)."""
     model = GPT(cfg.model)
     for i, block in enumerate(model.blocks):
         for attr in BLOCK_LINEARS:
             name = f"blocks.{i}.{attr}"
             lin = block.get_submodule(attr)
             scales = tensors.pop(f"{name}.scales")
-            codes = unpack_codes(tensors.pop(f"{name}.codes"), lin.weight.numel()).view(lin.weight.shape)
+            codes = tensors.pop(f"{name}.codes")
+            n = lin.weight.numel()
+            n_groups = -(-n // lin.group_size)
+            if codes.dtype != torch.uint8 or codes.shape != (-(-n // 4),):
+                raise ValueError(f"{name}.codes is {codes.dtype} {list(codes.shape)}, expected uint8 [{-(-n // 4)}]")
+            if scales.dtype != torch.float32 or scales.shape != (n_groups,) or not bool(torch.isfinite(scales).all()):
+                raise ValueError(f"{name}.scales is {scales.dtype} {list(scales.shape)}, expected finite "
+                                 f"float32 [{n_groups}]")
+            codes = unpack_codes(codes, n)
+            if bool((codes > 1).any()):  # 2-bit code 3 is not a ternary value
+                raise ValueError(f"{name}.codes holds the unused code 3")
+            codes = codes.view(lin.weight.shape)
             parent, leaf = attr.split(".")
             setattr(block.get_submodule(parent), leaf, PackedBitLinear(TernaryTensor(codes, scales, lin.group_size)))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied_head = "lm_head.weight" if cfg.model.weight_tied else None
     missing = [m for m in missing if not m.endswith(".weight_q") and m != tied_head]
     if missing or unexpected:
-        raise UserError(f"{p}: tensors do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds NaN/inf values")
     if cfg.model.weight_tied:
         model.lm_head.weight = model.tok_emb.weight
     model.set_act_quant(cfg.model.act_quant)  # the packed layers run the format the model trained with
     model.eval()
-    return cfg, model, meta.get("tokenizer"), int(meta.get("step", 0))
+    return model

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import ExportError, atomic_output, file_size, load_checkpoint
+from .common import ExportError, atomic_output, check_not_overlapping, file_size, load_checkpoint
 
 FORMATS = ("gguf", "hf", "packed")
 
@@ -27,11 +27,18 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, quant: 
         raise ExportError(f"--quant applies to --format gguf only ({fmt} has one layout)")
     out = Path(out)
     t0 = time.time()
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint)  # NaN/inf weights are refused here (checkpoint/files.py)
+    check_not_overlapping(out, ck.path)
     m = ck.config.model
+    picked = ""
+    if fmt == "gguf" and quant is None:
+        from .gguf import exact_quant
+
+        quant, why = exact_quant(ck)  # the most compact type that holds this model's weights exactly
+        picked = f" (no --quant given: {why})"
     log(f"export {ck.path} (step {ck.step}, {m.n_layers} layers, dim {m.dim}, heads {m.n_heads}/{m.n_kv_heads}, "
         f"vocab {m.vocab_size}, {'tied' if m.weight_tied else 'untied'} head, group_size {m.group_size}) "
-        f"-> {fmt}{' ' + (quant or 'tq2_0') if fmt == 'gguf' else ''}")
+        f"-> {fmt}{' ' + quant if fmt == 'gguf' else ''}{picked}")
     for what in ck.dropped:
         log(f"  note: dropping {what}")
     if m.act_quant != "int8" and fmt != "packed":
@@ -42,7 +49,6 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, quant: 
     if fmt == "gguf":
         from .gguf import QUANTS, write_gguf
 
-        quant = quant or "tq2_0"
         if quant not in QUANTS:  # before any work: no temp file for a typo
             raise ExportError(f"--quant {quant}: unknown (gguf takes {', '.join(QUANTS)})")
         with atomic_output(out, force) as tmp:

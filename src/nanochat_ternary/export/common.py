@@ -36,7 +36,7 @@ from ..model.ternary import BLOCK_LINEARS, TernaryTensor, split_quantized
 LoadedCheckpoint = OpenedModel
 
 __all__ = ["BLOCK_LINEARS", "ExportError", "LoadedCheckpoint", "TernaryTensor", "atomic_output", "block_scales",
-           "file_size", "llama_qk_permutation", "load_checkpoint", "split_quantized", "ternary_weights"]
+           "check_not_overlapping", "file_size", "llama_qk_permutation", "load_checkpoint", "split_quantized", "ternary_weights"]
 
 
 class ExportError(UserError):
@@ -92,41 +92,74 @@ def block_scales(codes: Tensor, scale_map: Tensor, block: int, name: str, fmt: s
 # Output: nothing half-written at --out
 
 
+def check_not_overlapping(out: Path, checkpoint: Path) -> None:
+    """Refuse an ``--out`` that overlaps what the export reads, ``--force`` or not.
+
+    Replacing ``out`` would destroy the source when ``out`` is one of the checkpoint's files, its
+    step dir, its run dir or any dir above them; and ``--force`` is for replacing an earlier
+    export, never a checkpoint: an existing ``out`` that is (or holds) a checkpoint is refused too.
+    Paths are compared resolved (symlinks and ``..`` followed)."""
+    try:  # a name the filesystem refuses (over 255 bytes, a file used as a dir): one line, now
+        os.lstat(out)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    src = checkpoint.resolve()
+    dst = Path(out).resolve()
+    if dst == src or dst in src.parents:
+        raise ExportError(f"--out {out} would replace the checkpoint being exported ({checkpoint} is "
+                          f"{'it' if dst == src else 'inside it'}); choose a path outside it")
+    if dst.parent == src and dst.exists():
+        raise ExportError(f"--out {out} is a file of the checkpoint being exported; choose another path")
+    if dst.is_dir() and ((dst / "meta.json").is_file() or any(
+            (c / "meta.json").is_file() for c in dst.iterdir() if c.name.startswith("step_"))):
+        raise ExportError(f"--out {out} is a checkpoint or a run dir; an export never replaces one "
+                          f"(choose another path)")
+
+
 @contextmanager
 def atomic_output(out: Path, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temp path beside ``out``; on success it is renamed to ``out``, on failure removed.
 
     ``out`` existing is an error unless ``force`` (then it is replaced only once the new one is
     complete). The temp path lives in ``out``'s directory so the final rename never crosses a
-    filesystem.
+    filesystem. The temp is created with ``mkstemp`` / ``mkdtemp`` (``O_EXCL``, a fresh name: never
+    something already there). A filesystem error (full disk, a name too long, no permission) is one
+    ``ExportError`` line, with the temp removed and ``out`` as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise ExportError(f"--out {out} already exists (remove it, choose another path, or pass --force)")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"--out {out}: directory {parent} does not exist")
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    prefix = f".tmp-{out.name[:200]}-"  # a 255-byte name stays one: the temp's name must fit too
+    tmp: Path | None = None
     try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+            os.close(fd)
+            tmp = Path(name)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)  # mkstemp/mkdtemp create 0600/0700; give the result the usual permissions
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
-        if out.exists():  # --force: move the old one aside only now that the new one is whole
-            old = parent / f".old-{out.name}-{os.getpid()}"
+        if out.exists() or out.is_symlink():  # --force: move the old one aside only now that the new one is whole
+            old = parent / f".old-{out.name[:200]}-{os.getpid()}"
             os.rename(out, old)
             os.rename(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         else:
             os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write it ({e.strerror or e}); nothing was left there") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def llama_qk_permutation(n_heads: int, head_dim: int) -> Tensor:

@@ -97,6 +97,12 @@ def _tokenizer_kv(writer, tokenizer_path: Path, n_vocab: int) -> None:
             tokens.append(t)
             types.append(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data.get("model", {}).get("merges", [])]
+    if not merges:
+        # gguf-py drops an empty array, and llama.cpp's gpt2 tokenizer refuses a file without the
+        # merges key ("cannot find tokenizer merges"): a GGUF it cannot load is not an export
+        raise ExportError(f"{tokenizer_path}: a byte-level tokenizer without merges (a model trained on "
+                          f"--dataset synthetic or bare token ids), which llama.cpp's gpt2 tokenizer cannot "
+                          f"load; use --format packed or hf, or train on text")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # our ByteLevel(use_regex=True) split = GPT-2's regex
     writer.add_token_list(tokens)
@@ -105,6 +111,40 @@ def _tokenizer_kv(writer, tokenizer_path: Path, n_vocab: int) -> None:
     writer.add_bos_token_id(tok.eot_id)  # documents are separated (not opened) by EOT
     writer.add_eos_token_id(tok.eot_id)
     writer.add_add_bos_token(False)  # our prompts carry no BOS; text is encoded as is
+
+
+def exact_quant(ck: LoadedCheckpoint) -> tuple[str, str]:
+    """``(quant, why)``: the most compact GGUF type that stores every block matrix exactly: TQ2_0
+    when each 256 weights of a row share a scale (groups of 256, or per-row scales), else Q8_0
+    (blocks of 32: groups of 128, 64, 32); f16 for a full-precision model. An ExportError when none
+    is exact (groups under 32, or rows that are not whole blocks)."""
+    m = ck.config.model
+    if m.quantization != "ternary":
+        return "f16", "a full-precision model: f16"
+    tern = ternary_weights(ck.model)
+    for quant, block in (("tq2_0", 256), ("q8_0", 32)):
+        try:
+            for name, tt in tern.items():
+                block_scales(tt.codes, tt.scale_map(), block, name, quant.upper(), tt.group_size)
+        except ExportError:
+            continue
+        return quant, f"{quant} is exact for group_size {m.group_size} (one scale per {block} weights)"
+    raise ExportError(f"no ternary GGUF type holds group_size {m.group_size} exactly (TQ2_0 needs one scale per 256 "
+                      f"weights, Q8_0 per 32): pass --quant f16 or f32")
+
+
+def _chat_kv(writer, tokenizer_path: Path) -> bool:
+    """A chat model's template (``tokenizer.chat_template``) and end-of-turn token
+    (``tokenizer.ggml.eot_token_id``: llama.cpp ends a generation there). False for a base model."""
+    from ..data.chat_template import JINJA, ChatTemplate, has_chat_tokens
+    from ..data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    if not has_chat_tokens(tok):
+        return False
+    writer.add_chat_template(JINJA)
+    writer.add_eot_token_id(ChatTemplate(tok).end_id)
+    return True
 
 
 def write_gguf(ck: LoadedCheckpoint, out: Path, quant: str = "tq2_0", log: Callable[[str], None] = print) -> dict:
@@ -142,6 +182,8 @@ def write_gguf(ck: LoadedCheckpoint, out: Path, quant: str = "tq2_0", log: Calla
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_kv(w, ck.tokenizer_path, m.vocab_size)
+    if _chat_kv(w, ck.tokenizer_path):
+        log("  chat model: tokenizer.chat_template and the <|end|> end-of-turn token written")
 
     def f32(t: torch.Tensor) -> np.ndarray:
         return t.detach().float().numpy()

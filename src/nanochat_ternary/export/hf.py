@@ -82,22 +82,34 @@ def write_hf(ck: LoadedCheckpoint, out: Path, log: Callable[[str], None] = print
     from safetensors.torch import save_file
 
     eot_id = None
+    eos_ids: int | list[int] | None = None
     if ck.tokenizer_path is not None:
+        from ..data.chat_template import END, JINJA, ChatTemplate, has_chat_tokens
         from ..data.tokenizer import load_tokenizer
 
-        eot_id = load_tokenizer(ck.tokenizer_path).eot_id
+        tok = load_tokenizer(ck.tokenizer_path)
+        eot_id = eos_ids = tok.eot_id
+        eos = EOT
+        chat: dict = {}
+        if has_chat_tokens(tok):
+            # a chat model's reply ends at <|end|>; apply_chat_template renders JINJA (see chat_template.py)
+            eos, chat = END, {"chat_template": JINJA}
+            eos_ids = [ChatTemplate(tok).end_id, eot_id]
+            log("  chat model: tokenizer_config.json carries the chat template; eos_token <|end|>")
         (out / "tokenizer.json").write_text(ck.tokenizer_path.read_text())
         (out / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOT, "eos_token": EOT, "unk_token": None, "pad_token": None,
+            "bos_token": EOT, "eos_token": eos, "unk_token": None, "pad_token": None,
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "model_max_length": ck.config.model.max_seq_len,
+            "model_max_length": ck.config.model.max_seq_len, **chat,
         }, indent=2))
-        (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": EOT, "eos_token": EOT}, indent=2))
+        (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": EOT, "eos_token": eos}, indent=2))
     else:
         log("  note: the checkpoint has no tokenizer.json; the HF dir has none either")
-    (out / "config.json").write_text(json.dumps(hf_config(ck, eot_id), indent=2))
+    config = hf_config(ck, eot_id)
+    config["eos_token_id"] = eos_ids
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": eot_id, "eos_token_id": eot_id, "do_sample": True}, indent=2))
+        {"bos_token_id": eot_id, "eos_token_id": eos_ids, "do_sample": True}, indent=2))
     save_file(hf_state_dict(ck), str(out / "model.safetensors"), metadata={"format": "pt"})
     return {"format": "hf"}

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import int8_linear as i8
 from .act_quant import fake_quant
 
 WEIGHT_EPS = 1e-5  # floor for a group's mean |w| (an all-zero group quantizes to zeros, not NaN)
@@ -247,6 +248,12 @@ class BitLinear(nn.Module):
     model code serves both. The bias (off by default, never used by the GPT) stays full precision.
     ``act_format`` (a plain attribute, so a training schedule can switch it: see
     ``GPT.set_act_quant``) picks the input's format: ``int8`` or one of :mod:`.act_quant`'s.
+
+    ``matmul`` (a plain attribute, ``ModelConfig.ternary_matmul``): ``fake_quant`` (default: the
+    fp32/bf16 GEMM of the dequantized values), ``int8`` (the exact integer forward of
+    :mod:`.int8_linear`, whose weight codes are cached until the weight changes), or ``auto``
+    (int8 where this CPU has int8 dot products and measures it faster, else fake_quant).
+    ``backward`` (``ModelConfig.ternary_backward``): the int8 path's backward GEMM dtype.
     """
 
     def __init__(
@@ -268,6 +275,12 @@ class BitLinear(nn.Module):
         self.quantize = quantize
         self.act_format = "int8"
         self.act_block_size = 16
+        self.matmul = "fake_quant"
+        self.backward = "auto"
+        self._pack: i8.TernaryPack | None = None  # int8 path: codes + scales of the current weight
+        # continual QAT (train/qat.py): 0 = the full-precision path, 1 = ternary (the default, today's
+        # exact path), in between both the weight and the input are w + mix * (quant(w) - w), STE
+        self.quant_mix = 1.0
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
@@ -283,9 +296,49 @@ class BitLinear(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def quantize_input(self, x: Tensor) -> Tensor:
-        """The input as this layer would see it (fake-quantized if ``quantize``), STE gradient."""
-        return quantize_activations(x, self.act_format, self.act_block_size) if self.quantize else x
+    def quantize_input(self, x: Tensor) -> Tensor | i8.Int8Input:
+        """The input as this layer would see it (fake-quantized if ``quantize``, blended during a QAT
+        ramp), STE gradient; on the int8 path its codes (:class:`~.int8_linear.Int8Input`), for layers
+        sharing the input."""
+        if not self.quantize or self.quant_mix == 0.0:
+            return x
+        if self.uses_int8(x.device):
+            return i8.Int8Input(x, *i8.quantize_act_codes(x, self._code_dtype(x.device)))
+        x_q = quantize_activations(x, self.act_format, self.act_block_size)
+        return x_q if self.quant_mix == 1.0 else x + self.quant_mix * (x_q - x)
+
+    def uses_int8(self, device: torch.device) -> bool:
+        """Whether this layer's forward takes the integer path (``matmul`` and its shape/format)."""
+        if not self.quantize or self.matmul == "fake_quant" or self.quant_mix != 1.0:
+            return False  # the QAT ramp's blend is a float computation
+        if self.matmul not in i8.MATMUL_CHOICES:
+            raise ValueError(f"ternary_matmul must be one of {i8.MATMUL_CHOICES}, got {self.matmul!r}")
+        if not i8.int8_supported(self.in_features, self.group_size, self.act_format):
+            return False
+        return self.matmul == "int8" or (device.type == "cpu" and i8.int8_measured_faster())
+
+    def _code_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.int8 if i8.backend_for(device) == "int8" else torch.float32
+
+    def ternary_pack(self, for_backward: bool) -> i8.TernaryPack:
+        """The weight's codes and scales, packed once and reused until the weight changes (its
+        version counter moves on every in-place update: optimizer steps, ``copy_``, loads)."""
+        w = self.weight
+        backend = i8.backend_for(w.device)
+        bwd = i8.resolve_backward_dtype(self.backward, w.device) if for_backward else None
+        p = self._pack
+        if (p is None or p.key != i8.weight_key(w) or (for_backward and (p.w_bwd is None or p.w_bwd.dtype != bwd))
+                or (p.codes.dtype == torch.int8) != (backend == "int8")):
+            p = self._pack = i8.pack_ternary(w, self.group_size, backend, bwd)
+        return p
+
+    def _int8_forward(self, inp: i8.Int8Input) -> Tensor:
+        training = torch.is_grad_enabled() and (self.weight.requires_grad or inp.x.requires_grad)
+        pack = self.ternary_pack(for_backward=training)
+        if pack.codes.dtype != inp.q.dtype:  # codes made for another backend (device moved)
+            inp = i8.Int8Input(inp.x, inp.q.to(pack.codes.dtype), inp.c)
+        y = i8.int8_linear(inp.x, self.weight, inp.q, inp.c, pack)
+        return y + self.bias if self.bias is not None else y
 
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses (ternary * group scale when ``quantize``), detached."""
@@ -294,8 +347,18 @@ class BitLinear(nn.Module):
 
     def forward(self, x: Tensor, x_is_quantized: bool = False) -> Tensor:
         """``x: [..., in] -> [..., out]``. ``x_is_quantized``: ``x`` came from ``quantize_input``."""
-        if not self.quantize:
+        if isinstance(x, i8.Int8Input):  # quantized by quantize_input on the int8 path
+            if self.uses_int8(x.x.device):
+                return self._int8_forward(x)
+            x, x_is_quantized = x.x, False  # this layer takes the fake-quant path: quantize anew
+        if not self.quantize or self.quant_mix == 0.0:
             return F.linear(x, _compute_dtype(self.weight, x), self.bias)
+        if self.quant_mix != 1.0:  # QAT ramp: blended weight and input (both STE), see quant_mix
+            x = x if x_is_quantized else self.quantize_input(x)
+            w = _compute_dtype(self.weight, x)
+            return F.linear(x, w + self.quant_mix * (quantize_weight(w, self.group_size) - w), self.bias)
+        if not x_is_quantized and self.uses_int8(x.device):
+            return self._int8_forward(self.quantize_input(x))
         if not x_is_quantized:
             x = quantize_activations(x, self.act_format, self.act_block_size)
         return bitlinear(x, self.weight, self.bias, self.group_size)
@@ -305,4 +368,5 @@ class BitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}, quantize={self.quantize}"
             + (f", act_format={self.act_format}" if self.act_format != "int8" else "")
+            + (f", matmul={self.matmul}" if self.matmul != "fake_quant" else "")
         )

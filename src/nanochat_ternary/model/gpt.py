@@ -234,6 +234,9 @@ class GPT(nn.Module):
         self.compiled_blocks: list[nn.Module] | None = None
         self.act_quant = "int8"
         self.set_act_quant(cfg.act_quant)
+        for lin in self.modules():  # the forward product (model/int8_linear.py)
+            if isinstance(lin, BitLinear):
+                lin.matmul, lin.backward = cfg.ternary_matmul, cfg.ternary_backward
         self.init_weights()
 
     @torch.no_grad()
@@ -338,6 +341,43 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def resize_vocab(self, new_size: int, new_rows_from: int | None = None, seed: int = 0) -> None:
+        """Give the token embedding and the LM head ``new_size`` rows (the ternary blocks untouched).
+
+        Rows below ``min(old, new_size)`` are kept (shrinking drops the rest). Rows from
+        ``new_rows_from`` (default: the old size) on are set to the mean of the rows before it plus
+        tiny noise (std 1e-3 of those rows' std, seeded): a new token starts as "an average token",
+        its logit near the mean logit, neither dominating the softmax nor unreachable, and the noise
+        keeps the new rows from being identical. A tied head stays tied."""
+        old = self.cfg.vocab_size
+        if new_size < 1:
+            raise ValueError(f"vocab size must be >= 1, got {new_size}")
+        keep = min(old, new_size)
+        used = keep if new_rows_from is None else min(new_rows_from, keep)
+        gen = torch.Generator().manual_seed(seed)
+
+        def grown(w: Tensor) -> nn.Parameter:  # w: [old, D] -> [new_size, D]
+            out = w.new_empty(new_size, w.shape[1])
+            out[:keep] = w[:keep]
+            if new_size > used:
+                ref = w[:used].double()
+                noise = torch.randn(new_size - used, w.shape[1], generator=gen, dtype=torch.float64)
+                out[used:] = (ref.mean(0) + noise * (1e-3 * ref.std())).to(out)
+            return nn.Parameter(out, requires_grad=w.requires_grad)
+
+        emb = nn.Embedding(new_size, self.cfg.dim, device=self.tok_emb.weight.device, dtype=self.tok_emb.weight.dtype)
+        emb.weight = grown(self.tok_emb.weight)
+        self.tok_emb = emb
+        if self.cfg.weight_tied:
+            self.lm_head = nn.Linear(self.cfg.dim, new_size, bias=False, device="meta")
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            head = nn.Linear(self.cfg.dim, new_size, bias=False, device="meta")
+            head.weight = grown(self.lm_head.weight)
+            self.lm_head = head
+        self.cfg.vocab_size = new_size
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, shared (tied) tensors counted once. ``non_embedding`` leaves out the

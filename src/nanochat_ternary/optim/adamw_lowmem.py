@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .base import StatefulOptimizer
 from .low_precision import STREAM_LATENT, STREAM_ROUNDING, is_low_precision, seeded_generator, write_latent
 from .quantized import BlockQuantized, n_blocks_for
 
@@ -55,7 +56,7 @@ CHUNK_ELEMENTS = 1 << 24  # values per slice of the step: 64 MB fp32 temporaries
 STREAM_ADAMW = 5  # keys this optimizer's streams apart from Muon's (same seed, same param indices)
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(StatefulOptimizer):
     """AdamW whose first moment is int8 blocks and second moment bf16 (see the module docstring).
 
     Args: as ``torch.optim.AdamW`` (``lr``, ``betas``, ``eps``, ``weight_decay``), plus
@@ -73,32 +74,14 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed))
 
-    def _index(self, p: Tensor) -> int:
-        for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
-            if q is p:
-                return i
-        raise KeyError("AdamW8bit: unknown parameter")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As the base class, but every state tensor keeps its saved dtype (int8 codes, bf16 v)."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-            st = self.state.get(p)
-            if st and (st["m_codes"].size(1) * st["m_codes"].size(0) < p.numel()
-                       or st["v"].shape != p.shape or st["m_codes"].dtype != torch.int8):
-                raise ValueError(f"AdamW8bit: the saved state of a {tuple(p.shape)} parameter does not fit")
+    def _check_loaded_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if (state["m_codes"].size(1) * state["m_codes"].size(0) < p.numel() or state["v"].shape != p.shape
+                or state["m_codes"].dtype != torch.int8):
+            raise ValueError(f"AdamW8bit: the saved state of a {tuple(p.shape)} parameter does not fit")
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -111,7 +94,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     state["m_scales"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
                     state["v"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
                 step = state["step"] + 1
-                idx = self._index(p)
+                idx = self._param_index(p)
                 sr, low = group["stochastic_rounding"], is_low_precision(p)
                 gen_r = seeded_generator(p.device, group["seed"], STREAM_ADAMW, STREAM_ROUNDING, idx, step) \
                     if sr else None

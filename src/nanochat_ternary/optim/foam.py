@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adamw_lowmem import STREAM_ADAMW
+from .base import StatefulOptimizer
 from .low_precision import STREAM_LATENT, is_low_precision, seeded_generator, write_latent
 
 CHUNK_ELEMENTS = 1 << 24  # values per slice of rows: 64 MB fp32 temporaries each
@@ -82,7 +83,7 @@ def folded_shape(shape: torch.Size | tuple[int, ...], level: int) -> tuple[int, 
     return (*shape[:-1], (shape[-1] + b - 1) // b)
 
 
-class AdamWFoam(torch.optim.Optimizer):
+class AdamWFoam(StatefulOptimizer):
     """AdamW whose moments are kept per block of ``2^fold_level`` values (module docstring).
 
     Args: as ``torch.optim.AdamW`` (``lr``, ``betas``, ``eps``, ``weight_decay``), plus
@@ -108,12 +109,6 @@ class AdamWFoam(torch.optim.Optimizer):
                 if p.dtype not in (torch.float32, torch.bfloat16):
                     raise ValueError(f"AdamWFoam: parameters must be float32 or bfloat16, not {p.dtype}")
 
-    def _index(self, p: Tensor) -> int:
-        for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
-            if q is p:
-                return i
-        raise KeyError("AdamWFoam: unknown parameter")
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As the base class, but the moments stay fp32 (the base class would cast them to a bf16
         parameter's dtype) and a state saved at another fold level, or by another optimizer, is refused."""
@@ -129,7 +124,7 @@ class AdamWFoam(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if not st:
                     continue
-                raw = state_dict["state"][saved_ids[self._index(p)]]
+                raw = state_dict["state"][saved_ids[self._param_index(p)]]
                 for key in ("exp_avg", "exp_avg_sq"):
                     st[key] = raw[key].to(device=p.device, dtype=torch.float32, copy=True)
                     if st[key].shape != folded_shape(p.shape, group["fold_level"]):
@@ -138,10 +133,7 @@ class AdamWFoam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -158,7 +150,8 @@ class AdamWFoam(torch.optim.Optimizer):
                 if p.numel() == 0:
                     state["step"] = step
                     continue
-                gen = seeded_generator(p.device, group["seed"], STREAM_ADAMW, STREAM_LATENT, self._index(p), step) \
+                idx = self._param_index(p)
+                gen = seeded_generator(p.device, group["seed"], STREAM_ADAMW, STREAM_LATENT, idx, step) \
                     if is_low_precision(p) else None
                 # as rows [rows, n]: folding is along the last dim, so rows are independent and the step
                 # runs in slices of whole rows (the fp32 temporaries are one slice's, not the tensor's)

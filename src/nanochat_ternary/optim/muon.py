@@ -79,6 +79,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .base import StatefulOptimizer
 from .low_precision import (
     LATENT_ROUNDINGS,
     STREAM_LATENT,
@@ -133,7 +134,7 @@ def _dist_world_rank() -> tuple[int, int]:
     return 1, 0
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(StatefulOptimizer):
     """Muon for 2-D parameters (hidden weight matrices). See the module docstring.
 
     Args:
@@ -172,7 +173,6 @@ class Muon(torch.optim.Optimizer):
         seed: int = 0,
         stacked: bool | None = None,
     ) -> None:
-        self._index: dict[int, int] = {}
         self.stacked = stacked
         super().__init__(params, muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype,
                                                latent_rounding, seed))
@@ -195,11 +195,7 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise ValueError(f"Muon: latent_rounding must be one of {LATENT_ROUNDINGS}, "
                              f"got {group['latent_rounding']!r}")
-        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-
-    def _param_index(self, p: Tensor) -> int:
-        """Position of ``p`` in the flattened parameter list: the key of its random streams."""
-        return self._index[id(p)]
+        self._build_index()
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -208,27 +204,17 @@ class Muon(torch.optim.Optimizer):
         raise KeyError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} is not in this optimizer")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
-
-        (The base class casts floating state to each parameter's dtype, which would round the
-        fp32 momentum of a bf16 parameter, turn int8 codes into floats and widen bf16 projectors.)
-        Tensors are moved to their parameter's device. Hyperparameters missing from the saved
-        groups (a state dict of a simpler variant, e.g. fp32 Muon loaded into 8-bit Muon) take this
-        optimizer's defaults.
-        """
+        """As ``StatefulOptimizer.load_state_dict`` (state keeps its saved dtype: the fp32 momentum of a
+        bf16 parameter, int8 codes, bf16 projectors), and hyperparameters missing from the saved groups
+        (a state dict of a simpler variant, e.g. fp32 Muon loaded into 8-bit Muon) take this
+        optimizer's defaults."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        owner = {id(p): g for g in self.param_groups for p in g["params"]}
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-            if p in self.state:
-                self._check_state(p, self.state[p], owner[id(p)])
+
+    def _check_loaded_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        self._check_state(p, state, group)
 
     _STATE_KEYS: frozenset[str] = frozenset({"momentum_buffer", "latent_step"})
 
@@ -344,10 +330,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         world, rank = _dist_world_rank()
         if world == 1:
             self._step_local()

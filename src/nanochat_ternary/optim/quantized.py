@@ -159,7 +159,6 @@ class Muon8bit(Muon):
         defaults = muon_defaults(lr, momentum, nesterov, ns_steps, weight_decay, ns_dtype, latent_rounding, seed)
         defaults.update(quantize=quantize, block_size=block_size, stochastic_rounding=stochastic_rounding,
                         min_quant_numel=min_quant_numel, **extra_defaults)
-        self._index: dict[int, int] = {}
         torch.optim.Optimizer.__init__(self, params, defaults)
 
     @property

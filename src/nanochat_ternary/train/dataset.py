@@ -6,6 +6,8 @@ the main rank prepares while the others wait at a barrier and then read the same
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,33 @@ class LoadedData:
                 "vocab_size": self.vocab_size, "source": self.meta.get("source")}
 
 
+def check_data_inputs(data_path: str, cache_dir: Path) -> None:
+    """What the data loaders will open, checked with ``stat`` before anything opens it.
+
+    A FIFO or a device given as data (``--data-path /dev/zero``, a named pipe) would hang the open or
+    read forever; only regular files and directories are data. The cache dir must be a directory we
+    can create and write (``NANOCHAT_CACHE=/dev/null``, a read-only or file path): one line here,
+    rather than an ``OSError`` from deep in the preparation."""
+    if data_path:
+        path = Path(data_path).expanduser()
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"--data-path {path}: not found") from None
+        except OSError as e:
+            raise DataError(f"--data-path {path}: cannot read it ({e.strerror or e})") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise DataError(f"--data-path {path}: not a regular file or directory (a FIFO, device or socket "
+                            f"cannot be read as data)")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise DataError(f"cache dir {cache_dir} is unusable ({e.strerror or e}); set NANOCHAT_CACHE to a "
+                        f"writable directory") from None
+
+
 def _prepare(cfg: Config, show_progress: bool, tokenizer: Path | None) -> PreparedData:
     t = cfg.training
     return load_dataset(t.dataset or None, t.data_path or None, cache_dir=default_cache_dir(),
@@ -53,6 +82,7 @@ def load_training_data(cfg: Config, runtime: Runtime, tokenizer: Path | None = N
     """``tokenizer``: a warm start's (its checkpoint's ``tokenizer.json``): text corpora are encoded
     with it, data with ids of its own must have been made by it (data/datasets.py)."""
     if runtime.is_main:
+        check_data_inputs(cfg.training.data_path, default_cache_dir())
         pd = _prepare(cfg, show_progress=True, tokenizer=tokenizer)
     runtime.barrier()
     if not runtime.is_main:

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,7 @@ class RunLock:
         if fcntl is None:
             warn(f"warning: cannot lock {self.path.parent} on this platform; do not start two runs in it")
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,9 +61,12 @@ class RunLock:
                      f"do not start two runs in it")
                 return
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        try:  # the content only names the holder in another run's message: a full disk is no reason to stop
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except OSError:
+            pass
         self._fd = fd
 
     def release(self) -> None:
@@ -74,6 +78,33 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (creating) the lock file without ever writing through something planted there.
+
+    ``O_NOFOLLOW``: a symlink at ``.lock`` (to ``~/.bashrc``...) is refused, not truncated.
+    ``O_NONBLOCK``: a FIFO there cannot hang the open. What opens must be a regular file (a FIFO,
+    a device or a socket is refused before anything is written to it); a directory fails the open."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            why = "it is a symlink"
+        elif e.errno == errno.EISDIR:
+            why = "it is a directory"
+        else:
+            why = e.strerror or str(e)
+        raise UserError(f"run lock {path}: cannot use it ({why}); remove it (a run creates its own) or "
+                        f"choose another --checkpoint-dir") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"run lock {path}: not a regular file; remove it (a run creates its own) or choose "
+                        f"another --checkpoint-dir")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
 
 
 def _describe_holder(fd: int) -> str:

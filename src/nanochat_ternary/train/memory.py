@@ -72,7 +72,7 @@ def _peak_rss_bytes() -> int:
 def random_token_trainer(cfg: Config, rt: Runtime, workdir: Path, steps: int):
     """A :class:`~nanochat_ternary.train.trainer.Trainer` for ``cfg`` on a small file of random token
     ids of the model's vocab, with its run dir in ``workdir``: the trainer's real step
-    (``_train_step``), without the dataset, evaluation, samples or checkpoints of a run. ``cfg`` is
+    (``train_step``), without the dataset, evaluation, samples or checkpoints of a run. ``cfg`` is
     not modified. Call ``close()`` on it when done."""
     from .trainer import Trainer
 
@@ -136,7 +136,7 @@ def measure_training_step(cfg: Config, steps: int = 2) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
                     saved.clear()
-                    trainer._train_step(step)  # returns Python numbers: the step's work is done
+                    trainer.train_step(step)  # returns Python numbers: the step's work is done
                 step_s.append(time.perf_counter() - t0)
                 acts_peak = max(acts_peak, sum(saved.values()))
         finally:

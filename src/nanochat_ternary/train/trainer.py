@@ -15,7 +15,7 @@ straight steps exactly on CPU.
 
 Fault handling lives beside this file, each piece in its own module: stop requests from signals
 (signals.py), skipped non-finite steps (guard.py), the run-dir lock (lock.py), the data
-fingerprint checked on resume (fingerprint.py), durable atomic checkpoints (checkpoint.py).
+fingerprint checked on resume (fingerprint.py), durable atomic checkpoints (checkpoint/files.py).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
 from .dataset import LoadedData, load_training_data
+from .distill import Distiller
 from .fingerprint import check_resume_data, data_fingerprint
 from .fire import apply_fire
 from .gpu_monitor import GpuUtilization
@@ -51,8 +52,9 @@ from .guard import NonFiniteGuard
 from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
+from .qat import QatSchedule
 from .runtime import Runtime, is_comm_failure
-from .schedule import lr_factor, set_lr
+from .schedule import schedule_factors, set_lr, set_weight_decay
 from .signals import Preempted, StopRequests
 from .warm_start import WarmStart, check_model_config, reset_momentum
 
@@ -87,7 +89,11 @@ class Trainer:
     param group it returns must carry ``initial_lr`` for the schedule."""
 
     def __init__(self, cfg: Config, runtime: Runtime, echo: Callable[[str], None] = print,
-                 optimizer_factory: OptimizerFactory | None = None) -> None:
+                 optimizer_factory: OptimizerFactory | None = None, task: Any = None) -> None:
+        # task: another kind of data (sft.py's SFTTask: conversations, masked targets, chat tokens);
+        # None: the config's corpus
+        self.task = task
+        self.command = getattr(task, "command", "train")  # what "continue with: nanochat-train ..." says
         self.cfg = cfg
         self.rt = runtime
         self.echo = echo if runtime.is_main else (lambda _msg: None)
@@ -95,6 +101,9 @@ class Trainer:
         self.warn: Callable[[str], None] = ((lambda msg: tqdm.write(msg, file=sys.stderr))
                                             if runtime.is_main else (lambda _msg: None))
         t = cfg.training
+        if task is None and (t.sft_data or t.sft_batching != "pack"):
+            raise UserError("sft_data / sft_batching apply to chat fine-tuning: run nanochat-train sft "
+                            "(train reads the corpus of --dataset)")
 
         # ---- resume target (read first: it fixes the run dir and the model shape)
         self.resume_ckpt: Path | None = None
@@ -102,6 +111,9 @@ class Trainer:
         if t.resume:
             self.resume_ckpt = ckpt_io.resolve_checkpoint(t.resume)
             resume_meta = ckpt_io.read_meta(self.resume_ckpt)
+            if task is None and str((resume_meta.get("data") or {}).get("name", "")).startswith("sft:"):
+                raise UserError(f"{self.resume_ckpt} is a chat fine-tune: continue it with "
+                                f"nanochat-train sft --resume {t.resume}")
         # warm start (init_from): a checkpoint's weights, and its tokenizer for the data (warm_start.py)
         self.warm = WarmStart.open(t.init_from) if t.init_from else None
         # FIRE already applied in this run (recorded in its checkpoints): never again on resume
@@ -109,8 +121,8 @@ class Trainer:
         self.warm_record = self.warm.record() if self.warm else (resume_meta or {}).get("warm_start")
 
         # ---- data (the main rank prepares and caches; the others wait, then read the cache)
-        self.data: LoadedData = load_training_data(cfg, runtime,
-                                                   tokenizer=self.warm.tokenizer_path if self.warm else None)
+        self.data: LoadedData = (task.load_data if task is not None else load_training_data)(
+            cfg, runtime, tokenizer=self.warm.tokenizer_path if self.warm else None)
         m = cfg.model
         if self.data.tokenizer_path is not None:
             want = round_up(self.data.vocab_size, 64)
@@ -128,13 +140,16 @@ class Trainer:
             check_model_config(resume_meta, m, self.resume_ckpt)
         if self.warm is not None:
             self.warm.check_data(self.data.tokenizer_path)
-            check_model_config(self.warm.meta, m, self.warm.ckpt)
+            check_model_config(self.warm.meta, m, self.warm.ckpt, ignore=getattr(task, "warm_ignore", ()))
 
         # ---- batches: a pure function of (seed, step, micro, rank)
-        self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
-                                    rank=runtime.rank, world_size=runtime.world_size,
-                                    grad_accum_steps=t.grad_accum_steps)
-        self.val = val_batches(self.data.val, t.batch_size, t.seq_len, t.eval_batches)
+        if task is not None:
+            self.batches, self.val = task.batches(self.data, t, runtime)
+        else:
+            self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
+                                        rank=runtime.rank, world_size=runtime.world_size,
+                                        grad_accum_steps=t.grad_accum_steps)
+            self.val = val_batches(self.data.val, t.batch_size, t.seq_len, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps * runtime.world_size
         if t.total_steps > 0:
             self.total_steps = t.total_steps
@@ -156,6 +171,12 @@ class Trainer:
         # [B*T, V] logits (model/linear_ce.py); on CPU only with gradient checkpointing.
         self.objective = Objective(m, t, chunked_head=t.gradient_checkpointing or runtime.device.type == "cuda",
                                    compiled=self.compiled)
+        # recipes (docs/recipes.md): continual QAT's quantizer mix per step; distillation wraps the objective
+        self.qat = QatSchedule(t, self.total_steps)
+        self.distiller = (Distiller(cfg, self.objective, runtime.device, self.fingerprint, runtime.autocast)
+                          if t.teacher else None)
+        if self.distiller is not None:
+            self.objective = self.distiller
         self.step_stats: dict[str, float] = {}
         if optimizer_factory is not None:
             self.optimizers = optimizer_factory(self.model, t)
@@ -185,10 +206,16 @@ class Trainer:
                 if self.resume_ckpt is not None:
                     self._restore(self.resume_ckpt, resume_meta)
                 else:
-                    self.warm.load_weights(self.model)
+                    self.warm.load_weights(self.model, getattr(self.task, "new_rows_from", None))
                     self.echo(self.warm.line())
                 if t.fire:
                     self._apply_fire()
+            except BaseException:
+                self.close()
+                raise
+        if self.rt.is_main:  # a save this run would make must not collide with what is there
+            try:
+                ckpt_io.check_destination(self.run_dir, self.start_step, self.total_steps)
             except BaseException:
                 self.close()
                 raise
@@ -235,18 +262,24 @@ class Trainer:
         if len(saved) != len(self.optimizers):
             raise CheckpointError(f"checkpoint {ckpt} holds {len(saved)} optimizer states, expected "
                                   f"{len(self.optimizers)} (was it saved with another optimizer setup?)")
-        for opt, sd in zip(self.optimizers, saved):
-            try:
+        # trainer.pt's structure is checked by load_trainer_state; what does not fit these
+        # optimizers (a crafted or foreign file) is one line naming it, whatever torch raises
+        try:
+            for opt, sd in zip(self.optimizers, saved):
                 opt.load_state_dict(sd)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({e})") from None
-        if self.in_backward is not None and "in_backward" in state:
-            self.in_backward.load_state_dict(state["in_backward"])
+            if self.in_backward is not None and "in_backward" in state:
+                self.in_backward.load_state_dict(state["in_backward"])
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({first})") from None
         rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        try:
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.rt.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt}: trainer.pt's RNG state is unusable ({e})") from None
         self.start_step = int(meta["step"])
         self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
         self.echo(f"resumed from {ckpt} at step {self.start_step}")
@@ -298,7 +331,8 @@ class Trainer:
             try:
                 path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
                                                tokenizer_path=self.data.tokenizer_path,
-                                               keep_last=self.cfg.training.keep_last_checkpoints)
+                                               keep_last=self.cfg.training.keep_last_checkpoints,
+                                               protect=(self.resume_ckpt,) if self.resume_ckpt else ())
                 self.last_checkpoint = path
             except CheckpointError as e:
                 err = e
@@ -332,7 +366,7 @@ class Trainer:
         why = f"{signal_name or 'a signal on another rank'} at step {step}"
         path = self._save_on_exit(step, metrics, f"stopped by {why}")
         return Preempted(f"{why}: checkpoint saved in {path}; continue with: "
-                         f"nanochat-train train --resume {self.run_dir}")
+                         f"nanochat-train {self.command} --resume {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -354,15 +388,19 @@ class Trainer:
         tpb = self.data.val_tokens_per_byte
         return val_loss, (val_loss * tpb / math.log(2) if tpb else None)
 
-    def _train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
+    def train_step(self, step: int, source: Any = None) -> tuple[float, float, bool]:
         """One optimizer step: (loss averaged over ranks, grad norm, skipped). ``source`` yields the
         step's micro-batches in order (sync or async); without one they are computed here. Time
         spent waiting for data goes to ``data_wait_s``. A non-finite loss or grad norm on any rank
         skips the update on every rank, leaving weights and optimizer state untouched."""
         t = self.cfg.training
-        set_lr(self.optimizers, lr_factor(step, self.total_steps, t.warmup_steps, t.decay_start_frac,
-                                          t.min_lr_ratio))
+        lr_f, wd_f = schedule_factors(step, self.total_steps, t)
+        set_lr(self.optimizers, lr_f)
+        if t.lr_schedule != "wsd":  # the two-stage schedules turn weight decay off in their second stage
+            set_weight_decay(self.optimizers, wd_f)
         self._apply_act_schedule(step)
+        if self.qat.enabled:
+            self.qat.apply(self.model, step)
         stat_sums: dict[str, torch.Tensor] = {}
         self.data_wait_s = 0.0
         for micro in range(t.grad_accum_steps):
@@ -371,6 +409,8 @@ class Trainer:
             self.data_wait_s += time.perf_counter() - tw
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
+            if self.distiller is not None:
+                self.distiller.prepare(x)  # the teacher's logits for this micro-batch
             last = micro == t.grad_accum_steps - 1
             sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
             with sync, self.rt.autocast():
@@ -427,12 +467,15 @@ class Trainer:
                   f"{len(self.data.val):,} val tokens; {self.tokens_per_step:,} tokens/step, "
                   f"{self.total_steps} steps ({self.total_steps / self.batches.steps_per_epoch:.2f} epochs)")
         self.echo(f"run dir: {self.run_dir}")
+        for recipe in (self.qat if self.qat.enabled else None, self.distiller):
+            if recipe is not None:
+                self.echo(recipe.line())
         result = TrainResult(run_dir=self.run_dir, final_checkpoint=None, step=self.start_step)
         if self.start_step >= self.total_steps:
             self.echo(f"nothing to do: already at step {self.start_step} of {self.total_steps}")
             return result
 
-        logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main)
+        logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main, warn=self.warn)
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not rt.is_main, unit="step",
                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
         self.model.train()
@@ -456,7 +499,7 @@ class Trainer:
                 for step in range(self.start_step, self.total_steps):
                     ts = time.perf_counter()
                     try:
-                        loss, grad_norm, skipped = self._train_step(step, source)
+                        loss, grad_norm, skipped = self.train_step(step, source)
                     except Exception as e:
                         if self.compiled and is_compile_error(e):
                             raise UserError(compile_error_line(e)) from None
@@ -471,6 +514,8 @@ class Trainer:
                     gpu.start()  # after the first step: compiling is not GPU work
                     if step == t.act_quant_switch_step > 0 and rt.is_main:
                         bar.write(f"step {step}: activations switch from int8 to {cfg.model.act_quant}")
+                    if self.qat.enabled and step == self.qat.start and step > 0 and rt.is_main:
+                        bar.write(f"step {step}: continual QAT switches from full precision to ternary")
                     result.data_waits.append(self.data_wait_s)
                     result.step_stats.append(dict(self.step_stats))
                     interval_wait += self.data_wait_s

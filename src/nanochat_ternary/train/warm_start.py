@@ -27,10 +27,12 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 
 
-def check_model_config(meta: dict[str, Any], model: ModelConfig, ckpt: Path) -> None:
-    """One line naming the first few model fields where ``ckpt``'s config differs from ``model``."""
+def check_model_config(meta: dict[str, Any], model: ModelConfig, ckpt: Path, ignore: tuple[str, ...] = ()) -> None:
+    """One line naming the first few model fields where ``ckpt``'s config differs from ``model``
+    (``ignore``: fields allowed to differ, e.g. ``vocab_size`` when sft adds the chat tokens)."""
     saved = meta["config"].get("model", {})
-    diffs = [f"{k}={saved.get(k)!r} (config {v!r})" for k, v in vars(model).items() if k in saved and saved[k] != v]
+    diffs = [f"{k}={saved.get(k)!r} (config {v!r})" for k, v in vars(model).items()
+             if k in saved and saved[k] != v and k not in ignore]
     if diffs:
         raise CheckpointError(f"checkpoint {ckpt} does not match the config: " + ", ".join(diffs[:4]))
 
@@ -57,8 +59,21 @@ class WarmStart:
                                   f"bare token ids), so text data cannot be encoded with its vocabulary; "
                                   f"use --dataset tokens with ids of that vocabulary")
 
-    def load_weights(self, model: torch.nn.Module) -> None:
-        ckpt_io.load_model_weights(model, self.ckpt)
+    def load_weights(self, model: torch.nn.Module, new_rows_from: int | None = None) -> None:
+        """The checkpoint's weights into ``model``. With ``new_rows_from`` (sft adding the chat
+        tokens) the checkpoint may have fewer vocab rows than ``model``: it is loaded into a model of
+        its own shape, resized (``GPT.resize_vocab``: rows from ``new_rows_from`` on start as the
+        mean row) and copied in; this holds a second copy of the weights on the CPU for a moment."""
+        if new_rows_from is None:
+            ckpt_io.load_model_weights(model, self.ckpt)
+            return
+        from ..config import Config
+        from ..model.gpt import GPT
+
+        old = GPT(Config.from_dict(self.meta["config"]).model)
+        ckpt_io.load_model_weights(old, self.ckpt)
+        old.resize_vocab(model.cfg.vocab_size, new_rows_from=new_rows_from, seed=int(self.meta["step"]))
+        model.load_state_dict(old.state_dict())
 
     def record(self) -> dict[str, Any]:
         """``meta.json``'s ``warm_start``: where the run began."""
