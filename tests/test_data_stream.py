@@ -214,7 +214,8 @@ def test_resume_after_kill_gives_the_same_shards(tmp_path):
     args = [str(src), "--vocab-size", "400", "--shard-tokens", "500", "--no-progress", "--tokenizer-sample-mb", "0.05"]
     env = {**os.environ, "PYTHONPATH": str(SRC), "RAYON_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "nanochat_ternary.cli", "prepare-data"]
-    assert subprocess.run([*cli, *args, "--out", str(tmp_path / "ref")], env=env, capture_output=True).returncode == 0
+    same = PrepareSettings(vocab_size=400, shard_tokens=500, tokenizer_sample_bytes=int(0.05 * 2**20))  # = args
+    prepare_stream([src], tmp_path / "ref", same, show_progress=False)
     out = tmp_path / "out"
     proc = subprocess.Popen([*cli, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -229,9 +230,7 @@ def test_resume_after_kill_gives_the_same_shards(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "meta.json").exists(), "the prepare finished before it could be killed"
-    r = subprocess.run([*cli, *args, "--out", str(out)], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "(resumed)" in r.stdout
+    assert prepare_stream([src], out, same, show_progress=False).resumed  # the CLI's job, resumed in-process
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "ref" / "tokenizer.json").read_bytes()
 
@@ -349,7 +348,7 @@ def test_bad_inputs_are_counted_and_skipped(tmp_path, tok_file, capsys):
                "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: ") and "--strict" in err[0]
-    assert not list((tmp_path / "strict").glob("*.bin"))
+    assert not [p for p in (tmp_path / "strict").iterdir() if not p.name.startswith(".")]  # nothing claimed
 
 
 def test_nothing_readable_and_special_files(tmp_path, capsys):
@@ -363,6 +362,11 @@ def test_nothing_readable_and_special_files(tmp_path, capsys):
     assert "not a regular file" in capsys.readouterr().err
     assert main(["prepare-data", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]) == 1
     assert main(["prepare-data", str(tmp_path / "blank"), "--out", str(tmp_path / "o4"), "--shard-tokens", "-1"]) == 1
+    capsys.readouterr()
+    (tmp_path / "blank" / "b.txt").write_text("some text\n")
+    assert main(["prepare-data", str(tmp_path / "blank"), "--out", str(tmp_path / ("x" * 300)), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot create --out")
 
 
 def test_hf_datasets_dir(tmp_path, tok_file):

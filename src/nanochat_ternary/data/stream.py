@@ -416,16 +416,21 @@ def prepare_stream(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
     listing = list_inputs(list(inputs), opts)
     given = load_tokenizer(tokenizer) if tokenizer is not None else None
     job = _job(listing, s, tokenizer)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory")
-    if not out.exists():
-        try:
+    try:
+        if out.exists() and not out.is_dir():
+            raise DataError(f"--out {out} exists and is not a directory")
+        if not out.exists():
             out.mkdir(parents=True)
-        except OSError as e:
-            raise DataError(f"cannot create --out {out}: {e.strerror}") from e
+    except OSError as e:  # a name too long, no permission, a read-only file system
+        raise DataError(f"cannot create --out {out}: {e.strerror or e}") from e
     with _locked_out(out):
         idx = _claim_out(out, job)
-        return _run(out, listing, opts, s, job, idx, given, show_progress, t0)
+        try:
+            return _run(out, listing, opts, s, job, idx, given, show_progress, t0)
+        except OSError as e:  # anything the writers did not already turn into one line
+            where = f" ({e.filename})" if e.filename else ""
+            raise DataError(f"{e.strerror or e}{where}; the finished shards in {out} are kept: fix it and run "
+                            "the same prepare-data command again to resume") from e
 
 
 def _run(out: Path, listing: list, opts: ReadOptions, s: PrepareSettings, job: dict[str, Any],
@@ -444,10 +449,10 @@ def _run(out: Path, listing: list, opts: ReadOptions, s: PrepareSettings, job: d
         except OSError as e:
             raise disk_error(e, out / INDEX_NAME) from e
 
-    if idx is None:
-        save_index()  # from here on the dir is an unfinished prepare of this job, resumable
     plan, sample, problems = _scan(listing, opts, s, want_sample=given is None and not have_tok,
                                    show_progress=show_progress)
+    if idx is None:  # after the scan: a bad input under --strict leaves the dir empty, not claimed
+        save_index()  # from here on the dir is an unfinished prepare of this job, resumable
     warning = problems.summary()
     if warning:
         print(warning, file=sys.stderr)
