@@ -436,8 +436,9 @@ def apply_preset(cfg: Config, name: str) -> None:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    if not p.is_file():  # a FIFO or device is never opened (it could block or never end)
+        what = "not a regular file" if p.exists() else "not found"
+        raise ConfigError(f"config file {what}: {p}")
     try:
         with p.open("rb") as fh:
             raw = fh.read(MAX_TOML_BYTES + 1)
