@@ -190,6 +190,12 @@ def save_checkpoint(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0: keep all)."""
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             # rename first (atomic): a prune killed midway leaves a hidden .trash dir, never a step_
@@ -200,7 +206,6 @@ def save_checkpoint(
             except OSError:
                 continue
             shutil.rmtree(trash, ignore_errors=True)
-    return final
 
 
 def _json_default(o: Any) -> Any:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoint import dcp as ckpt_dcp
 from ..checkpoint import files as ckpt_io
 from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
@@ -43,6 +44,8 @@ from ..model.compile import compile_enabled, compile_error_line, is_compile_erro
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
+from ..optim.sharded_muon import build_sharded_optimizers
+from . import fsdp
 from .dataset import LoadedData, load_training_data
 from .fingerprint import check_resume_data, data_fingerprint
 from .fire import apply_fire
@@ -148,8 +151,11 @@ class Trainer:
         with torch.device(runtime.device):
             self.model = GPT(m)
         self.model.gradient_checkpointing = t.gradient_checkpointing
+        # parallelism = "fsdp" under torchrun: weights, grads and optimizer state sharded (fsdp.py)
+        self.fsdp = t.parallelism == "fsdp" and runtime.distributed
         # torch.compile (model/compile.py): the blocks and the loss head's softmax, on CUDA by default
-        self.compiled = compile_enabled(t.compile, runtime.device)
+        # ("auto" stays eager under fsdp: compiled blocks under fully_shard are not tested yet)
+        self.compiled = compile_enabled(t.compile, runtime.device) and not self.fsdp
         if self.compiled:
             self.model.compile_blocks()
         # loss (+ MTP heads) (+ Collider filter); see objective.py. On CUDA the LM head never makes
@@ -157,8 +163,12 @@ class Trainer:
         self.objective = Objective(m, t, chunked_head=t.gradient_checkpointing or runtime.device.type == "cuda",
                                    compiled=self.compiled)
         self.step_stats: dict[str, float] = {}
+        if self.fsdp:
+            fsdp.shard_model(self.model, runtime)
         if optimizer_factory is not None:
             self.optimizers = optimizer_factory(self.model, t)
+        elif self.fsdp:
+            self.optimizers = build_sharded_optimizers(self.model, t)
         else:
             self.optimizers = build_optimizers(self.model, t, runtime.device)
         # optimizer_in_backward: Muon matrices are updated in backward hooks (optim/in_backward.py)
@@ -170,7 +180,7 @@ class Trainer:
                       "round-to-nearest that cost +0.8% and +1.8% val loss in matched runs, with stochastic "
                       "rounding -0.1% and -0.8% (docs/low_memory.md): set stochastic_rounding = true")
         self.ddp: torch.nn.Module = self.model
-        if runtime.distributed:
+        if runtime.distributed and not self.fsdp:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
@@ -229,6 +239,27 @@ class Trainer:
         return run_dir
 
     def _restore(self, ckpt: Path, meta: dict[str, Any]) -> None:
+        if ckpt_dcp.is_dcp_checkpoint(ckpt):  # a sharded run's: reshards to this run's ranks (or one process)
+            ckpt_dcp.load_dcp_checkpoint(ckpt, self.model, self.optimizers)
+            state = ckpt_io.load_trainer_state(ckpt)
+        elif self.fsdp:
+            raise CheckpointError(f"checkpoint {ckpt} was saved by a ddp / single-process run: resume it with "
+                                  f"parallelism = 'ddp' (fsdp resumes the dcp/ checkpoints of fsdp runs)")
+        else:
+            state = self._restore_files(ckpt)
+        if self.in_backward is not None and "in_backward" in state:
+            self.in_backward.load_state_dict(state["in_backward"])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        self.start_step = int(meta["step"])
+        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
+        self.echo(f"resumed from {ckpt} at step {self.start_step}")
+
+    def _restore_files(self, ckpt: Path) -> dict[str, Any]:
+        """Weights and optimizer states of a ddp / single-process checkpoint; returns trainer.pt."""
         ckpt_io.load_model_weights(self.model, ckpt)
         state = ckpt_io.load_trainer_state(ckpt)
         saved = state.get("optimizers", [])
@@ -240,16 +271,7 @@ class Trainer:
                 opt.load_state_dict(sd)
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({e})") from None
-        if self.in_backward is not None and "in_backward" in state:
-            self.in_backward.load_state_dict(state["in_backward"])
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
-        self.start_step = int(meta["step"])
-        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
-        self.echo(f"resumed from {ckpt} at step {self.start_step}")
+        return state
 
     def _apply_fire(self) -> None:
         """FIRE (fire.py) on the Muon matrices, once per run: a resumed run whose checkpoint records it
@@ -269,32 +291,21 @@ class Trainer:
     def _save(self, step: int, metrics: dict[str, Any]) -> Path | None:
         """Write checkpoint ``step`` (main rank) and wait for it on every rank. Raises
         ``CheckpointWriteError`` when the filesystem refuses and ``CheckpointError`` on NaN/inf."""
+        if self.fsdp:  # every rank writes its shards (checkpoint/dcp.py)
+            path = ckpt_dcp.save_dcp_checkpoint(self.run_dir, step, self.model, self.optimizers,
+                                                {"rng": self._rng_state()}, self._checkpoint_meta(step, metrics),
+                                                make_model=self._empty_cpu_model,
+                                                tokenizer_path=self.data.tokenizer_path,
+                                                keep_last=self.cfg.training.keep_last_checkpoints)
+            self.last_checkpoint = path
+            return path if self.rt.is_main else None
         path = None
         err: CheckpointError | None = None
         if self.rt.is_main:
-            rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-            if self.rt.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
-            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng}
+            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": self._rng_state()}
             if self.in_backward is not None:
                 state["in_backward"] = self.in_backward.state_dict()
-            config = self.cfg.to_dict()
-            config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
-            # acts done once at the start of this run; meta's warm_start / fire record them
-            config["training"].update(init_from="", fire=False)
-            meta = {
-                "config": config,
-                "tokens_seen": self.tokens_seen,
-                "data_position": {"step": step, "epoch": self.batches.epoch_of(step),
-                                  "seed": self.cfg.training.seed, "world_size": self.rt.world_size},
-                "total_steps": self.total_steps,
-                "data": self.data.describe(),
-                "data_fingerprint": self.fingerprint,
-                "metrics": metrics,
-                "torch_version": torch.__version__,
-                **({"warm_start": self.warm_record} if self.warm_record else {}),
-                **({"fire": self.fire_done} if self.fire_done else {}),
-            }
+            meta = self._checkpoint_meta(step, metrics)
             try:
                 path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
                                                tokenizer_path=self.data.tokenizer_path,
@@ -306,6 +317,40 @@ class Trainer:
         if err is not None:
             raise err
         return path
+
+    def _empty_cpu_model(self) -> GPT:
+        """An uninitialised CPU GPT of this run's shape (allocated, never initialised: it is filled)."""
+        with torch.device("meta"):
+            model = GPT(self.cfg.model)
+        model.to_empty(device="cpu")
+        if self.cfg.model.weight_tied:  # to_empty gives each use of the tied weight its own tensor
+            model.lm_head.weight = model.tok_emb.weight
+        return model
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        return rng
+
+    def _checkpoint_meta(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        config = self.cfg.to_dict()
+        config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
+        # acts done once at the start of this run; meta's warm_start / fire record them
+        config["training"].update(init_from="", fire=False)
+        return {
+            "config": config,
+            "tokens_seen": self.tokens_seen,
+            "data_position": {"step": step, "epoch": self.batches.epoch_of(step),
+                              "seed": self.cfg.training.seed, "world_size": self.rt.world_size},
+            "total_steps": self.total_steps,
+            "data": self.data.describe(),
+            "data_fingerprint": self.fingerprint,
+            "metrics": metrics,
+            "torch_version": torch.__version__,
+            **({"warm_start": self.warm_record} if self.warm_record else {}),
+            **({"fire": self.fire_done} if self.fire_done else {}),
+        }
 
     def _save_or_warn(self, step: int, metrics: dict[str, Any]) -> None:
         """An interval checkpoint the disk refuses does not end the run: the previous checkpoint is
@@ -339,14 +384,18 @@ class Trainer:
     def evaluate(self) -> tuple[float, float | None]:
         """Mean next-token CE over the fixed validation batches, and bits per byte if known."""
         self.model.eval()
-        mine = self.val[self.rt.rank::self.rt.world_size]
+        if self.fsdp:  # the same number of forwards (collectives) on every rank; padding ones not counted
+            mine = fsdp.even_share(self.val, self.rt.rank, self.rt.world_size)
+        else:
+            mine = [(b, True) for b in self.val[self.rt.rank::self.rt.world_size]]
         total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        for x, y in mine:
+        for (x, y), counts in mine:
             x, y = x.to(self.rt.device), y.to(self.rt.device)
             with self.rt.autocast():
                 loss = self.model(x, targets=y)
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
+            if counts:
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
         if self.rt.distributed:
             dist.all_reduce(total)
         self.model.train()
@@ -372,7 +421,10 @@ class Trainer:
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
             last = micro == t.grad_accum_steps - 1
-            sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
+            if self.fsdp:
+                sync = fsdp.gradient_sync(self.model, last)
+            else:
+                sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
             with sync, self.rt.autocast():
                 loss, stats = self.ddp(x, targets=y, objective=self.objective)
             if self.in_backward is not None:
@@ -388,7 +440,8 @@ class Trainer:
             grad_norm = self.in_backward.finish_step()
         else:
             max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            clip = fsdp.clip_grad_norm if self.fsdp else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(self.model.parameters(), max_norm)
         # one collective: the mean loss over ranks and whether any rank saw a non-finite value
         ce = means["ce"].detach().double()
         both = torch.stack([ce, (~torch.isfinite(ce) | ~torch.isfinite(grad_norm.detach())).double()])
@@ -552,7 +605,10 @@ class Trainer:
             result.final_checkpoint = None
         if result.final_checkpoint is not None:
             self.echo(f"checkpoint: {result.final_checkpoint}")
-        if t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
+        if t.sample_tokens > 0 and self.fsdp and self.data.tokenizer_path is not None:
+            self.echo(f"note: no sample under parallelism = 'fsdp' (the weights are sharded); sample the "
+                      f"checkpoint with: nanochat-train generate --checkpoint {result.final_checkpoint}")
+        elif t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
             result.sample = self._sample()
         return result
 
