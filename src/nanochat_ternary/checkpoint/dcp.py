@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,9 @@ def load_dcp_checkpoint(ckpt: Path, model: torch.nn.Module, optimizers: list[tor
     Every rank calls it. A mismatch (other model, other optimizer variant) is a one-line error."""
     try:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizers)}
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+        with warnings.catch_warnings():  # one process, no process group: DCP says so, as intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizers, state["optim"])
     except (RuntimeError, ValueError, KeyError) as e:
