@@ -126,9 +126,8 @@ class TrainConfig:
     num_workers: int = 2
     prefetch_batches: int = 4
     gradient_checkpointing: bool = False
-    # multi-rank training under torchrun (docs/scaling.md): "ddp" replicates the model on every rank,
-    # "fsdp" shards weights, gradients and optimizer state over the ranks (FSDP2 + sharded Muon)
-    parallelism: str = "ddp"
+    # multi-rank training under torchrun (docs/scaling.md)
+    parallelism: str = "ddp"  # ddp: every rank holds the whole model | fsdp: weights, grads, optimizer state sharded
     # speed (issue: GPU speed; docs/gpu.md): "auto" compiles on CUDA only, "true" / "false" force it
     compile: str = "auto"
     # data

@@ -195,7 +195,7 @@ def build_sharded_optimizers(model: torch.nn.Module, tcfg: TrainConfig,
                              bucket_elements: int = STACK_ELEMENTS) -> list[torch.optim.Optimizer]:
     """``[ShardedMuon(block matrices), AdamW(the rest)]`` for a ``fully_shard``-ed model, with the
     hyperparameters :func:`~nanochat_ternary.optim.factory.build_optimizers` uses. AdamW steps its
-    ``DTensor`` shards elementwise (torch's foreach implementation supports them)."""
+    ``DTensor`` shards elementwise (torch's fused CPU/CUDA kernels take them)."""
     muon_params, adamw_params = split_params(model)
     optimizers: list[torch.optim.Optimizer] = []
     if muon_params:

@@ -27,6 +27,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..config import ModelConfig
+from ..model.gpt import GPT
 from .runtime import Runtime
 
 # fp32 gathers (the quantiser's input as under DDP) and fp32 gradient reduction; autocast does bf16
@@ -71,3 +73,14 @@ def even_share(items: list, rank: int, world: int) -> list[tuple[object, bool]]:
     mine = items[rank::world]
     n = -(-len(items) // world)
     return [(x, True) for x in mine] + [(items[0], False)] * (n - len(mine)) if items else []
+
+
+def empty_cpu_model(cfg: ModelConfig) -> GPT:
+    """An unsharded CPU GPT of ``cfg``'s shape, allocated but not initialised (the checkpoint save
+    fills it with the gathered weights to write ``model.safetensors``)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    if cfg.weight_tied:  # to_empty gives each use of the tied weight its own tensor
+        model.lm_head.weight = model.tok_emb.weight
+    return model

@@ -46,6 +46,7 @@ from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
 from ..optim.sharded_muon import build_sharded_optimizers
 from . import fsdp
+from .checkpointing import checkpoint_meta, rng_state, set_rng_state
 from .dataset import LoadedData, load_training_data
 from .fingerprint import check_resume_data, data_fingerprint
 from .fire import apply_fire
@@ -249,11 +250,7 @@ class Trainer:
             state = self._restore_files(ckpt)
         if self.in_backward is not None and "in_backward" in state:
             self.in_backward.load_state_dict(state["in_backward"])
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        set_rng_state(state.get("rng", {}), self.rt.device)
         self.start_step = int(meta["step"])
         self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
         self.echo(f"resumed from {ckpt} at step {self.start_step}")
@@ -293,8 +290,9 @@ class Trainer:
         ``CheckpointWriteError`` when the filesystem refuses and ``CheckpointError`` on NaN/inf."""
         if self.fsdp:  # every rank writes its shards (checkpoint/dcp.py)
             path = ckpt_dcp.save_dcp_checkpoint(self.run_dir, step, self.model, self.optimizers,
-                                                {"rng": self._rng_state()}, self._checkpoint_meta(step, metrics),
-                                                make_model=self._empty_cpu_model,
+                                                {"rng": rng_state(self.rt.device)},
+                                                checkpoint_meta(self, step, metrics),
+                                                make_model=lambda: fsdp.empty_cpu_model(self.cfg.model),
                                                 tokenizer_path=self.data.tokenizer_path,
                                                 keep_last=self.cfg.training.keep_last_checkpoints)
             self.last_checkpoint = path
@@ -302,10 +300,10 @@ class Trainer:
         path = None
         err: CheckpointError | None = None
         if self.rt.is_main:
-            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": self._rng_state()}
+            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(self.rt.device)}
             if self.in_backward is not None:
                 state["in_backward"] = self.in_backward.state_dict()
-            meta = self._checkpoint_meta(step, metrics)
+            meta = checkpoint_meta(self, step, metrics)
             try:
                 path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
                                                tokenizer_path=self.data.tokenizer_path,
@@ -317,40 +315,6 @@ class Trainer:
         if err is not None:
             raise err
         return path
-
-    def _empty_cpu_model(self) -> GPT:
-        """An uninitialised CPU GPT of this run's shape (allocated, never initialised: it is filled)."""
-        with torch.device("meta"):
-            model = GPT(self.cfg.model)
-        model.to_empty(device="cpu")
-        if self.cfg.model.weight_tied:  # to_empty gives each use of the tied weight its own tensor
-            model.lm_head.weight = model.tok_emb.weight
-        return model
-
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-        if self.rt.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
-        return rng
-
-    def _checkpoint_meta(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        config = self.cfg.to_dict()
-        config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
-        # acts done once at the start of this run; meta's warm_start / fire record them
-        config["training"].update(init_from="", fire=False)
-        return {
-            "config": config,
-            "tokens_seen": self.tokens_seen,
-            "data_position": {"step": step, "epoch": self.batches.epoch_of(step),
-                              "seed": self.cfg.training.seed, "world_size": self.rt.world_size},
-            "total_steps": self.total_steps,
-            "data": self.data.describe(),
-            "data_fingerprint": self.fingerprint,
-            "metrics": metrics,
-            "torch_version": torch.__version__,
-            **({"warm_start": self.warm_record} if self.warm_record else {}),
-            **({"fire": self.fire_done} if self.fire_done else {}),
-        }
 
     def _save_or_warn(self, step: int, metrics: dict[str, Any]) -> None:
         """An interval checkpoint the disk refuses does not end the run: the previous checkpoint is
@@ -384,10 +348,9 @@ class Trainer:
     def evaluate(self) -> tuple[float, float | None]:
         """Mean next-token CE over the fixed validation batches, and bits per byte if known."""
         self.model.eval()
-        if self.fsdp:  # the same number of forwards (collectives) on every rank; padding ones not counted
-            mine = fsdp.even_share(self.val, self.rt.rank, self.rt.world_size)
-        else:
-            mine = [(b, True) for b in self.val[self.rt.rank::self.rt.world_size]]
+        # under fsdp the same number of forwards (collectives) on every rank; padding ones not counted
+        mine = (fsdp.even_share(self.val, self.rt.rank, self.rt.world_size) if self.fsdp
+                else [(b, True) for b in self.val[self.rt.rank::self.rt.world_size]])
         total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         for (x, y), counts in mine:
             x, y = x.to(self.rt.device), y.to(self.rt.device)
@@ -421,10 +384,8 @@ class Trainer:
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
             last = micro == t.grad_accum_steps - 1
-            if self.fsdp:
-                sync = fsdp.gradient_sync(self.model, last)
-            else:
-                sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
+            sync = (fsdp.gradient_sync(self.model, last) if self.fsdp else
+                    self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext())
             with sync, self.rt.autocast():
                 loss, stats = self.ddp(x, targets=y, objective=self.objective)
             if self.in_backward is not None:
