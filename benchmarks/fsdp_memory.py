@@ -50,8 +50,9 @@ from nanochat_ternary.optim.sharded_muon import ShardedMuon, build_sharded_optim
 from nanochat_ternary.train import fsdp  # noqa: E402
 from nanochat_ternary.train.runtime import Runtime  # noqa: E402
 
-WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
-           "broadcast")
+# torch >= 2.13 names FSDP2's collectives all_gather_single / reduce_scatter_single (the *_tensor ones before)
+WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+           "reduce_scatter_single", "all_to_all_single", "broadcast")
 RING_FACTOR = {"all_reduce": 2.0}  # x (W - 1) / W; every other op 1.0
 
 
@@ -59,10 +60,10 @@ def _payload(name: str, args: tuple, kwargs: dict) -> int:
     """Bytes of the collective's tensor as this rank sees it (see the module docstring)."""
     if name == "all_gather":
         return sum(t.nbytes for t in (kwargs.get("tensor_list") or args[0]))
-    if name == "all_gather_into_tensor":
-        return (kwargs.get("output_tensor") if "output_tensor" in kwargs else args[0]).nbytes
-    if name == "reduce_scatter_tensor":
-        return (kwargs.get("input") if "input" in kwargs else args[1]).nbytes
+    if name in ("all_gather_into_tensor", "all_gather_single"):
+        return (kwargs["output_tensor"] if "output_tensor" in kwargs else args[0]).nbytes
+    if name in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        return (kwargs["input"] if "input" in kwargs else args[1]).nbytes
     if name == "all_to_all_single":
         return (kwargs.get("input") if "input" in kwargs else args[1]).nbytes
     return (kwargs.get("tensor") if "tensor" in kwargs else args[0]).nbytes
@@ -75,7 +76,9 @@ class CommCounter:
         self.counts: dict[str, int] = defaultdict(int)
         self.on = False
         for name in WRAPPED:
-            orig = getattr(dist, name)
+            orig = getattr(dist, name, None)
+            if orig is None:
+                continue
 
             def wrapper(*args, __orig=orig, __name=name, **kwargs):
                 if self.on:

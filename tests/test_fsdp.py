@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nanochat_ternary
 from nanochat_ternary.cli import main
 from nanochat_ternary.config import ConfigError, TrainConfig
 from nanochat_ternary.optim.sharded_muon import balance_owners, ns_flops
@@ -160,7 +161,8 @@ COMMON = ["--dataset", "synthetic", "--n-samples", "300", "--total-steps", "12",
           "--device", "cpu"]
 CONTINUOUS = ["--set", "quantization=none"]  # see test_fsdp_equals_ddp for why the long check is unquantized
 TERNARY = [a if a != "12" else "6" for a in COMMON]  # the default (ternary) model, 6 steps
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+# the torchrun ranks import the same package as this process (a mutated copy included)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(nanochat_ternary.__file__).parents[1])}
 
 
 def _losses(log: Path) -> dict[int, float]:
