@@ -296,9 +296,9 @@ sys.exit(main())
 def test_kill9_during_dcp_save_leaves_a_resumable_run(runs, tmp_path, point):
     """SIGKILL during the second DCP save (step 6) of a 2-rank fsdp run, either on rank 0 with every
     file written and only the rename left, or on rank 1 right after it wrote its shards: the job
-    dies, step_000006 never appears, step_000003 is intact; ``--resume RUN`` in one process deletes
-    the temp dir, continues from step 3, and steps 4-12 equal the uninterrupted run's (1e-4, as in
-    test_dcp_resume_at_one_process)."""
+    dies, step_000006 never appears, step_000003 is intact; ``--resume RUN`` (in one process after the
+    first kill, on 2 fsdp ranks after the second) deletes the temp dir, continues from step 3, and
+    steps 4-12 equal the uninterrupted run's (1e-4, as in test_dcp_resume_at_one_process)."""
     from nanochat_ternary.checkpoint import files
 
     child = tmp_path / "kill_child.py"
@@ -313,8 +313,13 @@ def test_kill9_during_dcp_save_leaves_a_resumable_run(runs, tmp_path, point):
     if point == "rank0_before_rename":  # a whole-looking temp dir, killed before its rename
         assert any(p.name.startswith(".tmp-step_000006") for p in run.iterdir())
     log = tmp_path / "resumed.jsonl"
-    assert main(["train", "--resume", str(run), "--batch-size", "8", "--log-file", str(log),
-                 "--threads", "1"]) == 0
+    if point == "rank0_before_rename":  # resharded: one process, twice the batch
+        assert main(["train", "--resume", str(run), "--batch-size", "8", "--log-file", str(log),
+                     "--threads", "1"]) == 0
+    else:  # fsdp again on 2 ranks: DTensor shards loaded into DTensor shards
+        proc = _torchrun("--resume", str(run), "--log-file", str(log), "--threads", "1")
+        out = _finish(proc)
+        assert proc.returncode == 0, out[-3000:]
     assert not any(p.name.startswith(".tmp-") for p in run.iterdir())
     a, b = _losses(runs / "fsdp.jsonl"), _losses(log)
     assert sorted(b) == list(range(4, 13))

@@ -384,13 +384,15 @@ class Trainer:
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
             last = micro == t.grad_accum_steps - 1
-            sync = (fsdp.gradient_sync(self.model, last) if self.fsdp else
-                    self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext())
-            with sync, self.rt.autocast():
+            # a fresh context per use: DDP's no_sync() is a one-shot generator context manager
+            def sync(last: bool = last) -> contextlib.AbstractContextManager:
+                return (fsdp.gradient_sync(self.model, last) if self.fsdp else
+                        self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext())
+            with sync(), self.rt.autocast():
                 loss, stats = self.ddp(x, targets=y, objective=self.objective)
             if self.in_backward is not None:
                 self.in_backward.begin_micro_batch(micro)
-            with sync:
+            with sync():
                 (loss / t.grad_accum_steps).backward()
             for k, v in stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
