@@ -160,7 +160,9 @@ COMMON = ["--dataset", "synthetic", "--n-samples", "300", "--total-steps", "12",
           "--sample-tokens", "0", "--log-interval", "1", "--eval-interval", "6", "--threads", "1",
           "--device", "cpu"]
 CONTINUOUS = ["--set", "quantization=none"]  # see test_fsdp_equals_ddp for why the long check is unquantized
-TERNARY = [a if a != "12" else "6" for a in COMMON]  # the default (ternary) model, 6 steps
+# the default (ternary) model, 6 steps, with MTP heads, gradient checkpointing and 2 micro-batches a step
+TERNARY = [a if a != "12" else "6" for a in COMMON] + ["--set", "use_mtp=true", "--set", "gradient_checkpointing=true",
+                                                       "--set", "grad_accum_steps=2"]
 # the torchrun ranks import the same package as this process (a mutated copy included)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(nanochat_ternary.__file__).parents[1])}
 
@@ -263,7 +265,9 @@ def test_dcp_resume_at_one_process(runs, tmp_path):
 def test_fsdp_ternary_equals_one_process(runs):
     """The ternary model (BitLinear quantises the gathered fp32 shadow weights, per-group scales of the
     whole matrix) under fsdp on 2 ranks against one process with twice the batch: 1e-4 over 6 steps
-    (observed ~1e-6). Quantising each rank's shard alone would change the scales: ~1e-2."""
+    (observed ~1e-6), with MTP heads (in the root FSDP unit), gradient checkpointing inside the
+    sharded blocks, and gradient accumulation (unsynchronised first micro-batch). Gathering bf16
+    weights instead (a mixed-precision mutant) fails it."""
     a, b = _losses(runs / "one_ternary.jsonl"), _losses(runs / "fsdp_ternary.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for s in a:
