@@ -68,7 +68,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sharded_worker(rank, world, port, out_dir, bucket_elements, nesterov):
+CASES = [(1 << 20, True), (1000, False)]  # (bucket_elements, nesterov): one bucket; one matrix per bucket
+
+
+def _sharded_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -80,43 +83,47 @@ def _sharded_worker(rank, world, port, out_dir, bucket_elements, nesterov):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        init, grads = _muon_data()
-        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
-        opt = ShardedMuon([{"params": params[:3]}, {"params": params[3:], "lr": 0.05, "weight_decay": 0.1}],
-                          lr=0.02, nesterov=nesterov, bucket_elements=bucket_elements)
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = None if g is None else distribute_tensor(g.clone(), mesh, [Shard(0)])
-            opt.step()
-        out = {"params": [p.full_tensor() for p in params],
-               "local_state_bytes": sum(s["momentum_buffer"].to_local().nbytes for s in opt.state.values()),
-               "momentum": [opt.state[p]["momentum_buffer"].full_tensor() for p in params]}
+        out = {}
+        for bucket_elements, nesterov in CASES:
+            init, grads = _muon_data()
+            params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+            opt = ShardedMuon([{"params": params[:3]}, {"params": params[3:], "lr": 0.05, "weight_decay": 0.1}],
+                              lr=0.02, nesterov=nesterov, bucket_elements=bucket_elements)
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = None if g is None else distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt.step()
+            out[(bucket_elements, nesterov)] = {
+                "params": [p.full_tensor() for p in params],
+                "local_state_bytes": sum(s["momentum_buffer"].to_local().nbytes for s in opt.state.values())}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("bucket_elements,nesterov", [(1 << 20, True), (1000, False)])
-def test_sharded_muon_matches_float64_reference(tmp_path, bucket_elements, nesterov):
+def test_sharded_muon_matches_float64_reference(tmp_path):
     """2 gloo ranks, each holding half the rows of every matrix: the gathered weights equal a plain
     float64 Muon over the whole matrices. Tolerance 2e-5 absolute: the fp32 Newton–Schulz
     (5 iterations of products of unit-norm matrices, entries O(0.1-1)) carries ~1e-6 relative
     rounding per step, times lr (<= 0.05) over 3 steps: well under 1e-5; a wrong owner, a swapped
-    shard or a lost momentum moves weights by ~lr = 2e-2. bucket 1000 forces one bucket per matrix."""
+    shard or a lost momentum moves weights by ~lr = 2e-2. Two cases in one process group: one bucket
+    with Nesterov, and bucket_elements 1000 (one matrix per bucket) without."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path), bucket_elements, nesterov), nprocs=2,
-             join=True)
-    init, grads = _muon_data()
-    ref = reference_muon(init, grads, lrs=[0.02] * 3 + [0.05] * 3, wds=[0.0] * 3 + [0.1] * 3, nesterov=nesterov)
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for r in ranks:
-        for got, want in zip(r["params"], ref):
-            assert (got.double() - want).abs().max() < 2e-5
-    # the momentum stays sharded: each rank holds half the rows (rounded up) of every fp32 buffer
-    want_bytes = sum(-(-s[0] // 2) * s[1] * 4 for s in SHAPES)
-    assert ranks[0]["local_state_bytes"] == want_bytes
-    assert ranks[1]["local_state_bytes"] == sum((s[0] // 2) * s[1] * 4 for s in SHAPES)
+    for bucket_elements, nesterov in CASES:
+        init, grads = _muon_data()
+        ref = reference_muon(init, grads, lrs=[0.02] * 3 + [0.05] * 3, wds=[0.0] * 3 + [0.1] * 3,
+                             nesterov=nesterov)
+        for r in ranks:
+            for got, want in zip(r[(bucket_elements, nesterov)]["params"], ref):
+                assert (got.double() - want).abs().max() < 2e-5, (bucket_elements, nesterov)
+        # the momentum stays sharded: each rank holds its rows (half, rounded up / down) of every buffer
+        assert ranks[0][(bucket_elements, nesterov)]["local_state_bytes"] == sum(-(-s[0] // 2) * s[1] * 4
+                                                                                 for s in SHAPES)
+        assert ranks[1][(bucket_elements, nesterov)]["local_state_bytes"] == sum((s[0] // 2) * s[1] * 4
+                                                                                 for s in SHAPES)
 
 
 def test_owners_are_balanced_by_newton_schulz_flops():
