@@ -101,8 +101,10 @@ def _sharded_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_sharded_muon_matches_float64_reference(tmp_path):
-    """2 gloo ranks, each holding half the rows of every matrix: the gathered weights equal a plain
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_muon_matches_float64_reference(tmp_path, world):
+    """2 or 4 gloo ranks, each holding its rows of every matrix (at 4 the (3, 20) matrix leaves rank 3
+    an empty shard, and 25 rows split 7/7/7/4): the gathered weights equal a plain
     float64 Muon over the whole matrices. Tolerance 2e-5 absolute: the fp32 Newton–Schulz
     (5 iterations of products of unit-norm matrices, entries O(0.1-1)) carries ~1e-6 relative
     rounding per step, times lr (<= 0.05) over 3 steps: well under 1e-5; a wrong owner, a swapped
@@ -110,8 +112,8 @@ def test_sharded_muon_matches_float64_reference(tmp_path):
     with Nesterov, and bucket_elements 1000 (one matrix per bucket) without."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    mp.spawn(_sharded_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for bucket_elements, nesterov in CASES:
         init, grads = _muon_data()
         ref = reference_muon(init, grads, lrs=[0.02] * 3 + [0.05] * 3, wds=[0.0] * 3 + [0.1] * 3,
@@ -119,11 +121,11 @@ def test_sharded_muon_matches_float64_reference(tmp_path):
         for r in ranks:
             for got, want in zip(r[(bucket_elements, nesterov)]["params"], ref):
                 assert (got.double() - want).abs().max() < 2e-5, (bucket_elements, nesterov)
-        # the momentum stays sharded: each rank holds its rows (half, rounded up / down) of every buffer
-        assert ranks[0][(bucket_elements, nesterov)]["local_state_bytes"] == sum(-(-s[0] // 2) * s[1] * 4
-                                                                                 for s in SHAPES)
-        assert ranks[1][(bucket_elements, nesterov)]["local_state_bytes"] == sum((s[0] // 2) * s[1] * 4
-                                                                                 for s in SHAPES)
+        # the momentum stays sharded: rank r holds rows [r c, (r + 1) c) of every buffer, c = ceil(rows / world)
+        for r in range(world):
+            rows = [max(0, min(-(-s[0] // world) * (r + 1), s[0]) - -(-s[0] // world) * r) for s in SHAPES]
+            want = sum(n * s[1] * 4 for n, s in zip(rows, SHAPES))
+            assert ranks[r][(bucket_elements, nesterov)]["local_state_bytes"] == want
 
 
 def test_owners_are_balanced_by_newton_schulz_flops():
