@@ -144,6 +144,8 @@ class TrainConfig:
     num_workers: int = 2
     prefetch_batches: int = 4
     gradient_checkpointing: bool = False
+    # multi-rank training under torchrun (docs/scaling.md)
+    parallelism: str = "ddp"  # ddp: every rank holds the whole model | fsdp: weights, grads, optimizer state sharded
     # speed (issue: GPU speed; docs/gpu.md): "auto" compiles on CUDA only, "true" / "false" force it
     compile: str = "auto"
     # data

@@ -120,6 +120,7 @@ def validate(cfg: Config) -> None:
     _require(t.mtp_weight >= 0, "mtp_weight", t.mtp_weight, "must be >= 0")
     _require(t.galore_scale > 0, "galore_scale", t.galore_scale, "must be > 0")
     _validate_low_memory(t)
+    _validate_parallelism(t)
     _validate_act_quant(cfg)
     _require(0 <= t.val_fraction < 0.5, "val_fraction", t.val_fraction,
              "must be in [0, 0.5); 0: the dataset's default split")
@@ -159,6 +160,33 @@ def _validate_low_memory(t: TrainConfig) -> None:
         raise ConfigError(f"optimizer_in_backward = true with grad_accum_steps = {t.grad_accum_steps} needs "
                           "muon_nesterov = false (Nesterov's update needs the whole step's gradient beside the "
                           "momentum, which the in-backward step never holds)")
+
+
+# what parallelism = "fsdp" does not serve yet: field, the value that is refused, why
+FSDP_UNSUPPORTED = (
+    ("optimizer_in_backward", True, "the in-backward step needs whole gradients"),
+    ("use_8bit_optim", True, "the sharded Muon keeps fp32 momentum"),
+    ("use_galore", True, "the sharded Muon keeps unprojected momentum"),
+    ("use_8bit_adamw", True, "sharded AdamW keeps fp32 moments"),
+    ("latent_dtype", "bfloat16", "sharded Muon matrices are fp32"),
+    ("compile", "true", "compiled blocks under fully_shard are not tested yet"),
+    ("init_from", None, "a warm start loads unsharded weights"),
+    ("fire", True, "FIRE works on unsharded matrices"),
+)
+
+
+def _validate_parallelism(t: TrainConfig) -> None:
+    _require(t.parallelism in ("ddp", "fsdp"), "parallelism", t.parallelism, "allowed: 'ddp', 'fsdp'")
+    if t.parallelism != "fsdp":
+        return
+    for key, refused, why in FSDP_UNSUPPORTED:
+        val = getattr(t, key)
+        if (val == refused) if refused is not None else bool(val):
+            raise ConfigError(f"parallelism = 'fsdp' does not support {key} = {val!r} yet ({why}): "
+                              f"use parallelism = 'ddp' or drop {key}")
+    if t.adamw_state != "fp32":
+        raise ConfigError(f"parallelism = 'fsdp' does not support adamw_state = {t.adamw_state!r} yet "
+                          f"(sharded AdamW keeps fp32 moments): use parallelism = 'ddp' or adamw_state = 'fp32'")
 
 
 ACT_QUANT_CHOICES = ("int8", "int4", "fp4", "a4.8")  # model/act_quant.py's (a test keeps them equal)

@@ -154,7 +154,8 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is not None and type(t) is not torch.Tensor and type(t) is not Parameter:
         names, _ = t.__tensor_flatten__()
-        return sum(tensor_nbytes(getattr(t, n)) for n in names)
+        # inner tensors only (a DTensor also names its device mesh): a DTensor is its local shard
+        return sum(tensor_nbytes(x) for n in names if isinstance(x := getattr(t, n), torch.Tensor))
     return t.nbytes
 
 

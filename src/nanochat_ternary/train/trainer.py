@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoint import dcp as ckpt_dcp
 from ..checkpoint import files as ckpt_io
 from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
@@ -43,6 +44,9 @@ from ..model.compile import compile_enabled, compile_error_line, is_compile_erro
 from ..model.gpt import GPT
 from ..optim.factory import build_optimizers, memory_report, split_named_params
 from ..optim.in_backward import install_in_backward
+from ..optim.sharded_muon import build_sharded_optimizers
+from . import fsdp
+from .checkpointing import checkpoint_meta, rng_state, set_rng_state
 from .dataset import LoadedData, load_training_data
 from .distill import Distiller
 from .fingerprint import check_resume_data, data_fingerprint
@@ -163,8 +167,11 @@ class Trainer:
         with torch.device(runtime.device):
             self.model = GPT(m)
         self.model.gradient_checkpointing = t.gradient_checkpointing
+        # parallelism = "fsdp" under torchrun: weights, grads and optimizer state sharded (fsdp.py)
+        self.fsdp = t.parallelism == "fsdp" and runtime.distributed
         # torch.compile (model/compile.py): the blocks and the loss head's softmax, on CUDA by default
-        self.compiled = compile_enabled(t.compile, runtime.device)
+        # ("auto" stays eager under fsdp: compiled blocks under fully_shard are not tested yet)
+        self.compiled = compile_enabled(t.compile, runtime.device) and not self.fsdp
         if self.compiled:
             self.model.compile_blocks()
         # loss (+ MTP heads) (+ Collider filter); see objective.py. On CUDA the LM head never makes
@@ -178,8 +185,12 @@ class Trainer:
         if self.distiller is not None:
             self.objective = self.distiller
         self.step_stats: dict[str, float] = {}
+        if self.fsdp:
+            fsdp.shard_model(self.model, runtime)
         if optimizer_factory is not None:
             self.optimizers = optimizer_factory(self.model, t)
+        elif self.fsdp:
+            self.optimizers = build_sharded_optimizers(self.model, t)
         else:
             self.optimizers = build_optimizers(self.model, t, runtime.device)
         # optimizer_in_backward: Muon matrices are updated in backward hooks (optim/in_backward.py)
@@ -191,7 +202,7 @@ class Trainer:
                       "round-to-nearest that cost +0.8% and +1.8% val loss in matched runs, with stochastic "
                       "rounding -0.1% and -0.8% (docs/low_memory.md): set stochastic_rounding = true")
         self.ddp: torch.nn.Module = self.model
-        if runtime.distributed:
+        if runtime.distributed and not self.fsdp:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
@@ -256,6 +267,26 @@ class Trainer:
         return run_dir
 
     def _restore(self, ckpt: Path, meta: dict[str, Any]) -> None:
+        if ckpt_dcp.is_dcp_checkpoint(ckpt):  # a sharded run's: reshards to this run's ranks (or one process)
+            ckpt_dcp.load_dcp_checkpoint(ckpt, self.model, self.optimizers)
+            state = ckpt_io.load_trainer_state(ckpt)
+        elif self.fsdp:
+            raise CheckpointError(f"checkpoint {ckpt} was saved by a ddp / single-process run: resume it with "
+                                  f"parallelism = 'ddp' (fsdp resumes the dcp/ checkpoints of fsdp runs)")
+        else:
+            state = self._restore_files(ckpt)
+        if self.in_backward is not None and "in_backward" in state:
+            try:
+                self.in_backward.load_state_dict(state["in_backward"])
+            except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+                raise CheckpointError(f"checkpoint {ckpt}: in-backward state does not match ({e})") from None
+        set_rng_state(state.get("rng", {}), self.rt.device, ckpt)
+        self.start_step = int(meta["step"])
+        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
+        self.echo(f"resumed from {ckpt} at step {self.start_step}")
+
+    def _restore_files(self, ckpt: Path) -> dict[str, Any]:
+        """Weights and optimizer states of a ddp / single-process checkpoint; returns trainer.pt."""
         ckpt_io.load_model_weights(self.model, ckpt)
         state = ckpt_io.load_trainer_state(ckpt)
         saved = state.get("optimizers", [])
@@ -267,22 +298,10 @@ class Trainer:
         try:
             for opt, sd in zip(self.optimizers, saved):
                 opt.load_state_dict(sd)
-            if self.in_backward is not None and "in_backward" in state:
-                self.in_backward.load_state_dict(state["in_backward"])
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({first})") from None
-        rng = state.get("rng", {})
-        try:
-            if "torch" in rng:
-                torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.rt.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {ckpt}: trainer.pt's RNG state is unusable ({e})") from None
-        self.start_step = int(meta["step"])
-        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
-        self.echo(f"resumed from {ckpt} at step {self.start_step}")
+        return state
 
     def _apply_fire(self) -> None:
         """FIRE (fire.py) on the Muon matrices, once per run: a resumed run whose checkpoint records it
@@ -302,32 +321,23 @@ class Trainer:
     def _save(self, step: int, metrics: dict[str, Any]) -> Path | None:
         """Write checkpoint ``step`` (main rank) and wait for it on every rank. Raises
         ``CheckpointWriteError`` when the filesystem refuses and ``CheckpointError`` on NaN/inf."""
+        if self.fsdp:  # every rank writes its shards (checkpoint/dcp.py)
+            path = ckpt_dcp.save_dcp_checkpoint(self.run_dir, step, self.model, self.optimizers,
+                                                {"rng": rng_state(self.rt.device)},
+                                                checkpoint_meta(self, step, metrics),
+                                                make_model=lambda: fsdp.empty_cpu_model(self.cfg.model),
+                                                tokenizer_path=self.data.tokenizer_path,
+                                                keep_last=self.cfg.training.keep_last_checkpoints,
+                                                protect=(self.resume_ckpt,) if self.resume_ckpt else ())
+            self.last_checkpoint = path
+            return path if self.rt.is_main else None
         path = None
         err: CheckpointError | None = None
         if self.rt.is_main:
-            rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-            if self.rt.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
-            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng}
+            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(self.rt.device)}
             if self.in_backward is not None:
                 state["in_backward"] = self.in_backward.state_dict()
-            config = self.cfg.to_dict()
-            config["training"]["allow_data_change"] = False  # an override is for the resume that gave it
-            # acts done once at the start of this run; meta's warm_start / fire record them
-            config["training"].update(init_from="", fire=False)
-            meta = {
-                "config": config,
-                "tokens_seen": self.tokens_seen,
-                "data_position": {"step": step, "epoch": self.batches.epoch_of(step),
-                                  "seed": self.cfg.training.seed, "world_size": self.rt.world_size},
-                "total_steps": self.total_steps,
-                "data": self.data.describe(),
-                "data_fingerprint": self.fingerprint,
-                "metrics": metrics,
-                "torch_version": torch.__version__,
-                **({"warm_start": self.warm_record} if self.warm_record else {}),
-                **({"fire": self.fire_done} if self.fire_done else {}),
-            }
+            meta = checkpoint_meta(self, step, metrics)
             try:
                 path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
                                                tokenizer_path=self.data.tokenizer_path,
@@ -373,14 +383,17 @@ class Trainer:
     def evaluate(self) -> tuple[float, float | None]:
         """Mean next-token CE over the fixed validation batches, and bits per byte if known."""
         self.model.eval()
-        mine = self.val[self.rt.rank::self.rt.world_size]
+        # under fsdp the same number of forwards (collectives) on every rank; padding ones not counted
+        mine = (fsdp.even_share(self.val, self.rt.rank, self.rt.world_size) if self.fsdp
+                else [(b, True) for b in self.val[self.rt.rank::self.rt.world_size]])
         total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        for x, y in mine:
+        for (x, y), counts in mine:
             x, y = x.to(self.rt.device), y.to(self.rt.device)
             with self.rt.autocast():
                 loss = self.model(x, targets=y)
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
+            if counts:
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
         if self.rt.distributed:
             dist.all_reduce(total)
         self.model.train()
@@ -412,12 +425,15 @@ class Trainer:
             if self.distiller is not None:
                 self.distiller.prepare(x)  # the teacher's logits for this micro-batch
             last = micro == t.grad_accum_steps - 1
-            sync = self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext()
-            with sync, self.rt.autocast():
+            # a fresh context per use: DDP's no_sync() is a one-shot generator context manager
+            def sync(last: bool = last) -> contextlib.AbstractContextManager:
+                return (fsdp.gradient_sync(self.model, last) if self.fsdp else
+                        self.ddp.no_sync() if (self.rt.distributed and not last) else contextlib.nullcontext())
+            with sync(), self.rt.autocast():
                 loss, stats = self.ddp(x, targets=y, objective=self.objective)
             if self.in_backward is not None:
                 self.in_backward.begin_micro_batch(micro)
-            with sync:
+            with sync():
                 (loss / t.grad_accum_steps).backward()
             for k, v in stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + v.float()
@@ -428,7 +444,8 @@ class Trainer:
             grad_norm = self.in_backward.finish_step()
         else:
             max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            clip = fsdp.clip_grad_norm if self.fsdp else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(self.model.parameters(), max_norm)
         # one collective: the mean loss over ranks and whether any rank saw a non-finite value
         ce = means["ce"].detach().double()
         both = torch.stack([ce, (~torch.isfinite(ce) | ~torch.isfinite(grad_norm.detach())).double()])
@@ -597,7 +614,10 @@ class Trainer:
             result.final_checkpoint = None
         if result.final_checkpoint is not None:
             self.echo(f"checkpoint: {result.final_checkpoint}")
-        if t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
+        if t.sample_tokens > 0 and self.fsdp and self.data.tokenizer_path is not None:
+            self.echo(f"note: no sample under parallelism = 'fsdp' (the weights are sharded); sample the "
+                      f"checkpoint with: nanochat-train generate --checkpoint {result.final_checkpoint}")
+        elif t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
             result.sample = self._sample()
         return result
 
