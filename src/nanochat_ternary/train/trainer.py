@@ -42,11 +42,11 @@ from ..data.loader import make_batch_source
 from ..errors import CheckpointError, UserError
 from ..model.compile import compile_enabled, compile_error_line, is_compile_error
 from ..model.gpt import GPT
-from ..optim.factory import build_optimizers, memory_report, split_named_params
+from ..optim.factory import build_optimizers, split_named_params
 from ..optim.in_backward import install_in_backward
 from ..optim.sharded_muon import build_sharded_optimizers
 from . import fsdp
-from .checkpointing import checkpoint_meta, rng_state, set_rng_state
+from .checkpointing import checkpoint_meta, choose_run_dir, rng_state, set_rng_state
 from .dataset import LoadedData, load_training_data
 from .distill import Distiller
 from .fingerprint import check_resume_data, data_fingerprint
@@ -57,6 +57,7 @@ from .lock import RunLock
 from .metrics import MetricsLogger
 from .objective import Objective
 from .qat import QatSchedule
+from .reports import optimizer_memory_line, sample_text
 from .runtime import Runtime, is_comm_failure
 from .schedule import schedule_factors, set_lr, set_weight_decay
 from .signals import Preempted, StopRequests
@@ -208,7 +209,7 @@ class Trainer:
 
         # ---- run dir (locked by the main rank until the run ends)
         self.lock: RunLock | None = None
-        self.run_dir = self._choose_run_dir()
+        self.run_dir, self.lock = choose_run_dir(cfg, runtime, self.resume_ckpt, self.echo, self.warn)
         self.start_step = 0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = self.resume_ckpt  # the newest good one, named when things fail
@@ -237,35 +238,6 @@ class Trainer:
             self.lock.release()
 
     # ------------------------------------------------------------------------------------------
-    def _choose_run_dir(self) -> Path:
-        t = self.cfg.training
-        if t.checkpoint_dir:
-            run_dir = Path(t.checkpoint_dir)
-        elif self.resume_ckpt is not None:
-            run_dir = self.resume_ckpt.parent
-        else:
-            data_name = t.dataset or (Path(t.data_path).stem if t.data_path else "stdlib")
-            name = f"{self.cfg.preset or 'custom'}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            if self.rt.distributed:  # every rank must agree on the name
-                box = [name]
-                dist.broadcast_object_list(box, src=0)
-                name = box[0]
-            run_dir = Path("runs") / name
-        if self.rt.is_main:
-            ckpt_io.ensure_writable_dir(run_dir)
-            self.lock = RunLock(run_dir)
-            self.lock.acquire(warn=self.warn)
-            stale = ckpt_io.remove_stale_temp(run_dir)  # safe: no other run writes here
-            if stale:
-                self.echo(f"removed {len(stale)} unfinished checkpoint write(s) left by a crash: {', '.join(stale)}")
-            existing = ckpt_io.list_checkpoints(run_dir)
-            resuming_here = self.resume_ckpt is not None and self.resume_ckpt.parent.resolve() == run_dir.resolve()
-            if existing and not resuming_here:
-                self.close()
-                raise UserError(f"checkpoint dir {run_dir} already holds checkpoints (latest {existing[-1].name}); "
-                                f"continue it with --resume {run_dir} or choose another --checkpoint-dir")
-        return run_dir
-
     def _restore(self, ckpt: Path, meta: dict[str, Any]) -> None:
         if ckpt_dcp.is_dcp_checkpoint(ckpt):  # a sharded run's: reshards to this run's ranks (or one process)
             ckpt_dcp.load_dcp_checkpoint(ckpt, self.model, self.optimizers)
@@ -539,7 +511,7 @@ class Trainer:
                     self.tokens_seen += self.tokens_per_step
                     interval_steps += 1
                     if not opt_report_done and not skipped:
-                        self._report_optimizer_memory()
+                        self.echo(optimizer_memory_line(self.optimizers))
                         opt_report_done = True
                     result.losses[done] = loss
                     guard.record(done, skipped)
@@ -618,28 +590,5 @@ class Trainer:
             self.echo(f"note: no sample under parallelism = 'fsdp' (the weights are sharded); sample the "
                       f"checkpoint with: nanochat-train generate --checkpoint {result.final_checkpoint}")
         elif t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
-            result.sample = self._sample()
+            result.sample = sample_text(self.model, self.data.tokenizer_path, t, self.echo)
         return result
-
-    def _report_optimizer_memory(self) -> None:
-        rep = memory_report(self.optimizers)
-        self.echo(f"optimizer state after step 1 (measured): {rep['variant']}: Muon "
-                  f"{rep['muon_state_bytes'] / 2**20:.2f} MiB for {rep['muon_params'] / 1e6:.2f}M params "
-                  f"({rep['bytes_per_muon_param']:.3f} B/param; int8 momenta {rep['muon_int8_tensors']}, "
-                  f"GaLore-projected {rep['galore_projected']}), AdamW {rep['adamw_state_bytes'] / 2**20:.2f} MiB "
-                  f"for {rep['adamw_params'] / 1e6:.2f}M params")
-
-    def _sample(self) -> str:
-        from ..data.tokenizer import load_tokenizer
-        from ..generate import generate, prompt_ids
-
-        t = self.cfg.training
-        tok = load_tokenizer(self.data.tokenizer_path)
-        prompt = t.sample_prompt
-        ids = prompt_ids(tok, prompt)
-        out = list(generate(self.model, ids, max_tokens=t.sample_tokens, temperature=0.8, top_k=50,
-                            top_p=0.95, seed=t.seed))
-        text = tok.decode((ids if prompt else []) + out)
-        self.echo(f"--- sample ({t.sample_tokens} tokens, prompt {prompt!r}) ---\n{text}\n---")
-        return text
-
