@@ -33,8 +33,8 @@ train: install
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
-	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -n 2 -m numerics $(PYTEST_ARGS)
-	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -n 2 -m numerics $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -n 2 -m "numerics and not native_only" $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -n 2 -m "numerics and not native_only" $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks

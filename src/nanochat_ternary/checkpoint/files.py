@@ -393,7 +393,8 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     except Exception as e:  # torch raises several types for truncated/corrupt/pickled files
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {ckpt}: unreadable trainer.pt ({msg})") from None
-    problem = _trainer_state_problem(state)
+    # a sharded (fsdp) checkpoint keeps its optimizer state in dcp/ (checkpoint/dcp.py): trainer.pt holds the rest
+    problem = _trainer_state_problem(state, sharded=(ckpt / "dcp" / ".metadata").is_file())
     if problem:
         raise CheckpointError(f"checkpoint {ckpt}: trainer.pt is not a trainer state ({problem})")
     bad = _first_nonfinite(state, "trainer")
@@ -402,14 +403,14 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _trainer_state_problem(state: Any) -> str | None:
+def _trainer_state_problem(state: Any, sharded: bool = False) -> str | None:
     """What is wrong with the structure of a loaded ``trainer.pt`` (None: the shape the trainer
     writes): ``{"optimizers": [optimizer state_dict...], "rng": {"torch": uint8 tensor, ...},
     "in_backward"?: dict}``. Values inside an optimizer's state are checked by its
     ``load_state_dict`` and by the trainer against the model."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}, not a dict"
-    opts = state.get("optimizers")
+    opts = state.get("optimizers", [] if sharded else None)
     if not isinstance(opts, list):
         return f"'optimizers' is a {type(opts).__name__}, not a list"
     for i, sd in enumerate(opts):
