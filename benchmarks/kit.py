@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,26 +26,19 @@ from typing import Any
 
 import torch
 
+from nanochat_ternary.bench.runner import machine_info
 from nanochat_ternary.provenance import describe, provenance
 
 
 def machine() -> dict[str, Any]:
-    """What a figure was measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
-                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "threads": torch.get_num_threads()}
+    """What a figure was measured on: ``bench``'s machine record plus torch's CPU capability, threads, load."""
+    info = machine_info()
+    info.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+                cpus=info["cores"])
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+    if info.get("cuda_device"):
+        info["gpu"] = info["cuda_device"]
     return info
 
 

@@ -14,40 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import reference_muon
 
 import nanochat_ternary
 from nanochat_ternary.cli import main
 from nanochat_ternary.config import ConfigError, TrainConfig
 from nanochat_ternary.optim.sharded_muon import balance_owners, ns_flops
 
-A, B, C = 3.4445, -4.7750, 2.0315
-
-
 pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 
 # ---------------------------------------------------------------- sharded Muon vs float64 reference
 
-def reference_muon(params, grads_per_step, lrs, wds, mu=0.95, nesterov=True, steps=5):
-    """Plain float64 Muon, written from the algorithm (not from the code under test)."""
-    params = [p.double().clone() for p in params]
-    bufs = [torch.zeros_like(p) for p in params]
-    for grads in grads_per_step:
-        for i, (p, buf, g) in enumerate(zip(params, bufs, grads)):
-            if g is None:
-                continue
-            g = g.double()
-            buf.mul_(mu).add_(g, alpha=1 - mu)
-            u = (1 - mu) * g + mu * buf if nesterov else buf
-            X = u.T if u.shape[0] > u.shape[1] else u
-            X = X / (torch.linalg.matrix_norm(X) + 1e-7)
-            for _ in range(steps):
-                Am = X @ X.T
-                X = A * X + (B * Am + C * Am @ Am) @ X
-            ortho = X.T if u.shape[0] > u.shape[1] else X
-            p.mul_(1 - lrs[i] * wds[i])
-            p.sub_(lrs[i] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * ortho)
-    return params
 
 
 # rows not divisible by 2 (25, 3), fewer rows than ranks would be at 4 (3), tall and wide

@@ -7,7 +7,9 @@ import os
 import socket
 
 import pytest
+import references
 import torch
+from references import A, B, C  # noqa: E402  (the Newton-Schulz coefficients, defined once)
 from torch import nn
 
 from nanochat_ternary.config import ConfigError, TrainConfig
@@ -23,9 +25,6 @@ from nanochat_ternary.optim import (
     split_params,
     zeropower_via_newtonschulz5,
 )
-
-A, B, C = 3.4445, -4.7750, 2.0315
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,22 +129,8 @@ def test_muon_step_runs_newton_schulz_in_ns_dtype(ns_dtype, in_bf16):
 
 
 def reference_muon(params, grads_per_step, lr, mu, nesterov, wd, steps=5):
-    params = [p.detach().double().clone() for p in params]
-    bufs = [torch.zeros_like(p) for p in params]
-    for grads in grads_per_step:
-        for p, buf, g in zip(params, bufs, grads):
-            g = g.double()
-            buf.mul_(mu).add_(g, alpha=1 - mu)
-            u = (1 - mu) * g + mu * buf if nesterov else buf
-            X = u.T if u.shape[0] > u.shape[1] else u
-            X = X / (torch.linalg.matrix_norm(X) + 1e-7)
-            for _ in range(steps):
-                Am = X @ X.T
-                X = A * X + (B * Am + C * Am @ Am) @ X
-            ortho = X.T if u.shape[0] > u.shape[1] else X
-            p.mul_(1 - lr * wd)
-            p.sub_(lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * ortho)
-    return params
+    n = len(params)
+    return references.reference_muon(params, grads_per_step, [lr] * n, [wd] * n, mu, nesterov, steps)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])

@@ -202,7 +202,8 @@ def live_server(checkpoint: Path, *flags: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("NANOCHAT_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "nanochat_ternary.cli", "serve", "--checkpoint", str(checkpoint),
-                             "--port", str(port), "--threads", "1", "--log-level", "warning", *flags],
+                             "--port", str(port), "--threads", "1", "--device", "cpu", "--log-level", "warning",
+                             *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
