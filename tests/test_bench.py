@@ -114,7 +114,8 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
     by_name = {c["name"]: c for c in res["configs"]}
-    assert list(by_name) == ["baseline", "mtp_only", "muon_8bit", "broken", "galore2", "full"]
+    assert list(by_name) == ["baseline", "baseline-float", "mtp_only", "muon_8bit", "broken", "galore2", "full"]
+    assert res["float_twin"] == "baseline-float" and by_name["baseline-float"]["kind"] == "twin"
     assert by_name["broken"]["status"] == "failed" and "mtp_n_tokens" in by_name["broken"]["error"]
     assert "FAILED" in proc.stdout  # the progress line says so as it happens
     table = (out / "REPORT.md").read_text()
@@ -123,7 +124,7 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
         if name == "broken":
             assert "failed" in row
             continue
-        assert c["status"] == "ok"
+        assert c["status"] == "ok", (name, c["error"])
         cells = [x.strip() for x in row.strip("|").split("|")][2:]
         nums = [float(x.replace(",", "").rstrip("%")) for x in cells if x != "–"]
         assert len(nums) >= 8 and all(math.isfinite(v) for v in nums), row
@@ -134,6 +135,12 @@ def test_quick_suite_reports_every_config_and_survives_a_crash(quick_suite):
     # matched: same seed, data and model size; features change what they should
     runs = {n: c["runs"][0] for n, c in by_name.items() if c["status"] == "ok"}
     assert len({r["tokens_per_step"] for r in runs.values()}) == 1
+    # the twin is the baseline with full-precision weights: same init, same first batch, so the first
+    # loss differs only by the ternary forward (features that change it, e.g. MTP, are not in baseline)
+    twin = runs.pop("baseline-float")
+    assert twin["params"] == runs["baseline"]["params"]
+    assert abs(twin["train_curve"][0][2] - runs["baseline"]["train_curve"][0][2]) > 1e-4
+    assert "## What ternary costs" in table and "| val loss |" in table.split("## What ternary costs")[1]
     assert runs["muon_8bit"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
     assert runs["galore2"]["optimizer_state_bytes"] < runs["mtp_only"]["optimizer_state_bytes"]
     assert "One seed only" in table and "broken" in table.split("## Reading")[1]
@@ -252,6 +259,21 @@ def test_reading_calls_real_only_what_exceeds_the_spread():
     assert s["n"] == 2 and s["spread"] == pytest.approx(0.1) and s["std"] == pytest.approx(0.1 / math.sqrt(2))
 
 
+def test_ternary_cost_states_the_gap_to_the_full_precision_twin():
+    twin = _cfg("baseline-float", [3.90, 3.95], [2000, 2100], 400) | {"kind": "twin"}
+    results = {"baseline": "baseline", "float_twin": "baseline-float", "configs": [
+        _cfg("baseline", [4.00, 4.10], [1000, 1100], 400), twin, _cfg("other", [4.0, 4.1], [1000, 1100], 400)]}
+    rows = report.ternary_cost(results)
+    loss = next(r for r in rows if r.startswith("| val loss |"))
+    # 4.05 - 3.925 = +0.125 loss, +3.2% of the twin's; spreads 0.1 / 0.05: beyond
+    assert "+0.1250 (+3.2%)" in loss and "beyond the spread" in loss
+    speed = next(r for r in rows if r.startswith("| tokens/s |"))
+    assert "0.51x" in speed  # 1050 / 2050
+    # the twin is the comparison's other side, not one more configuration read against the baseline
+    assert not any(line.startswith("**baseline-float**") for line in report.reading(results))
+    assert report.ternary_cost({"baseline": "baseline", "float_twin": None, "configs": results["configs"]}) == []
+
+
 def test_reading_with_one_seed_judges_nothing_but_exact_state():
     results = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0], [1000], 400),
                                                    _cfg("other", [5.0], [500], 100)]}
@@ -274,7 +296,7 @@ def test_peers_run_on_the_same_task_or_are_reported_unavailable(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert report.validate_results(res) == []
     by_name = {c["name"]: c for c in res["configs"]}
-    assert list(by_name) == ["baseline", "peer:torch-adamw", "peer:torch-muon", "peer:bnb-adamw8bit",
+    assert list(by_name) == ["baseline", "baseline-float", "peer:torch-adamw", "peer:torch-muon", "peer:bnb-adamw8bit",
                              "peer:torchao-adamw8bit", "peer:galore-torch-adamw"]
     assert by_name["peer:torch-adamw"]["status"] == "ok" and by_name["peer:torch-muon"]["status"] == "ok"
     for name, c in by_name.items():
@@ -286,7 +308,8 @@ def test_peers_run_on_the_same_task_or_are_reported_unavailable(tmp_path):
     # AdamW keeps two fp32 moments per parameter (+ a step counter per tensor)
     assert 8 * run["params"] <= run["optimizer_state_bytes"] <= 8 * run["params"] + 4096
     # the same task: identical first-step loss (same init, same batch), different optimizers after
-    first = {n: c["runs"][0]["train_curve"][0][2] for n, c in by_name.items() if c["status"] == "ok"}
+    first = {n: c["runs"][0]["train_curve"][0][2] for n, c in by_name.items()
+             if c["status"] == "ok" and c["kind"] != "twin"}
     assert max(first.values()) - min(first.values()) < 1e-5
 
 

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true",
                    help="add torch AdamW/Muon, bitsandbytes and torchao AdamW8bit, galore-torch GaLoreAdamW")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--no-float-twin", dest="float_twin", action="store_false",
+                   help="skip the baseline's full-precision twin (quantization=none), whose gap to the baseline "
+                        "the report states as what ternary costs")
     p = sub.add_parser("eval", help="score a model: bits per byte on text, multiple-choice tasks, HumanEval pass@k",
                        description="Judge a checkpoint (run dir, step dir or packed .safetensors): bits per byte on "
                                    "any text (tokenizer-independent), multiple-choice accuracy from a local JSONL "
@@ -458,7 +461,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kw = dict(model=args.model, steps=args.steps, seeds=args.seeds, dataset=args.dataset,
               data_path=args.data_path, batch_size=args.batch_size, seq_len=args.seq_len,
               grad_accum_steps=args.grad_accum_steps, threads=args.threads, device=args.device,
-              overrides=args.set, keep_checkpoints=args.keep_checkpoints)
+              overrides=args.set, keep_checkpoints=args.keep_checkpoints, float_twin=args.float_twin)
     if args.quick:
         settings = BenchSettings.quick(**kw)
     else:

@@ -51,7 +51,7 @@ RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "mtp_heads": ((int,), "multi-token-prediction heads in the model (0: MTP off)"),
 }
 
-OPTIONAL_RUN_FIELDS = frozenset({"gpu_util"})  # may be absent (older results)
+OPTIONAL_RUN_FIELDS = frozenset({"gpu_util", "float_twin"})  # may be absent (older results)
 
 OBSERVED_FIELDS = ("activation_bytes", "loader_processes", "int8_momenta", "galore_projected", "mtp_heads")
 
@@ -61,7 +61,7 @@ SUMMARY_METRICS = ("final_train_loss", "val_loss", "val_bpb", "tokens_per_s", "m
 
 CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "name": ((str,), "configuration name (the TOML's stem, or peer:NAME)"),
-    "kind": ((str,), "'config' or 'peer'"),
+    "kind": ((str,), "'config', 'twin' (the baseline with quantization=none) or 'peer'"),
     "source": ((str,), "the TOML file, or the peer optimizer's description"),
     "status": ((str,), "'ok' (every seed ran), 'partial', 'failed' or 'unavailable'"),
     "error": (((str, type(None))), "why it failed or is unavailable (first failing seed)"),
@@ -85,6 +85,8 @@ TOP_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "settings": ((dict,), "model, steps, seeds, dataset, data_path, batch shape, tokens_per_step, overrides"),
     "data": ((dict,), "the data every run used: name, train_tokens, val_tokens"),
     "baseline": (((str, type(None))), "the configuration differences are measured against"),
+    "float_twin": (((str, type(None))), "the baseline's full-precision twin (null: --no-float-twin, or the "
+                                        "baseline is not quantized; absent before it existed)"),
     "configs": ((list,), "one object per configuration"),
     "wall_s": (NUM, "seconds the whole suite took"),
 }
@@ -228,7 +230,7 @@ def reading(results: dict[str, Any]) -> list[str]:
         lines.append(f"NOT MATCHED: {', '.join(sorted(set(unmatched)))} differ from the baseline's "
                      f"{', '.join(f'{s} steps x {t:,} tokens' for t, s in sorted(shape))}; compare those with care.")
     for c in results["configs"]:
-        if c is base or c["status"] not in ("ok", "partial") or "val_loss" not in c["summary"]:
+        if c is base or c["kind"] == "twin" or c["status"] not in ("ok", "partial") or "val_loss" not in c["summary"]:
             continue
         real, noise, unjudged = [], [], []
         for metric, label, _better in READING_METRICS:
@@ -252,6 +254,37 @@ def reading(results: dict[str, Any]) -> list[str]:
         parts.append(f"{reach_txt}.")
         lines.append(" ".join(p for p in parts if p))
     return lines
+
+
+COST_METRICS = (("val_loss", "val loss", ".4f"), ("val_bpb", "val bits per byte", ".3f"),
+                ("final_train_loss", "final train loss", ".4f"))
+
+
+def ternary_cost(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: the baseline (ternary) against its full-precision twin, same everything else:
+    each metric's means, the gap (absolute and relative to the twin) and whether it exceeds the
+    seed-to-seed spread. [] when there is no twin result."""
+    configs = {c["name"]: c for c in results["configs"]}
+    base, twin = configs.get(results.get("baseline") or ""), configs.get(results.get("float_twin") or "")
+    if base is None or twin is None or "val_loss" not in base["summary"] or "val_loss" not in twin["summary"]:
+        return []
+    judged = {True: "beyond the spread", False: "within the spread", None: "one seed: not judged"}
+    rows = [f"| metric | {base['name']} (ternary) | {twin['name']} (full precision) | ternary − float | judged |",
+            "|---|---:|---:|---:|---|"]
+    for metric, label, fmt in COST_METRICS:
+        cmp = compare(twin, base, metric)  # base vs twin: the diff is what ternary costs
+        if cmp is None:
+            continue
+        rel = f" ({100 * cmp['diff'] / twin['summary'][metric]['mean']:+.1f}%)" if twin["summary"][metric]["mean"] \
+            else ""
+        rows.append(f"| {label} | {_fmt(base['summary'][metric], fmt)} | {_fmt(twin['summary'][metric], fmt)} | "
+                    f"{format(cmp['diff'], '+' + fmt)}{rel} | {judged[cmp['beyond_noise']]} |")
+    speed = compare(twin, base, "tokens_per_s")
+    if speed is not None and speed["ratio"] is not None:
+        rows.append(f"| tokens/s | {_fmt(base['summary']['tokens_per_s'], ',.0f')} | "
+                    f"{_fmt(twin['summary']['tokens_per_s'], ',.0f')} | {speed['ratio']:.2f}x | "
+                    f"{judged[speed['beyond_noise']]} |")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +362,12 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> Path:
         *[f"- {line}" for line in reading(results)],
         "",
     ]
+    cost = ternary_cost(results)
+    if cost:
+        lines += ["## What ternary costs (the baseline against its full-precision twin)", "",
+                  "The same configuration, seeds, data and steps with `quantization=none`: the twin's learning "
+                  "rate is the baseline's, so the gap is at one LR, not each side's best "
+                  "(benchmarks/ternary_vs_float.py sweeps the LR per side).", "", *cost, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path = out / "REPORT.md"

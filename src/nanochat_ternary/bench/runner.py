@@ -63,6 +63,7 @@ class BenchSettings:
     device: str = "auto"
     overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE for every configuration
     keep_checkpoints: bool = False
+    float_twin: bool = True  # also train the baseline with quantization=none: what ternary costs
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchSettings:
@@ -88,13 +89,32 @@ class BenchSettings:
 @dataclass
 class Entry:
     name: str
-    kind: str  # "config" | "peer"
+    kind: str  # "config" | "twin" | "peer"
     config: str  # TOML path
     peer: str = ""
     source: str = ""
+    overrides: list[str] = field(default_factory=list)  # applied after the suite's settings
 
 
-def suite_entries(configs: list[str], peers: bool) -> list[Entry]:
+TWIN_SUFFIX = "-float"
+
+
+def float_twin(base: Entry, model: str, overrides: list[str]) -> Entry | None:
+    """``base`` trained with full-precision weights (``quantization=none``), everything else the
+    same; None when ``base`` is not quantized (it is its own twin)."""
+    try:
+        cfg = build_config(base.config, overrides=overrides, preset=model)
+    except UserError:  # the baseline itself is broken: its own run reports why
+        return None
+    if cfg.model.quantization == "none":
+        return None
+    return Entry(base.name + TWIN_SUFFIX, "twin", base.config, source=f"{base.source} with quantization=none",
+                 overrides=["quantization=none"])
+
+
+def suite_entries(configs: list[str], peers: bool, twin_of: BenchSettings | None = None) -> list[Entry]:
+    """The suite's runs in order; ``twin_of``: add the baseline's full-precision twin right after
+    the baseline (the baseline: the config named ``baseline``, else the first)."""
     entries: list[Entry] = []
     names: set[str] = set()
     for spec in configs:
@@ -106,6 +126,11 @@ def suite_entries(configs: list[str], peers: bool) -> list[Entry]:
             name, k = f"{path.stem}-{k}", k + 1
         names.add(name)
         entries.append(Entry(name, "config", str(path), source=_display_path(path)))
+    if twin_of is not None and entries:
+        base = next((e for e in entries if e.name == "baseline"), entries[0])
+        twin = float_twin(base, twin_of.model, twin_of.config_overrides())
+        if twin is not None and twin.name not in names:
+            entries.insert(entries.index(base) + 1, twin)
     if peers:
         base = resolve_config_path(PEER_BASE)
         assert base is not None
@@ -218,7 +243,7 @@ def _run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, la
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "metrics.jsonl"
     spec = {"name": entry.name, "config": entry.config, "peer": entry.peer, "model": settings.model,
-            "seed": seed, "overrides": settings.config_overrides(), "run_dir": str(run_dir / "checkpoints"),
+            "seed": seed, "overrides": settings.config_overrides() + entry.overrides, "run_dir": str(run_dir / "checkpoints"),
             "log_file": str(log_file)}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     result_path = run_dir / "result.json"
@@ -295,7 +320,7 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
     """Run the suite and write its report into ``out`` (which must not hold a report already)."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"bench: output dir {out} is not empty (choose another --out; nothing was overwritten)")
-    entries = suite_entries(configs, peers)
+    entries = suite_entries(configs, peers, twin_of=settings if settings.float_twin else None)
     t0 = time.perf_counter()
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prov = provenance()  # at the start: the code every run of the suite imports
@@ -331,6 +356,7 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
 
     names = [c["name"] for c in configs_out if c["kind"] == "config"]
     baseline = "baseline" if "baseline" in names else (names[0] if names else None)
+    twin = next((c["name"] for c in configs_out if c["kind"] == "twin"), None)
     results = {
         "schema_version": 2,
         "provenance": prov,
@@ -342,6 +368,7 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
                      "threads": settings.threads, "device": settings.device, "overrides": settings.overrides},
         "data": data,
         "baseline": baseline,
+        "float_twin": twin,
         "configs": configs_out,
         "wall_s": time.perf_counter() - t0,
     }
