@@ -348,3 +348,26 @@ def test_peer_adapters_build_each_package_optimizer_from_the_config(monkeypatch)
     assert [id(p) for p in plain["params"]] == [id(p) for p in rest]
     assert [id(p) for p in projected["params"]] == [id(p) for p in muon] and muon
     assert (projected["rank"], projected["update_proj_gap"], projected["proj_type"]) == (16, 50, "std")
+
+
+def test_run_one_applies_an_entrys_overrides_and_reruns_into_the_same_dir(tmp_path):
+    """bench's matched run as the convergence scripts call it: a variant is an Entry with ``overrides``
+    (no TOML), applied after the shared settings; a second run into the same dir starts afresh
+    instead of refusing the checkpoints the first one left."""
+    from nanochat_ternary.bench.runner import BenchSettings, Entry, run_one
+
+    settings = BenchSettings(model="tiny-cpu", steps=2, seeds=1, dataset="synthetic", batch_size=2, seq_len=16,
+                             eval_points=1, eval_batches=1, threads=1, device="cpu", keep_checkpoints=True,
+                             overrides=["n_samples=64", "dim=32", "n_heads=2", "n_kv_heads=2", "log_interval=1"])
+    base = run_one(Entry("base", "config", ""), 1, settings, tmp_path / "base", "base", progress=False)
+    one = run_one(Entry("one", "config", "", overrides=["n_layers=1"]), 1, settings, tmp_path / "one", "one",
+                  progress=False)
+    assert base["status"] == "ok" and one["status"] == "ok", (base.get("error"), one.get("error"))
+    assert one["params"] < base["params"]  # the override reached the worker's config
+    spec = json.loads((tmp_path / "one" / "spec.json").read_text())
+    assert spec["overrides"][-1] == "n_layers=1" and "log_interval=1" in spec["overrides"]
+    assert (tmp_path / "one" / "checkpoints").is_dir()
+    again = run_one(Entry("one", "config", "", overrides=["n_layers=1"]), 1, settings, tmp_path / "one", "one",
+                    progress=False)
+    assert again["status"] == "ok", again.get("error")
+    assert again["val_loss"] == pytest.approx(one["val_loss"], abs=0)  # same seed, same run: the same loss
