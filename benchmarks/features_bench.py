@@ -1,10 +1,11 @@
 """Training features measured side by side: gradient checkpointing, MTP, Collider, async loader.
 
 Every memory figure is the peak RSS of a fresh subprocess (``kit.run_process``: its ``ru_maxrss``)
-that does only that measurement, so each owns its peak; every time is wall-clock on this machine's CPU (the script builds
-everything on the CPU device; it measures no GPU). Times that are compared are taken interleaved in one
-process (A, B, A, B, ...) so that machine load hits both alike. The first line records the code's
-provenance (package version, git commit, dirty flag) and the load average.
+that does only that measurement, so each owns its peak; every time is wall-clock on this machine's
+CPU (the script builds everything on the CPU device; it measures no GPU). Times that are compared
+are taken interleaved in one process (A, B, A, B, ...) so that machine load hits both alike. The
+first lines (``kit.header``) record the code's provenance (package version, git commit, dirty flag),
+the machine and its load average.
 
 1. Gradient checkpointing: nano-125m shape (ternary), batch 4 x seq 512 by default, with and
    without. Two memory figures, both from the first forward+backward of a fresh process (weights

@@ -5,8 +5,9 @@ Each (variant, seed) trains ``d20`` (its vocab becomes the default corpus tokeni
 default corpus (the Python stdlib) in its own process, as ``nanochat-train bench`` runs a
 configuration (``nanochat_ternary.bench.runner.run_one``: the same Trainer as ``train``; the
 variant's keys are ``--set`` overrides after the shared settings), and the final validation loss
-is read from its JSONL log (``OUT/runs/VARIANT-seedS/metrics.jsonl``). Reported: final val loss per seed, the mean, and each
-variant's gap to fp32 Muon per seed, so the seed-to-seed spread is visible next to the gaps.
+is read from its JSONL log (``OUT/runs/VARIANT-seedS/metrics.jsonl``). Reported: final val loss
+per seed, the mean, and each variant's gap to fp32 Muon per seed, so the seed-to-seed spread is
+visible next to the gaps.
 
 Targets (issue #3): 8-bit within 1% of fp32 Muon, GaLore within 3%, both within 3.5%.
 Low-memory options (issue #10, docs/low_memory.md), each against its own reference: bf16 latents +

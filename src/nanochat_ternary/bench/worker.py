@@ -86,9 +86,12 @@ def activation_bytes(trainer: Any) -> int:
         return t
 
     x, y = trainer.batches.get(0, 0)
+    x, y = x.to(rt.device), y.to(rt.device)
+    if getattr(trainer, "distiller", None) is not None:  # a distillation run: its teacher's logits first
+        trainer.distiller.prepare(x)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-        loss, _stats = model(x.to(rt.device), targets=y.to(rt.device), objective=trainer.objective)
+        loss, _stats = model(x, targets=y, objective=trainer.objective)
     del loss
     model.zero_grad(set_to_none=True)
     return sum(storages.values())
