@@ -371,3 +371,9 @@ def test_run_one_applies_an_entrys_overrides_and_reruns_into_the_same_dir(tmp_pa
                     progress=False)
     assert again["status"] == "ok", again.get("error")
     assert again["val_loss"] == pytest.approx(one["val_loss"], abs=0)  # same seed, same run: the same loss
+    # a distillation run (the base run as its teacher) finishes, its post-training observation included
+    distill = run_one(Entry("distill", "config", "", overrides=[f"teacher={tmp_path / 'base' / 'checkpoints'}",
+                                                                "distill_weight=0.5"]),
+                      1, settings, tmp_path / "distill", "distill", progress=False)
+    assert distill["status"] == "ok", distill.get("error")
+    assert distill["activation_bytes"] > 0
