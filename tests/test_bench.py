@@ -377,3 +377,18 @@ def test_run_one_applies_an_entrys_overrides_and_reruns_into_the_same_dir(tmp_pa
                       1, settings, tmp_path / "distill", "distill", progress=False)
     assert distill["status"] == "ok", distill.get("error")
     assert distill["activation_bytes"] > 0
+
+
+def test_a_worker_reports_its_own_peak_rss_not_its_parents():
+    """Linux carries ru_maxrss across fork and exec: a worker started by a process that once held
+    512 MiB more would report that. Its own peak (VmHWM) is what a run measures."""
+    import torch
+
+    big = torch.ones(128 * 2**20)  # 512 MiB, touched: this process's peak RSS is now above it
+    del big
+    code = ("import torch\nfrom nanochat_ternary.bench.worker import _peak_memory\n"
+            "print(_peak_memory(torch.device('cpu'))[0])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    peak = int(proc.stdout.split()[-1])
+    assert 16 * 2**20 < peak < 512 * 2**20  # a torch import's worth, not this process's 512 MiB
