@@ -6,7 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-# -n 2: the suite on both cores (measured faster than one process on this project's 2-core machines)
+# -n 2: the suite on both cores. Measured with benchmarks/pytest_xdist.py (interleaved rounds; 2-core AMD EPYC
+# shared with other jobs, load ~8-10; 2026-12-04, commit 9bb80b3): on 6 heavier files (--files test_low_memory.py,
+# test_features.py,test_galore.py,test_eval.py,test_act_quant.py,test_sft.py --rounds 2) one process 201 s vs
+# -n 2 180 s: -n 2 1.12x faster; on 6 light files (the script's default subset, --rounds 3) 51 s vs 91 s: -n 2
+# 0.56x, the two workers' start-up outweighs a short run. The full suite was not timed (the machine was not idle).
 PYTEST_ARGS ?=
 
 .PHONY: train test lint install install-dev clean

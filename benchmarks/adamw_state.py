@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 from torch.nn import Parameter
 
@@ -37,7 +37,6 @@ from nanochat_ternary.config import build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim.factory import _build, optimizer_state_bytes, split_named_params
 from nanochat_ternary.optim.foam import AdamWFoam
-from nanochat_ternary.provenance import describe, provenance
 
 
 def gradient_stream(model: GPT, params: list[Parameter], steps: int, batch: int, seq: int,
@@ -129,19 +128,23 @@ def main() -> None:
     drift = {name: float((w - ref).norm() / moved) for name, w in after.items()}
 
     # step time: one step of each format per round, the formats interleaved
-    times: dict[str, list[float]] = {name: [] for name in formats}
-    for r in range(args.rounds):
-        for name, (ps, opt) in runs.items():
-            for p, gr in zip(ps, grads[r % len(grads)]):
-                p.grad = gr.clone()
-            t1 = time.perf_counter()
-            opt.step()
-            times[name].append(time.perf_counter() - t1)
+    rounds = {name: 0 for name in runs}
+
+    def one_step(name: str) -> float:
+        """One step of a format on round r's gradients (set untimed), timed."""
+        ps, opt = runs[name]
+        for p, gr in zip(ps, grads[rounds[name] % len(grads)]):
+            p.grad = gr.clone()
+        rounds[name] += 1
+        t1 = time.perf_counter()
+        opt.step()
+        return time.perf_counter() - t1
+
+    times = kit.interleaved({name: (lambda n=name: one_step(n)) for name in runs}, reps=args.rounds, warmup=0,
+                            self_timed=True)
 
     n = sum(s.numel() for s in start)
-    prov = provenance()
-    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"torch {torch.__version__}, {args.threads} thread(s)")
+    kit.header("adamw_state", preset=args.preset, vocab=args.vocab, steps=args.steps, rounds=args.rounds)
     print(f"# {args.preset}, vocab {args.vocab}: AdamW params {n:,} in {len(start)} tensors "
           f"(largest {tuple(max(start, key=lambda s: s.numel()).shape)}); adam_lr {t.adam_lr}, betas "
           f"{tuple(t.adam_betas)}; {args.steps} steps of real gradients ({args.batch} x {args.seq} random tokens, "
@@ -153,7 +156,7 @@ def main() -> None:
     for name, (_, opt) in runs.items():
         nbytes = optimizer_state_bytes(opt)
         print(f"{name:<24} {nbytes / 2**20:>10.3f} {nbytes / n:>8.3f} {nbytes / fp32_bytes:>8.3f} "
-              f"{1e3 * statistics.median(times[name]):>9.2f} {drift[name]:>9.4f}")
+              f"{1e3 * times[name].median:>9.2f} {drift[name]:>9.4f}")
     if "AdamW8bit (torchao)" in first_step:
         print(f"# torchao's first step (torch.compile of its step): {first_step['AdamW8bit (torchao)']:.1f} s")
     print(f"# total {time.perf_counter() - t_start:.0f} s")

@@ -28,13 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance
 import numpy as np
 
 from nanochat_ternary.data.batches import TokenBatches
 from nanochat_ternary.data.datasets import load_dataset
 from nanochat_ternary.data.loader import make_batch_source
 from nanochat_ternary.data.tokenfile import read_tokens, write_tokens
-from nanochat_ternary.provenance import describe, provenance
 
 # (batch, seq_len, step seconds on one H100 from docs/gpu.md)
 SHAPES = {"d20": (64, 512, 0.0258), "nano-125m": (32, 1024, 0.0712), "nano-1b": (8, 2048, 0.279)}
@@ -87,8 +87,7 @@ def main() -> None:
     ap.add_argument("--large-tokens", type=int, default=1 << 30, help="0: skip the large token file")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    print(f"# {describe(provenance())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"{args.steps} steps per case, async with {args.workers} workers")
+    kit.header("data_wait", steps_per_case=args.steps, async_workers=args.workers, large_tokens=args.large_tokens)
     sources = {"stdlib (default corpus)": (load_dataset("stdlib", show_progress=False).train, None)}
     tmp = tempfile.TemporaryDirectory(prefix="data-wait-")
     if args.large_tokens:

@@ -22,28 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import time
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 
 from nanochat_ternary.config import build_config
 from nanochat_ternary.model.decode import Decoder
 from nanochat_ternary.model.gpt import GPT, KVCache
-from nanochat_ternary.provenance import describe, provenance
 
 
 def memcpy_bandwidth(mib: int = 256, reps: int = 5) -> float:
     """GB/s of a large ``copy_`` (bytes read + bytes written), best of ``reps``."""
     a = torch.ones(mib * 2**20 // 4)
     b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
+    best = kit.interleaved({"copy": lambda: b.copy_(a)}, reps=reps, warmup=1)["copy"].best
     return 2 * a.nbytes / best / 1e9
 
 
@@ -112,22 +105,18 @@ def bench(preset: str, tokens: int, prompt_len: int, rounds: int, gguf: list[str
             notes.append("llama_cpp importable, but no --gguf files given: not measured")
         except ImportError:
             notes.append("llama_cpp is not importable here (pip package llama-cpp-python): not measured")
-    for f in sides.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for _ in range(rounds):
-        for k, f in sides.items():
-            times[k].append(f())
+    # each side times its own decode (the prefill before it is left out): self-timed
+    timings = kit.interleaved(sides, reps=rounds, warmup=1, self_timed=True)
     # bytes per token: weights as each side stores them, KV at the mean decode position
     n_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2)
     kv_mean = 2 * cfg.model.n_layers * cfg.model.n_kv_heads * cfg.model.head_dim * (prompt_len + tokens / 2) * 4
     head = model.lm_head.weight.nbytes
     wbytes = {"model": 4 * n_block + head, "fp32": decs["fp32"].weight_bytes(), "int8": decs["int8"].weight_bytes()}
     out = {"preset": preset, "tokens": tokens, "prompt": prompt_len, "notes": notes, "sides": {}}
-    for k, v in times.items():
-        tok_s = tokens / statistics.median(v)
+    for k, t in timings.items():
+        tok_s = tokens / t.median
         b = wbytes.get(k)
-        out["sides"][k] = {"tok_s": tok_s, "all_s": v, "bytes_per_token": (b + kv_mean) if b else None,
+        out["sides"][k] = {"tok_s": tok_s, "all_s": t.samples, "bytes_per_token": (b + kv_mean) if b else None,
                            "bw_util": ((b + kv_mean) * tok_s / (bw * 1e9)) if b else None}
     return out
 
@@ -143,12 +132,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    prov = provenance()
     bw = memcpy_bandwidth()
-    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} "
-          f"threads, torch {torch.__version__}, {load}; memcpy {bw:.1f} GB/s (read+write)")
+    head = kit.header("decode_bench", models=args.models, tokens=args.tokens, prompt=args.prompt,
+                      rounds=args.rounds)
+    print(f"# memcpy {bw:.1f} GB/s (read+write)")
     results = []
     for preset in args.models.split(","):
         r = bench(preset.strip(), args.tokens, args.prompt, args.rounds, args.gguf, bw)
@@ -164,7 +151,8 @@ def main() -> None:
         for n in r["notes"]:
             print(f"  note: {n}")
     if args.json:
-        print(json.dumps({"provenance": prov, "memcpy_gb_s": bw, "results": results}, indent=2))
+        print(json.dumps({"provenance": head["provenance"], "header": head, "memcpy_gb_s": bw, "results": results},
+                         indent=2))
 
 
 if __name__ == "__main__":

@@ -17,15 +17,13 @@ Tokens/s counts the ``B * T`` input positions in every case. Median over ``--rou
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 
 from nanochat_ternary.config import build_config
 from nanochat_ternary.eval.score import Request, score_requests
 from nanochat_ternary.model.gpt import GPT
-from nanochat_ternary.provenance import describe, provenance
 
 
 def main() -> None:
@@ -50,22 +48,16 @@ def main() -> None:
         f"eval, last {args.choice_tokens} scored": lambda: list(
             score_requests(model, [Request(r, args.choice_tokens) for r in rows], batch_size=B)),
     }
-    times: dict[str, list[float]] = {k: [] for k in cases}
     with torch.inference_mode():
-        for fn in cases.values():  # warm-up
-            fn()
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["plain forward"])
-    print(f"{describe(provenance())}; torch {torch.__version__}, {args.threads} thread(s)")
+        times = kit.interleaved(cases, reps=args.rounds, warmup=1)
+    base = times["plain forward"].median
+    kit.header("eval_bench", config=args.config, batch=f"{B}x{T}", choice_tokens=args.choice_tokens,
+               rounds=args.rounds)
     print(f"model {args.config} ({cfg.model.quantization}), batch {B} x {T} tokens, median of {args.rounds} rounds")
-    print(f"{'case':<24} {'s/batch':>8} {'tok/s':>9} {'vs plain':>9}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<24} {med:8.3f} {B * T / med:9.0f} {base / med:8.2f}x")
+    print(f"{'case':<24} {'s/batch':>8} {'tok/s':>9} {'vs plain':>9} {'spread':>7}")
+    for name, t in times.items():
+        med = t.median
+        print(f"{name:<24} {med:8.3f} {B * T / med:9.0f} {base / med:8.2f}x {t.spread:>6.0%}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance
+
 from nanochat_ternary.checkpoint import open_checkpoint
 from nanochat_ternary.cli import main as cli
 from nanochat_ternary.eval.tasks import builtin_task
-from nanochat_ternary.provenance import describe, provenance
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
                     "--device", "cpu", "--batch_size", "8", "--output_path", str(out / "lm")], env=env, check=True)
     theirs = json.loads(open(glob.glob(str(out / "lm" / "*" / "results_*.json"))[0]).read())["results"]["nextline"]
     ours = {r["metric"]: r for r in json.loads((out / "ours.json").read_text())["results"]}
-    print(describe(provenance()))
+    kit.header("eval_lmeval_agreement", checkpoint=args.checkpoint, limit=args.limit)
     print(f"{opened.name} ({opened.config.model.quantization}), {len(task.items)} stdlib-next-line items")
     for m in ("acc", "acc_norm"):
         print(f"{m:<9} ours (int8 activations) {ours[m]['value']:.4f}   lm-eval on HF export {theirs[m + ',none']:.4f}")

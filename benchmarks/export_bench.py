@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance
 import numpy as np
 import torch
 
@@ -150,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override for --speed-preset (e.g. ffn_hidden=2048: TQ needs rows %% 256 == 0)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    head = kit.header("export_bench", checkpoint=args.checkpoint, windows=args.windows, ctx=args.ctx,
+                      decode_tokens=args.decode_tokens, speed_preset=args.speed_preset or "-")
     quiet = lambda *_: None
     ck = load_checkpoint(args.checkpoint)
     if args.speed_preset:
-        res = speed_only(ck, args.speed_preset, args.threads, args.decode_tokens, args.speed_set)
+        res = {**speed_only(ck, args.speed_preset, args.threads, args.decode_tokens, args.speed_set), "header": head}
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ours = [ck.model(torch.tensor([w]))[0] for w in windows]
     res: dict = {"checkpoint": str(ck.path), "step": ck.step, "group_size": ck.config.model.group_size,
-                 "windows": args.windows, "ctx": args.ctx, "threads": args.threads, "sizes": {}, "gguf": {}}
+                 "windows": args.windows, "ctx": args.ctx, "threads": args.threads, "sizes": {}, "gguf": {},
+                 "header": head}
     res["block_params"] = sum(p.numel() for p in ck.model.blocks.parameters() if p.ndim == 2)
     res["ours_decode_tok_s"] = our_decode_tok_s(ck.model, args.decode_tokens)
     print(f"ours (PyTorch fp32, KV cache, {args.threads} thread): decode {res['ours_decode_tok_s']:.0f} tok/s",

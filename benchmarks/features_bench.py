@@ -1,10 +1,11 @@
 """Training features measured side by side: gradient checkpointing, MTP, Collider, async loader.
 
-Every memory figure is the peak RSS of a fresh subprocess (``ru_maxrss``) that does only that
-measurement, so each owns its peak; every time is wall-clock on this machine's CPU (the script builds
-everything on the CPU device; it measures no GPU). Times that are compared are taken interleaved in one
-process (A, B, A, B, ...) so that machine load hits both alike. The first line records the code's
-provenance (package version, git commit, dirty flag) and the load average.
+Every memory figure is the peak RSS of a fresh subprocess (``kit.run_process``: its ``ru_maxrss``)
+that does only that measurement, so each owns its peak; every time is wall-clock on this machine's
+CPU (the script builds everything on the CPU device; it measures no GPU). Times that are compared
+are taken interleaved in one process (A, B, A, B, ...) so that machine load hits both alike. The
+first lines (``kit.header``) record the code's provenance (package version, git commit, dirty flag),
+the machine and its load average.
 
 1. Gradient checkpointing: nano-125m shape (ternary), batch 4 x seq 512 by default, with and
    without. Two memory figures, both from the first forward+backward of a fresh process (weights
@@ -33,27 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing, RSS, CLI runs
 import torch
 
 HERE = Path(__file__).resolve()
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,23 +73,22 @@ def child_step(args: argparse.Namespace) -> dict:
     def step() -> float:
         t0 = time.perf_counter()
         loss, _ = model(x, targets=y, objective=objective)
-        rss_after_forward.append(_rss_bytes())
+        rss_after_forward.append(kit.rss_bytes())
         loss.backward()
         return time.perf_counter() - t0
 
     # RSS before the first step: the allocator keeps freed memory, so a later baseline would already
     # include the previous step's activations. The peak is the high-water mark over all steps.
-    rss0 = _rss_bytes()
+    rss0 = kit.rss_bytes()
     times = [step() for _ in range(1 + args.steps)]  # the first is a warm-up, not timed
-    return {"peak_rss": _peak_rss_bytes(), "rss_before": rss0, "rss_after_forward": rss_after_forward[0],
+    # the peak RSS is read by the parent from this process's ru_maxrss (run_child)
+    return {"rss_before": rss0, "rss_after_forward": rss_after_forward[0],
             "step_s": min(times[1:]), "warmup_s": times[0]}
 
 
 def child_time(args: argparse.Namespace) -> dict:
     """Checkpointing off and on, interleaved step by step on one model (the flag toggled between
     steps; the objective reads it too), so that machine load hits both alike."""
-    import statistics
-
     from nanochat_ternary.config import build_config
     from nanochat_ternary.model.gpt import GPT
     from nanochat_ternary.train.objective import Objective
@@ -114,27 +102,32 @@ def child_time(args: argparse.Namespace) -> dict:
     V = cfg.model.vocab_size
     x = torch.randint(0, V, (args.batch, args.seq))
     y = torch.randint(0, V, (args.batch, args.seq))
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for i in range(2 * (1 + args.steps)):  # off, on, off, on, ...; the first of each is a warm-up
-        gc = i % 2
-        model.gradient_checkpointing = bool(gc)
+
+    def step(gc: bool) -> float:
+        model.gradient_checkpointing = gc
         t0 = time.perf_counter()
         loss, _ = model(x, targets=y, objective=objective)
         loss.backward()
-        times[gc].append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return {"off_s": statistics.median(times[0][1:]), "on_s": statistics.median(times[1][1:]),
-            "off_all": times[0], "on_all": times[1]}
+        dt = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)  # not timed
+        return dt
+
+    # off, on, off, on, ...; the first of each is a warm-up (timed, reported, left out of the median)
+    t = kit.interleaved({"off": lambda: step(False), "on": lambda: step(True)}, reps=1 + args.steps, warmup=0,
+                        self_timed=True)
+    off, on = t["off"].samples, t["on"].samples
+    return {"off_s": kit.Timing(off[1:]).median, "on_s": kit.Timing(on[1:]).median, "off_all": off, "on_all": on}
 
 
-def run_child(**kw) -> dict:
-    cmd = [sys.executable, str(HERE), "--child"]
+def run_child(*flags: str, **kw) -> dict:
+    """This script in a fresh process in a child mode; its JSON answer, plus its peak RSS."""
+    cmd = [sys.executable, str(HERE), *flags]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = kit.run_process(cmd)
     if out.returncode != 0:
         raise RuntimeError(f"child {kw} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "peak_rss": out.peak_rss_bytes}
 
 
 def mib(b: float) -> str:
@@ -150,7 +143,7 @@ def bench_gc(a: argparse.Namespace) -> None:
           f"fwd+bwd, {a.threads} threads")
     res = {}
     for gc in (0, 1):
-        r = run_child(preset=a.gc_preset, seq=a.gc_seq, batch=a.gc_batch, gc=gc, mtp=0, steps=1,
+        r = run_child("--child", preset=a.gc_preset, seq=a.gc_seq, batch=a.gc_batch, gc=gc, mtp=0, steps=1,
                       threads=a.threads)
         r["act"] = r["rss_after_forward"] - r["rss_before"]
         r["step_peak"] = r["peak_rss"] - r["rss_before"]
@@ -159,7 +152,7 @@ def bench_gc(a: argparse.Namespace) -> None:
               f"(peak - before) {mib(r['step_peak'])}, peak RSS {mib(r['peak_rss'])} (own process)")
     off, on = res[0], res[1]
     saved = 100 * (1 - on["act"] / off["act"])
-    t = run_child(child_time=1, preset=a.gc_preset, seq=a.gc_seq, batch=a.gc_batch, steps=a.gc_steps,
+    t = run_child("--child", child_time=1, preset=a.gc_preset, seq=a.gc_seq, batch=a.gc_batch, steps=a.gc_steps,
                   threads=a.threads)
     ratio = t["on_s"] / t["off_s"]
     print(f"  step time, interleaved off/on in one process, median of {a.gc_steps} each: off {t['off_s']:.2f} s, "
@@ -175,7 +168,7 @@ def bench_mtp_mem(a: argparse.Namespace) -> None:
     print(f"\n## MTP memory: {a.mtp_preset}, batch {a.mtp_batch} x seq {a.mtp_seq}, fwd+bwd")
     res = {}
     for n in (0, 4):
-        r = run_child(preset=a.mtp_preset, seq=a.mtp_seq, batch=a.mtp_batch, gc=0, mtp=n, steps=1,
+        r = run_child("--child", preset=a.mtp_preset, seq=a.mtp_seq, batch=a.mtp_batch, gc=0, mtp=n, steps=1,
                       threads=a.threads)
         res[n] = r
         print(f"  {'n=4 heads' if n else 'no MTP   '}: peak RSS {mib(r['peak_rss'])}, "
@@ -190,17 +183,14 @@ def bench_mtp_mem(a: argparse.Namespace) -> None:
 
 
 def _train(run_dir: Path, name: str, extra: list[str], a: argparse.Namespace) -> list[dict]:
-    log = run_dir / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "nanochat_ternary.cli", "train", "--config", "tiny-cpu",
-           "--total-steps", str(a.train_steps), "--batch-size", str(a.train_batch), "--seq-len", "128",
-           "--eval-interval", str(a.eval_interval), "--log-interval", "10", "--sample-tokens", "0",
-           "--threads", str(a.small_threads), "--checkpoint-dir", str(run_dir / name),
-           "--log-file", str(log),
-           "--set", "eval_batches=8", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out, records = kit.run_cli(
+        ["train", "--config", "tiny-cpu", "--total-steps", str(a.train_steps), "--batch-size", str(a.train_batch),
+         "--seq-len", "128", "--eval-interval", str(a.eval_interval), "--log-interval", "10", "--sample-tokens", "0",
+         "--threads", str(a.small_threads), "--checkpoint-dir", str(run_dir / name), "--set", "eval_batches=8",
+         *extra], run_dir / f"{name}.jsonl")
     if out.returncode != 0:
         raise RuntimeError(f"run {name} failed:\n{out.stderr[-3000:]}")
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return records
 
 
 def bench_training(a: argparse.Namespace) -> None:
@@ -265,7 +255,7 @@ def child_async(args: argparse.Namespace) -> dict:
         tr.batches = SlowBatches(b.tokens, b.batch_size, b.seq_len, b.seed,
                                  grad_accum_steps=b.grad_accum_steps)
         tr.fit()
-        recs = [json.loads(line) for line in log.read_text().splitlines()][2:]  # skip warm-up steps
+        recs = kit.read_jsonl(log)[2:]  # skip warm-up steps
     wall = recs[-1]["elapsed_s"] - recs[0]["elapsed_s"]
     n = recs[-1]["step"] - recs[0]["step"]
     wait = sum(r["data_wait_s"] for r in recs[1:])
@@ -277,13 +267,8 @@ def bench_async(a: argparse.Namespace) -> None:
           f"injected per batch, {a.async_steps} steps")
     res = {}
     for use in (0, 1):
-        cmd = [sys.executable, str(HERE), "--child-async", "--use-async", str(use),
-               "--delay-ms", str(a.delay_ms), "--steps", str(a.async_steps),
-               "--threads", str(a.small_threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"async child failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_child("--child-async", use_async=use, delay_ms=a.delay_ms, steps=a.async_steps,
+                      threads=a.small_threads)
         res[use] = r
         print(f"  {'async (2 workers)' if use else 'sync             '}: step {r['step_s'] * 1000:.0f} ms, "
               f"data wait {r['wait_s'] * 1000:.1f} ms/step = "
@@ -333,12 +318,8 @@ def main() -> None:
     if a.child_async:
         print(json.dumps(child_async(a)))
         return
-    from nanochat_ternary.provenance import describe
-
-    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    print(f"# features_bench: {describe()}; torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {a.threads} threads "
-          f"({a.small_threads} for tiny models), {load}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    torch.set_num_threads(a.threads)  # what the header reports; each child sets its own
+    kit.header("features_bench", only=a.only, threads=a.threads, small_threads=a.small_threads)
     t0 = time.perf_counter()
     only = set(a.only.split(","))
     benches = (("gc", bench_gc), ("mtp", bench_mtp_mem), ("async", bench_async), ("train", bench_training))

@@ -5,11 +5,12 @@ stdlib, code) for ``--steps-a`` steps; then train ``--steps-b`` steps on corpus 
 English prose of the installed packages, encoded with corpus A's tokenizer) three ways, with the
 same seed, steps, batch shape and schedule (a fresh warmup and decay each):
 
-    warm        --init-from <A checkpoint>                  weights of A, fresh optimizer, step 0
-    warm+fire   --init-from <A checkpoint> --set fire=true  the same, block matrices FIRE'd first
+    warm        init_from=<A checkpoint>                    weights of A, fresh optimizer, step 0
+    warm+fire   init_from=<A checkpoint>, fire=true         the same, block matrices FIRE'd first
     scratch     a fresh init
 
-Every run goes through the real CLI in its own subprocess (as optim_convergence.py). Reported per
+Every run trains in its own process as ``nanochat-train bench`` runs a configuration
+(``nanochat_ternary.bench.runner.run_one``, as optim_convergence.py), in ``OUT/runs/NAME-seedS``. Reported per
 seed and as the mean: the final validation loss on B (plasticity: how well B was learned) and on A
 (forgetting: how much of A is left), both in nats per token of the same tokenizer, so comparable
 across the three. The A checkpoints themselves are scored too (where the warm starts begin).
@@ -24,51 +25,52 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance, JSONL logs
 import numpy as np
 import torch
 
+from nanochat_ternary.bench import runner
 from nanochat_ternary.checkpoint import open_checkpoint
 from nanochat_ternary.checkpoint.files import resolve_checkpoint
 from nanochat_ternary.data.batches import val_batches
 from nanochat_ternary.data.datasets import load_dataset, stdlib_dataset
-from nanochat_ternary.provenance import describe, provenance
 
-WAYS: dict[str, list[str]] = {
-    "warm": ["--init-from", "{ckpt_a}"],
-    "warm+fire": ["--init-from", "{ckpt_a}", "--set", "fire=true"],
+WAYS: dict[str, list[str]] = {  # the --set overrides of each way on corpus B
+    "warm": ["init_from={ckpt_a}"],
+    "warm+fire": ["init_from={ckpt_a}", "fire=true"],
     "scratch": [],
 }
 
 
-def train(name: str, seed: int, steps: int, data: list[str], extra: list[str], args: argparse.Namespace,
+def phase_settings(steps: int, data: dict[str, str], args: argparse.Namespace) -> runner.BenchSettings:
+    """What every run of a phase shares (A: the stdlib; B: corpus B's tokens): one evaluation, at the
+    end; a log record every 10 steps; the final checkpoint kept (the warm starts and scores read it)."""
+    return runner.BenchSettings(model=args.model, steps=steps, seeds=len(args.seeds), batch_size=args.batch_size,
+                                seq_len=args.seq_len, eval_points=1, threads=args.threads, keep_checkpoints=True,
+                                overrides=["log_interval=10"], **data)
+
+
+def train(name: str, seed: int, steps: int, data: dict[str, str], extra: list[str], args: argparse.Namespace,
           out: Path) -> dict:
-    """One CLI run; its final val loss (on its own data) and checkpoint, or the error's last line."""
-    log = out / f"{name}-seed{seed}.jsonl"
-    log.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "nanochat_ternary.cli", "train", "--config", args.model, *data,
-           "--total-steps", str(steps), "--seed", str(seed), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--eval-interval", str(steps), "--log-interval", "10",
-           "--threads", str(args.threads), "--sample-tokens", "0", "--log-file", str(log),
-           "--checkpoint-dir", str(out / f"ckpt-{name}-seed{seed}-{time.time_ns()}"), *extra]
+    """One matched run; its final val loss (on its own data) and checkpoint, or its error."""
+    where = out / "runs" / f"{name}-seed{seed}"
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    r = runner.run_one(runner.Entry(name, "config", "", overrides=extra), seed, phase_settings(steps, data, args),
+                       where, f"{name} seed {seed}", progress=False)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"run": name, "seed": seed, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    recs = [json.loads(line) for line in log.read_text().splitlines()]
-    fire = [ln for ln in proc.stdout.splitlines() if ln.startswith("fire: ")]
-    return {"run": name, "seed": seed, "val_loss": [r for r in recs if r.get("val_loss") is not None][-1]["val_loss"],
-            "ckpt": str(resolve_checkpoint(cmd[cmd.index("--checkpoint-dir") + 1])), "wall_s": wall,
+    recs = [x for x in kit.read_jsonl(where / "metrics.jsonl") if x.get("val_loss") is not None]
+    if r.get("status") != "ok" or not recs:
+        return {"run": name, "seed": seed, "error": str(r.get("error") or "?").strip().splitlines()[-1]}
+    output = (where / "train.log").read_text().splitlines() if (where / "train.log").is_file() else []
+    fire = [ln for ln in output if ln.startswith("fire: ")]
+    return {"run": name, "seed": seed, "val_loss": recs[-1]["val_loss"],
+            "ckpt": str(resolve_checkpoint(where / "checkpoints")), "wall_s": wall,
             **({"fire": fire[0]} if fire else {})}
 
 
@@ -109,11 +111,9 @@ def main() -> None:
     # corpus A and corpus B encoded with A's tokenizer, prepared once here (cached) before any run
     corpus_a = stdlib_dataset(show_progress=False)
     corpus_b = load_dataset("pkgdocs", tokenizer=corpus_a.tokenizer_path, show_progress=False)
-    data_a = ["--dataset", "stdlib"]
-    data_b = ["--dataset", "tokens", "--data-path", str(corpus_b.dir)]  # the same tokens for all three ways
-    prov = provenance()
-    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"load average {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
+    data_a = {"dataset": "stdlib"}
+    data_b = {"dataset": "tokens", "data_path": str(corpus_b.dir)}  # the same tokens for all three ways
+    prov = kit.header("fire_continual", out=str(out))["provenance"]
     print(f"# {args.model}, {args.steps_a} steps on A then {args.steps_b} on B, {args.batch_size}x{args.seq_len} "
           f"tokens/step, seeds {args.seeds}, {args.parallel} at a time x {args.threads} thread(s)")
     print(f"# A: stdlib, {len(corpus_a.train):,} train / {len(corpus_a.val):,} val tokens; B: pkgdocs "

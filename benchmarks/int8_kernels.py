@@ -13,15 +13,13 @@ come from memory (decode) rather than cache; each figure is the best of ``--reps
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 import torch.nn.functional as F
 
 from nanochat_ternary.model import int8_linear as i8
 from nanochat_ternary.model.bitlinear import _fake_quant_act, _fake_quant_weight
-from nanochat_ternary.provenance import describe, provenance
 
 
 def main() -> None:
@@ -67,17 +65,12 @@ def main() -> None:
     sides = {"fake-quant fp32": fq32, "fake-quant bf16": fq16, "float exact (fallback)": float_grouped}
     if packs:
         sides |= {"int8 grouped (exact)": int8_grouped, "int8 per-row scale (1 GEMM)": int8_per_row}
-    best = {k: float("inf") for k in sides}
-    for _ in range(args.reps):  # interleaved: every side once per repetition
-        for k, f in sides.items():
-            t0 = time.perf_counter()
-            for i in range(L):
-                f(i)
-            best[k] = min(best[k], (time.perf_counter() - t0) / L)
-    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    print(f"# code: {describe(provenance())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"torch {torch.__version__}, {args.threads} threads, {load}; int8 dot products: {i8.cpu_has_int8_dot()}, "
-          f"ATen capability {torch.backends.cpu.get_cpu_capability()}")
+    # interleaved: every side once per repetition, each call cycling through the L matrices
+    timings = kit.interleaved({k: (lambda f=f: [f(i) for i in range(L)]) for k, f in sides.items()},
+                              reps=args.reps, warmup=0)
+    best = {k: t.best / L for k, t in timings.items()}
+    kit.header("int8_kernels", x=f"[{N}, {K}] -> [{N}, {M}]", group=gs, layers=L, reps=args.reps,
+               int8_dot_products=i8.cpu_has_int8_dot())
     print(f"# x [{N}, {K}] -> [{N}, {M}], group {gs}, {L} weight matrices cycled, best of {args.reps} per matrix")
     base = best["fake-quant fp32"]
     for k, t in best.items():

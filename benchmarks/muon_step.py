@@ -11,23 +11,18 @@ read), interleaved step by step; it prints the ratio of the medians.
 from __future__ import annotations
 
 import argparse
-import time
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 from torch import nn
 
 import nanochat_ternary.optim.muon as muon_mod
 from nanochat_ternary.optim import Muon
-from nanochat_ternary.provenance import describe
 
 
 def time_steps(opt: torch.optim.Optimizer, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        opt.step()
-        out.append(time.perf_counter() - t)
-    return out
+    """Seconds of each of ``reps`` steps (no warm-up: the caller decides)."""
+    return kit.interleaved({"step": opt.step}, reps=reps, warmup=0)["step"].samples
 
 
 def params_with_grads(shapes: list[tuple[int, int]]) -> list[nn.Parameter]:
@@ -58,19 +53,18 @@ def compare_tall_form(shapes: list[tuple[int, int]], reps: int) -> None:
     real = muon_mod.zeropower_via_newtonschulz5
     opts = {"right-multiplied (ours)": Muon(params_with_grads(shapes)),
             "transposed (before)": Muon(params_with_grads(shapes))}
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for r in range(reps + 1):  # the first round is a warm-up
-        for name, opt in opts.items():
-            muon_mod.zeropower_via_newtonschulz5 = real if name.startswith("right") else transposed_ns
-            try:
-                t = time_steps(opt, 1)[0]
-            finally:
-                muon_mod.zeropower_via_newtonschulz5 = real
-            if r:
-                times[name].append(t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+    def step(name: str) -> None:
+        muon_mod.zeropower_via_newtonschulz5 = real if name.startswith("right") else transposed_ns
+        try:
+            opts[name].step()
+        finally:
+            muon_mod.zeropower_via_newtonschulz5 = real
+
+    timings = kit.interleaved({name: (lambda n=name: step(n)) for name in opts}, reps=reps, warmup=1)
+    med = {k: t.median for k, t in timings.items()}
     for k, v in med.items():
-        print(f"  {k:<24} median {v:.3f} s/step  (all: {', '.join(f'{t:.3f}' for t in times[k])})")
+        print(f"  {k:<24} median {v:.3f} s/step  (all: {', '.join(f'{t:.3f}' for t in timings[k].samples)})")
     print(f"  transposed / right-multiplied: {med['transposed (before)'] / med['right-multiplied (ours)']:.3f}x")
 
 
@@ -83,8 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"# muon_step: {describe()}; torch {torch.__version__}, {args.threads} threads on the CPU, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    kit.header("muon_step", reps=args.reps, torch_muon=args.torch_muon, tall_form=args.tall_form)
 
     shapes = [(768, 768)] * 4 + [(2176, 768)] * 2 + [(768, 2176)]
     ps = params_with_grads(shapes * 12)

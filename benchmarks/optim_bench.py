@@ -29,20 +29,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 import torch
 
 from nanochat_ternary.config import ModelConfig, TrainConfig, build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim import GaLoreMuon, Muon, Muon8bit, measure_optimizer_state, split_params
 from nanochat_ternary.optim.factory import build_optimizers, optimizer_state_bytes
-from nanochat_ternary.provenance import describe, provenance
 
 NANO_LAYER = [(768, 768)] * 4 + [(2176, 768)] * 2 + [(768, 2176)]
 
@@ -112,17 +111,11 @@ def step_time_part(layers: int, reps: int, freq: int) -> tuple[dict[str, float],
         "galore-muon-8bit, refresh step": lambda: GaLoreMuon(params, lr=0.0, update_freq=1, quantize=True),
     }
     opts = {k: f() for k, f in makers.items()}
-    for o in opts.values():
-        o.step()  # allocate state, first refresh
-    times: dict[str, list[float]] = {k: [] for k in opts}
+    # a warm-up step each (allocates state, first refresh), then reps rounds in a rotating order
+    timings = kit.interleaved({k: o.step for k, o in opts.items()}, reps=reps, warmup=1, rotate=True)
+    times = {k: t.samples for k, t in timings.items()}
     names = list(opts)
-    for r in range(reps):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            t = time.perf_counter()
-            opts[k].step()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: t.median for k, t in timings.items()}
     base = med["muon (fp32)"]
     n = sum(p.numel() for p in params)
     print(f"\n== 2. Optimizer step time on CPU ({torch.get_num_threads()} threads), nano-125m matrices x "
@@ -306,12 +299,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    prov = provenance()
-    load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print(f"# optim_bench: {describe(prov)}; torch {torch.__version__}, {args.threads} threads, "
-          f"{os.cpu_count()} CPUs (CPU only), load average {load}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    out: dict[str, Any] = {"provenance": prov, "torch": torch.__version__, "threads": args.threads}
+    head = kit.header("optim_bench", reps=args.reps, layers=args.layers, galore_freq=args.galore_freq,
+                      task_steps=args.task_steps, preset=args.preset, skip=args.skip)
+    out: dict[str, Any] = {"provenance": head["provenance"], "torch": torch.__version__, "threads": args.threads,
+                           "header": head}
     targets: dict[str, bool] = {}
     if "memory" not in skip:
         out["memory"], t = memory_part(args.preset)

@@ -2,9 +2,12 @@
 (Muon variants, low-memory options, activation formats, AdamW state).
 
 Each (variant, seed) trains ``d20`` (its vocab becomes the default corpus tokenizer's) on the
-default corpus (the Python stdlib) through the real CLI in its own subprocess, and the final
-validation loss is read from its JSONL log. Reported: final val loss per seed, the mean, and each
-variant's gap to fp32 Muon per seed, so the seed-to-seed spread is visible next to the gaps.
+default corpus (the Python stdlib) in its own process, as ``nanochat-train bench`` runs a
+configuration (``nanochat_ternary.bench.runner.run_one``: the same Trainer as ``train``; the
+variant's keys are ``--set`` overrides after the shared settings), and the final validation loss
+is read from its JSONL log (``OUT/runs/VARIANT-seedS/metrics.jsonl``). Reported: final val loss
+per seed, the mean, and each variant's gap to fp32 Muon per seed, so the seed-to-seed spread is
+visible next to the gaps.
 
 Targets (issue #3): 8-bit within 1% of fp32 Muon, GaLore within 3%, both within 3.5%.
 Low-memory options (issue #10, docs/low_memory.md), each against its own reference: bf16 latents +
@@ -24,16 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nanochat_ternary.provenance import describe, provenance
+import kit  # benchmarks/kit.py: provenance, JSONL logs
+
+from nanochat_ternary.bench import runner
 
 VARIANTS: dict[str, list[str]] = {
     "muon (fp32)": [],
@@ -70,27 +72,39 @@ TARGETS = {"muon-8bit": 0.01, "galore-muon": 0.03, "galore-muon-8bit": 0.035, "b
 REFERENCE = {"ib-accum2": "accum2", "ib-accum2-8bit": "accum2-8bit", "ib-accum2-8bit-sr": "accum2-8bit-sr"}
 
 
-def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    log = out / f"{variant.split()[0]}-seed{seed}.jsonl"
-    log.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "nanochat_ternary.cli", "train", "--config", args.model,
-           "--total-steps", str(args.steps), "--seed", str(seed), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--eval-interval", str(args.steps), "--log-interval", "10",
-           "--threads", str(args.threads), "--sample-tokens", "0", "--log-file", str(log),
-           "--checkpoint-dir", str(out / f"ckpt-{variant.split()[0]}-seed{seed}-{time.time_ns()}")]
-    for s in VARIANTS[variant]:
-        cmd += ["--set", s.format(switch=round(0.95 * args.steps))]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"variant": variant, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
-    recs = [json.loads(line) for line in log.read_text().splitlines()]
+def settings(args: argparse.Namespace) -> runner.BenchSettings:
+    """What every run shares: the model, steps, batch shape, threads; one evaluation, at the end; a
+    log record every 10 steps; the final checkpoint kept (a later stage may read it)."""
+    return runner.BenchSettings(model=args.model, steps=args.steps, seeds=len(args.seeds), batch_size=args.batch_size,
+                                seq_len=args.seq_len, eval_points=1, threads=args.threads, keep_checkpoints=True,
+                                overrides=["log_interval=10"])
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    """Where (variant, seed) runs: its log ``metrics.jsonl``, its ``checkpoints/``, its output."""
+    return out / "runs" / f"{variant.split()[0]}-seed{seed}"
+
+
+def result_from_log(variant: str, seed: int, recs: list[dict], steps: int, wall: float) -> dict:
+    """A run's row, from its JSONL records (the last evaluation is the final one)."""
     val = [r for r in recs if r.get("val_loss") is not None]
     return {"variant": variant, "seed": seed, "val_loss": val[-1]["val_loss"], "val_bpb": val[-1].get("val_bpb"),
-            "train_loss": recs[-1]["loss"],
-            "wall_s": wall, "s_per_step": recs[-1]["elapsed_s"] / args.steps,
+            "train_loss": recs[-1]["loss"], "wall_s": wall, "s_per_step": recs[-1]["elapsed_s"] / steps,
             "curve": [(r["step"], r["loss"]) for r in recs]}
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    """One matched run of ``variant`` (its keys after the shared settings) with ``seed``."""
+    sets = [s.format(switch=round(0.95 * args.steps)) for s in VARIANTS[variant]]
+    where = run_dir(out, variant, seed)
+    t0 = time.perf_counter()
+    r = runner.run_one(runner.Entry(variant, "config", "", overrides=sets), seed, settings(args), where,
+                       f"{variant} seed {seed}", progress=False)
+    wall = time.perf_counter() - t0
+    recs = kit.read_jsonl(where / "metrics.jsonl")
+    if r.get("status") != "ok" or not any(x.get("val_loss") is not None for x in recs):
+        return {"variant": variant, "seed": seed, "error": [str(r.get("error"))]}
+    return result_from_log(variant, seed, recs, args.steps, wall)
 
 
 def main() -> None:
@@ -110,9 +124,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     variants = [v for v in VARIANTS if v.split()[0] in args.variants.split(",") or v in args.variants.split(",")]
     jobs = [(v, s) for v in variants for s in args.seeds]  # a variant's seeds together: pairs finish early
-    prov = provenance()
-    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"load average {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
+    prov = kit.header("optim_convergence", out=str(out))["provenance"]
     print(f"# {args.model}, {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, seeds {args.seeds}, "
           f"default corpus; {len(jobs)} runs, {args.parallel} at a time x {args.threads} thread(s)", flush=True)
     results: list[dict] = []

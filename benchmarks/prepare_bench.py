@@ -1,9 +1,9 @@
 """prepare-data throughput and peak memory against the bare tokenizer, side by side in one run.
 
 For each corpus size (generated from the local stdlib's .py files, lines shuffled per copy so BPE
-sees new text), four subprocesses in turn, each timed, its peak RSS read by GNU time
-(``/usr/bin/time -f %M``): bare, prepare --tokenizer, bare again (the machine's load drifts: the two
-bare rates bracket the prepare), full prepare:
+sees new text), four subprocesses in turn, each timed, its peak RSS read as ``/usr/bin/time -f %M``
+reads it (``kit.run_process``: the child's ``ru_maxrss``): bare, prepare --tokenizer, bare again
+(the machine's load drifts: the two bare rates bracket the prepare), full prepare:
 
 * ``bare``: a loop of ``Tokenizer.encode_batch_fast`` over the same files in 1 MB batches (read
   lazily, ids discarded) with the same tokenizer: the speed the tokenizer allows on this machine;
@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+
+import kit  # noqa: E402  (benchmarks/kit.py: provenance, a child's wall time and peak RSS)
 
 BARE = """
 import sys, time
@@ -70,21 +71,16 @@ def generate(out: Path, mb: float, seed: int = 0) -> int:
 
 
 def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS of the child in GiB from GNU time's %M, stdout) of one subprocess."""
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    t0 = time.monotonic()
-    r = subprocess.run(["/usr/bin/time", "-f", "__RSS_KIB %M", *cmd], env=env, capture_output=True, text=True)
-    wall = time.monotonic() - t0
+    """(wall seconds, peak RSS of the child in GiB, stdout) of one subprocess."""
+    r = kit.run_process(cmd, env={"PYTHONPATH": str(SRC)})
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    kib = int(r.stderr.rsplit("__RSS_KIB", 1)[1].split()[0])
-    return wall, kib / 2**20, r.stdout
+    return r.wall_s, r.peak_rss_bytes / 2**30, r.stdout
 
 
 def sampler_bench(prepared: Path, shard_tokens: int, n_gets: int = 3000) -> dict[str, float]:
     """Batches per second from the same tokens as one memmapped file and as shards of
     ``shard_tokens`` (``TokenBatches.get``, batch 8 x 256: the data side of a training step)."""
-    sys.path.insert(0, str(SRC))
     import numpy as np
 
     from nanochat_ternary.data import TokenBatches, load_prepared, write_tokens
@@ -121,6 +117,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/prepare-bench")
     ap.add_argument("--vocab-size", type=int, default=4096)
     args = ap.parse_args()
+    kit.header("prepare_bench", sizes_mb=args.sizes_mb, vocab_size=args.vocab_size)
     work = Path(args.work)
     cli = [sys.executable, "-m", "nanochat_ternary.cli", "prepare-data", "--vocab-size", str(args.vocab_size),
            "--no-progress"]

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import kit  # benchmarks/kit.py: provenance
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanochat_ternary.config import build_config
-from nanochat_ternary.provenance import describe, provenance
 from nanochat_ternary.train.memory import random_token_trainer
 from nanochat_ternary.train.runtime import setup_runtime
 
@@ -33,9 +33,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--trace", default="", help="write a Chrome trace here")
     args = ap.parse_args()
-    print(f"# code: {describe(provenance())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     cfg = build_config(args.model, overrides=["device=cuda", "warmup_steps=0", *args.set])
     rt = setup_runtime("cuda")
+    kit.header("profile_step", model=args.model, sets=" ".join(args.set), warmup=args.warmup, steps=args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         tr = random_token_trainer(cfg, rt, Path(tmp), args.warmup + args.steps + 1)
         for s in range(args.warmup):

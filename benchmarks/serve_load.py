@@ -24,7 +24,6 @@ import asyncio
 import ipaddress
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import kit  # benchmarks/kit.py: provenance, interleaved timing
 
 
 @dataclass
@@ -177,17 +177,19 @@ def engine_step_ratio(checkpoint: Path, threads: int, steps: int = 40, rounds: i
     dec = fused_decoder(model)
     if dec is None:
         return {}
-    times: dict[int, list[float]] = {1: [], 8: []}
-    for _ in range(rounds):
-        for n in (1, 8):
-            cache = SlotCache(model, 8)
-            for row in range(n):
-                cache.load(row, prefill_fused(dec, list(range(1, 17)))[0])
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                decode_step_fused(dec, cache, [1] * n)
-            times[n].append((time.perf_counter() - t0) / steps * 1e3)
-    ms = {n: statistics.median(v) for n, v in times.items()}
+    def rows(n: int) -> float:
+        """ms per decode step at ``n`` rows; the prefill that fills them is not timed."""
+        cache = SlotCache(model, 8)
+        for row in range(n):
+            cache.load(row, prefill_fused(dec, list(range(1, 17)))[0])
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            decode_step_fused(dec, cache, [1] * n)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    timings = kit.interleaved({1: lambda: rows(1), 8: lambda: rows(8)}, reps=rounds, warmup=0,  # type: ignore[dict-item]
+                              self_timed=True)
+    ms = {n: t.median for n, t in timings.items()}
     return {"ms_per_step_1": round(ms[1], 2), "ms_per_step_8": round(ms[8], 2),
             "ratio_8_vs_1": round(8 * ms[1] / ms[8], 2), "path": f"fused {dec.mode}"}
 
@@ -205,6 +207,9 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    head = kit.header("serve_load", clients=args.clients, duration=args.duration, ratio_duration=args.ratio_duration,
+                      max_tokens=args.max_tokens, server_threads=args.threads, max_batch=args.max_batch,
+                      url=args.url or "-")
 
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +238,7 @@ def main() -> None:
     ratio = eight["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
     out = {"load": load, "one_client": one, "eight_clients": eight, "ratio_8_vs_1": round(ratio, 2),
            "server": {k: health.get(k) for k in ("model", "max_batch", "max_queue", "decode_steps", "mean_batch")},
-           "engine_only": engine, "threads": args.threads, "max_tokens": args.max_tokens}
+           "engine_only": engine, "threads": args.threads, "max_tokens": args.max_tokens, "header": head}
     for name in ("load", "one_client", "eight_clients"):
         s = out[name]
         print(f"{name:14s} clients={s['clients']:3d} requests={s['requests']:4d} failed={s['failed']} "

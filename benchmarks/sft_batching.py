@@ -12,17 +12,14 @@ a padded row holds one short conversation and many pad positions; a packed row i
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import kit  # noqa: E402  (benchmarks/kit.py: interleaved timing)
 
 from nanochat_ternary.chat.finetune import conversations, sft_config  # noqa: E402
 from nanochat_ternary.checkpoint.files import resolve_checkpoint  # noqa: E402
@@ -39,12 +36,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    print(f"# sft_batching: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, torch "
-          f"{torch.__version__}, load {os.getloadavg()[0]:.1f}, threads {a.threads}, batch {a.batch_size} x "
-          f"{a.seq_len}, {a.steps} steps each, base {a.init_from}")
     rt = setup_runtime("cpu", a.threads)
+    kit.header("sft_batching", batch=f"{a.batch_size}x{a.seq_len}", steps_each=a.steps, base=a.init_from)
     tok = resolve_checkpoint(a.init_from) / "tokenizer.json"
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,24 +50,31 @@ def main() -> None:
             tr = Trainer(cfg, rt, echo=lambda _m: None, task=SFTTask(train, val, source, tok, fresh=True))
             tr.model.train()
             trainers[mode] = tr
-        times: dict[str, list[float]] = {m: [] for m in trainers}
         trained: dict[str, int] = {m: 0 for m in trainers}
         positions: dict[str, int] = {m: 0 for m in trainers}
-        for step in range(a.steps):
-            for mode, tr in trainers.items():
-                x, y = tr.batches.get(step)
-                trained[mode] += int((y >= 0).sum())
-                positions[mode] += y.numel()
-                t0 = time.perf_counter()
-                tr._train_step(step)
-                times[mode].append(time.perf_counter() - t0)
+        steps = {m: 0 for m in trainers}
+
+        def one_step(mode: str) -> float:
+            """The trainer's step, timed; the batch's counts read before it, untimed."""
+            tr, step = trainers[mode], steps[mode]
+            x, y = tr.batches.get(step)
+            trained[mode] += int((y >= 0).sum())
+            positions[mode] += y.numel()
+            t0 = time.perf_counter()
+            tr.train_step(step)
+            steps[mode] += 1
+            return time.perf_counter() - t0
+
+        # pack, pad, pack, pad, ...: the first step of each warms up (counted, not timed)
+        times = kit.interleaved({m: (lambda m=m: one_step(m)) for m in trainers}, reps=a.steps - 1, warmup=1,
+                                self_timed=True)
         for tr in trainers.values():
             tr.close()
     print("| batching | median s/step | positions/step | assistant tokens/step | assistant tokens/s |")
     print("|---|---|---|---|---|")
     rate = {}
     for mode in trainers:
-        med = statistics.median(times[mode][1:])  # the first step warms up
+        med = times[mode].median
         per = trained[mode] / a.steps
         rate[mode] = per / med
         print(f"| {mode} | {med:.3f} | {positions[mode] / a.steps:.0f} | {per:.0f} | {rate[mode]:.0f} |")

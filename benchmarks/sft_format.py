@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import kit  # noqa: E402  (benchmarks/kit.py: provenance)
 
 from nanochat_ternary.chat.format_eval import format_following  # noqa: E402
 from nanochat_ternary.chat.sft_data import default_conversations  # noqa: E402
@@ -42,11 +41,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    print(f"# sft_format: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, torch "
-          f"{torch.__version__}, load {os.getloadavg()[0]:.1f}, base {a.init_from}, {a.steps} sft steps of "
-          f"{a.batch_size} x {a.seq_len}, replies up to {a.max_tokens} tokens, greedy")
+    kit.header("sft_format", base=a.init_from, sft_steps=f"{a.steps} of {a.batch_size}x{a.seq_len}",
+               max_tokens=a.max_tokens, decoding="greedy")
     with tempfile.TemporaryDirectory() as tmp:
         rc = cli(["sft", "--init-from", a.init_from, "--total-steps", str(a.steps), "--batch-size", str(a.batch_size),
                   "--seq-len", str(a.seq_len), "--device", "cpu", "--threads", str(a.threads), "--eval-interval", "0",

@@ -1,8 +1,9 @@
 """Ternary vs float, matched, and the recipes that close the gap (issue #25; docs/recipes.md).
 
 Every run trains the same model on the same tokens (``--model``, ``--steps`` x ``--batch-size`` x
-``--seq-len``, the default corpus, the same seeds) through the real CLI in its own subprocess: the
-runs are :func:`optim_convergence.run_one`'s, with this file's variants registered in its table.
+``--seq-len``, the default corpus, the same seeds) in its own process: the runs are
+:func:`optim_convergence.run_one`'s (``nanochat-train bench``'s matched run, ``bench.runner.run_one``),
+with this file's variants registered in its table.
 Three stages, each cached per run in ``--out`` (a rerun with the same ``--out`` skips finished runs):
 
     sweep    ternary and float (quantization=none) at each --lr-mults multiple of the default
@@ -24,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import optim_convergence as oc  # noqa: E402  (the matched-run machinery: one CLI subprocess per run)
-
-from nanochat_ternary.provenance import describe, provenance  # noqa: E402
+import kit  # noqa: E402  (benchmarks/kit.py: provenance, JSONL logs)
+import optim_convergence as oc  # noqa: E402  (the matched runs: bench's runner, one process per run)
 
 BASE_LR, BASE_ADAM_LR = 0.02, 0.003  # TrainConfig's lr and adam_lr
 SIDES = {"ternary": [], "float": ["quantization=none"]}
@@ -75,14 +73,13 @@ def cached_run(name: str, seed: int, args: argparse.Namespace, out: Path) -> dic
 def from_log(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict | None:
     """A run that finished but was not recorded (its benchmark process was stopped): run_one's result
     read back from its log, when the log ends with the final evaluation."""
-    log = out / f"{name}-seed{seed}.jsonl"
-    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    where = oc.run_dir(out, name, seed)
+    recs = kit.read_jsonl(where / "metrics.jsonl")
     if not recs or recs[-1]["step"] != args.steps or recs[-1].get("val_loss") is None:
         return None
-    return {"variant": name, "seed": seed, "val_loss": recs[-1]["val_loss"], "val_bpb": recs[-1].get("val_bpb"),
-            "train_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"],
-            "s_per_step": recs[-1]["elapsed_s"] / args.steps,
-            "curve": [(r["step"], r["loss"]) for r in recs]}
+    if not (where / "result.json").is_file():  # the worker stopped before it finished (its final checkpoint)
+        return None
+    return oc.result_from_log(name, seed, recs, args.steps, recs[-1]["elapsed_s"])
 
 
 def load_cached(jobs: list[tuple[str, int]], out: Path) -> dict[tuple[str, int], dict]:
@@ -98,8 +95,10 @@ def run_all(jobs: list[tuple[str, int]], args: argparse.Namespace, out: Path) ->
 
 
 def teacher_dir(name: str, seed: int, out: Path) -> Path:
-    """The newest checkpoint dir run_one made for (name, seed)."""
-    dirs = sorted(out.glob(f"ckpt-{name}-seed{seed}-*"))
+    """The checkpoint dir run_one made for (name, seed) (or, in an ``--out`` of an earlier version of
+    this script, the newest ``ckpt-NAME-seedS-*``)."""
+    dirs = [d for d in [oc.run_dir(out, name, seed) / "checkpoints"] if d.is_dir()]
+    dirs = dirs or sorted(out.glob(f"ckpt-{name}-seed{seed}-*"))[-1:]
     if not dirs:
         raise SystemExit(f"no checkpoint of {name} seed {seed} in {out}: run the best stage first")
     return dirs[-1]
@@ -125,8 +124,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
-    print(f"# code: {describe(provenance())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"load average {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
+    kit.header("ternary_vs_float", out=str(out), stages=args.stages)
     print(f"# {args.model}, {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, seeds {args.seeds}, "
           f"default corpus; {args.parallel} runs at a time x {args.threads} thread(s)", flush=True)
 

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import statistics
 import time
 
+import kit  # benchmarks/kit.py: provenance, interleaved timing, peak memory
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,7 +39,6 @@ import torch.nn.functional as F
 from nanochat_ternary.config import build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim.factory import build_optimizers
-from nanochat_ternary.provenance import describe, provenance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,12 +107,7 @@ class RefGPT(nn.Module):
 def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     """fp32 GFLOP/s of a large square matmul on this machine (best of ``reps``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+    best = kit.interleaved({"mm": lambda: torch.mm(a, b)}, reps=reps, warmup=1)["mm"].best
     return 2 * n**3 / best / 1e9
 
 
@@ -186,7 +178,6 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
             raise SystemExit(f"--cpu-sides: unknown side {name!r} "
                              "(ours-int8, ref-bf16, ref-compiled, ref-compiled-bf16)")
     first_extra = {name: f() for name, f in extra.items()}  # warm-up; compiling included
-    t_extra: dict[str, list[float]] = {name: [] for name in extra}
 
     run_comp = None
     if compiled:  # ours again, same init, with the blocks under torch.compile (compile = true)
@@ -196,14 +187,12 @@ def bench_shape(preset: str, tokens_per_step: int, micro_batch: int, seq: int, s
         run_comp = make_step(ours_c, build_optimizers(ours_c, cfg.training, torch.device("cpu")), accum, batches)
     run_ours(), run_ref()  # warm-up (allocations, optimizer state creation)
     first_compiled = run_comp() if run_comp else None  # compiling included
-    t_ours, t_ref, t_comp = [], [], []
-    for _ in range(steps):
-        t_ours.append(run_ours())
-        if run_comp:
-            t_comp.append(run_comp())
-        t_ref.append(run_ref())
-        for name, f in extra.items():
-            t_extra[name].append(f())
+    # interleaved: ours, [ours compiled], ref, [extra sides], ...; each step times itself (make_step)
+    order = {"ours": run_ours, **({"compiled": run_comp} if run_comp else {}), "ref": run_ref, **extra}
+    timed = kit.interleaved(order, reps=steps, warmup=0, self_timed=True)  # type: ignore[arg-type]
+    t_ours, t_ref = timed["ours"].samples, timed["ref"].samples
+    t_comp = timed["compiled"].samples if run_comp else []
+    t_extra = {name: timed[name].samples for name in extra}
     tokens = accum * micro_batch * seq
     sides = {name: {"step_s": statistics.median(v), "tok_s": tokens / statistics.median(v),
                     "vs_ref": statistics.median(t_ref) / statistics.median(v), "first_step_s": first_extra[name]}
@@ -242,8 +231,8 @@ def measure_bf16_peak(n: int = 8192, reps: int = 10) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         torch.mm(a, b)
-    best = math.inf
-    for _ in range(reps):
+    best = float("inf")
+    for _ in range(reps):  # CUDA events, not the host clock: a 1.5 ms kernel would carry the sync's cost
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         torch.mm(a, b)
@@ -260,15 +249,6 @@ class _Side:
         self.name, self.step, self.resident, self.first_s = name, step, resident, first_s
         self.times: list[float] = []
         self.peaks: list[int] = []
-
-
-def _cuda_step_time(step) -> tuple[float, int]:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated()
 
 
 def bench_shape_cuda(preset: str, tokens_per_step: int, micro_batch: int, seq: int, steps: int, warmup: int,
@@ -351,11 +331,15 @@ def bench_shape_cuda(preset: str, tokens_per_step: int, micro_batch: int, seq: i
     # resident bytes per owner (the peer's two paths share one model and optimizer)
     owner = {name: ("peer" if name.startswith("peer") else name) for name in built}
     resident = {owner[name]: side.resident for name, side in built.items()}
-    for _ in range(steps):  # interleaved: A, B, C, A, B, C, ...
-        for name, side in built.items():
-            dt, peak = _cuda_step_time(side.step)
-            side.times.append(dt)
-            side.peaks.append(peak - sum(v for k, v in resident.items() if k != owner[name]))
+
+    def measured(side: _Side) -> None:  # one step; its allocator high-water mark, less the others' resident
+        peak = kit.peak_memory(side.step, "cuda", relative=False) or 0
+        side.peaks.append(peak - sum(v for k, v in resident.items() if k != owner[side.name]))
+
+    timed = kit.interleaved({name: (lambda s=side: measured(s)) for name, side in built.items()}, reps=steps,
+                            warmup=0, sync=torch.cuda.synchronize)  # interleaved: A, B, C, A, B, C, ...
+    for name, side in built.items():
+        side.times = timed[name].samples
     for tr in trainers:
         tr.close()
     tmp.cleanup()
@@ -376,7 +360,7 @@ def main_cuda(args, prov: dict) -> None:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     dev = torch.cuda.get_device_name()
     peak = measure_bf16_peak()
-    print(f"# machine: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}; bf16 matmul peak "
+    print(f"# CUDA {torch.version.cuda}; bf16 matmul peak "
           f"{peak:.0f} TFLOP/s (8192^3 mm, best of 10; MFU = tok/s x formula FLOP/token / this peak)")
     results = []
     for preset in args.models.split(","):
@@ -430,18 +414,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    prov = provenance()
-    print(f"# code: {describe(prov)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    head = kit.header("throughput", device=args.device, models=args.models, tokens_per_step=args.tokens_per_step,
+                      micro_batch=args.micro_batch, seq_len=args.seq_len, steps=args.steps)
+    prov = head["provenance"]
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
         main_cuda(args, prov)
         return
     peak = measure_matmul_peak()
-    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}{load}; fp32 matmul peak "
-          f"{peak:.1f} GFLOP/s (MFU = measured tok/s x formula FLOP/token / this peak)")
+    print(f"# fp32 matmul peak {peak:.1f} GFLOP/s (MFU = measured tok/s x formula FLOP/token / this peak)")
     print(f"{'shape':<10} {'tok/step':>8} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} "
           f"{'ours MFU':>8} {'ref MFU':>8} {'ours opt s':>10} {'ref opt s':>9}  target >= 0.85")
     results = []

@@ -3,12 +3,12 @@ an independent float64 reading of the update, its measured state, checkpoints, c
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 from conftest import train_small
+from helpers.optim import round_trip, run_steps
 
 from nanochat_ternary.config import ConfigError, build_config
 from nanochat_ternary.model.gpt import GPT
@@ -40,11 +40,7 @@ def _stream(steps: int, seed: int = 0) -> tuple[list[torch.Tensor], list[list[to
 
 def _run(opt_fn, starts, grads, dtype=torch.float32) -> list[torch.Tensor]:
     ps = [torch.nn.Parameter(s.clone().to(dtype)) for s in starts]
-    opt = opt_fn(ps)
-    for gs in grads:
-        for p, gr in zip(ps, gs):
-            p.grad = gr.clone().to(dtype)
-        opt.step()
+    run_steps(opt_fn(ps), ps, grads, dtype)
     return [p.detach() for p in ps]
 
 
@@ -162,13 +158,6 @@ def test_measured_adamw_state_of_a_model_shrinks_with_foam():
 # checkpoints
 
 
-def _save_load(sd: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_foam_checkpoint_round_trip_continues_bit_identically(dtype):
     """A bf16 parameter is written back with stochastic rounding from a stream keyed by the step:
@@ -179,21 +168,15 @@ def test_foam_checkpoint_round_trip_continues_bit_identically(dtype):
 
     ps = [torch.nn.Parameter(s.clone().to(dtype)) for s in starts]
     opt = AdamWFoam(ps, **HP, weight_decay=0.1, fold_level=3, seed=7)
-    for gs in grads[:3]:
-        for p, gr in zip(ps, gs):
-            p.grad = gr.clone().to(dtype)
-        opt.step()
-    saved = _save_load(opt.state_dict())
+    run_steps(opt, ps, grads[:3], dtype)
+    saved = round_trip(opt.state_dict())
     ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     opt2 = AdamWFoam(ps2, **HP, weight_decay=0.1, fold_level=3, seed=7)
     opt2.load_state_dict(saved)
     for p in ps2:
         st = opt2.state[p]
         assert st["step"] == 3 and st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
-    for gs in grads[3:]:
-        for p, gr in zip(ps2, gs):
-            p.grad = gr.clone().to(dtype)
-        opt2.step()
+    run_steps(opt2, ps2, grads[3:], dtype)
     for a, b in zip(straight, ps2):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
 
@@ -206,11 +189,11 @@ def test_foam_refuses_a_state_of_another_fold_level_or_optimizer():
         p.grad = gr
     opt.step()
     with pytest.raises(ValueError, match="fold_level"):
-        AdamWFoam(ps, fold_level=2).load_state_dict(_save_load(opt.state_dict()))
+        AdamWFoam(ps, fold_level=2).load_state_dict(round_trip(opt.state_dict()))
     adamw = torch.optim.AdamW(ps)
     adamw.step()
     with pytest.raises(ValueError, match="fold_level"):
-        AdamWFoam(ps, fold_level=3).load_state_dict(_save_load(adamw.state_dict()))
+        AdamWFoam(ps, fold_level=3).load_state_dict(round_trip(adamw.state_dict()))
 
 
 # --------------------------------------------------------------------------------------------

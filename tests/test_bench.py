@@ -371,3 +371,47 @@ def test_peer_adapters_build_each_package_optimizer_from_the_config(monkeypatch)
     assert [id(p) for p in plain["params"]] == [id(p) for p in rest]
     assert [id(p) for p in projected["params"]] == [id(p) for p in muon] and muon
     assert (projected["rank"], projected["update_proj_gap"], projected["proj_type"]) == (16, 50, "std")
+
+
+def test_run_one_applies_an_entrys_overrides_and_reruns_into_the_same_dir(tmp_path):
+    """bench's matched run as the convergence scripts call it: a variant is an Entry with ``overrides``
+    (no TOML), applied after the shared settings; a second run into the same dir starts afresh
+    instead of refusing the checkpoints the first one left."""
+    from nanochat_ternary.bench.runner import BenchSettings, Entry, run_one
+
+    settings = BenchSettings(model="tiny-cpu", steps=2, seeds=1, dataset="synthetic", batch_size=2, seq_len=16,
+                             eval_points=1, eval_batches=1, threads=1, device="cpu", keep_checkpoints=True,
+                             overrides=["n_samples=64", "dim=32", "n_heads=2", "n_kv_heads=2", "log_interval=1"])
+    base = run_one(Entry("base", "config", ""), 1, settings, tmp_path / "base", "base", progress=False)
+    one = run_one(Entry("one", "config", "", overrides=["n_layers=1"]), 1, settings, tmp_path / "one", "one",
+                  progress=False)
+    assert base["status"] == "ok" and one["status"] == "ok", (base.get("error"), one.get("error"))
+    assert one["params"] < base["params"]  # the override reached the worker's config
+    spec = json.loads((tmp_path / "one" / "spec.json").read_text())
+    assert spec["overrides"][-1] == "n_layers=1" and "log_interval=1" in spec["overrides"]
+    assert (tmp_path / "one" / "checkpoints").is_dir()
+    again = run_one(Entry("one", "config", "", overrides=["n_layers=1"]), 1, settings, tmp_path / "one", "one",
+                    progress=False)
+    assert again["status"] == "ok", again.get("error")
+    assert again["val_loss"] == pytest.approx(one["val_loss"], abs=0)  # same seed, same run: the same loss
+    # a distillation run (the base run as its teacher) finishes, its post-training observation included
+    distill = run_one(Entry("distill", "config", "", overrides=[f"teacher={tmp_path / 'base' / 'checkpoints'}",
+                                                                "distill_weight=0.5"]),
+                      1, settings, tmp_path / "distill", "distill", progress=False)
+    assert distill["status"] == "ok", distill.get("error")
+    assert distill["activation_bytes"] > 0
+
+
+def test_a_worker_reports_its_own_peak_rss_not_its_parents():
+    """Linux carries ru_maxrss across fork and exec: a worker started by a process that once held
+    512 MiB more would report that. Its own peak (VmHWM) is what a run measures."""
+    import torch
+
+    big = torch.ones(128 * 2**20)  # 512 MiB, touched: this process's peak RSS is now above it
+    del big
+    code = ("import torch\nfrom nanochat_ternary.bench.worker import _peak_memory\n"
+            "print(_peak_memory(torch.device('cpu'))[0])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    peak = int(proc.stdout.split()[-1])
+    assert 16 * 2**20 < peak < 512 * 2**20  # a torch import's worth, not this process's 512 MiB

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.models import tiny_model
 
 from nanochat_ternary.chat.session import ChatSession, fit_history, prompt_budget, reply_tokens
-from nanochat_ternary.config import ModelConfig
 from nanochat_ternary.data.chat_template import ChatTemplate, add_chat_tokens
 from nanochat_ternary.data.tokenizer import byte_tokenizer
 from nanochat_ternary.model.gpt import GPT
@@ -67,12 +67,6 @@ def test_session_fit_reset_and_system():
     assert s.messages == [{"role": "system", "content": "new"}]
 
 
-def _tiny_model(vocab: int = 320, max_seq_len: int = 64) -> GPT:
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=vocab, max_seq_len=max_seq_len)
-    return GPT(cfg).eval()
-
-
 def _greedy_reference(model: GPT, ids: list[int], n: int) -> list[int]:
     """Greedy decoding by full forwards, no cache: an independent check of the cached path."""
     out: list[int] = []
@@ -85,7 +79,7 @@ def _greedy_reference(model: GPT, ids: list[int], n: int) -> list[int]:
 
 def test_reply_tokens_is_greedy_decoding_of_the_template_prompt_and_stops_at_end():
     t = _template()
-    model = _tiny_model()
+    model = tiny_model(vocab_size=320, max_seq_len=64)
     msgs = [{"role": "user", "content": "hi"}]
     ids = t.encode(msgs)
     opened = SimpleNamespace(model=model)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import train_small
+from helpers.models import tiny_model
 
 from nanochat_ternary.cli import main
-from nanochat_ternary.config import ModelConfig
 from nanochat_ternary.data.tokenizer import byte_tokenizer
 from nanochat_ternary.errors import UserError
 from nanochat_ternary.eval.bpb import bits_per_byte, read_texts, windows
@@ -29,14 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_model(quant: str = "ternary", max_seq_len: int = 48) -> GPT:
     """A tiny random model in float64: the scorer and the reference then differ only in how they
     batch, pad and gather (plus the scorer's fp32 logits), not in the model's arithmetic."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=TOK.vocab_size,
-                      max_seq_len=max_seq_len, group_size=32, quantization=quant)
-    with torch.no_grad():
-        model = GPT(cfg)
-        for p in model.parameters():  # a trained-looking spread of logits, not a near-uniform one
-            p.mul_(4.0) if p.dim() == 2 else None
-    return model.double().eval()
+    # matrices x 4: a trained-looking spread of logits, not a near-uniform one
+    return tiny_model(n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=TOK.vocab_size, max_seq_len=max_seq_len,
+                      group_size=32, quantization=quant, matrix_scale=4.0, dtype=torch.float64)
 
 
 def ref_logprobs(model: GPT, ids: list[int]) -> torch.Tensor:

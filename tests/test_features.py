@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from helpers.models import tiny_config
 
 from nanochat_ternary.config import ModelConfig
 from nanochat_ternary.model.gpt import GPT
@@ -11,10 +14,7 @@ from nanochat_ternary.model.gpt import GPT
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=97, max_seq_len=32, group_size=32)
-    base.update(kw)
-    return ModelConfig(**base)
+tiny_cfg = partial(tiny_config, dim=32, vocab_size=97, max_seq_len=32, group_size=32)  # helpers.models, narrower
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.distributed import gloo_group, spawn_ranks
 from references import reference_muon
 
 import nanochat_ternary
@@ -40,26 +40,17 @@ def _muon_data():
     return init, grads
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CASES = [(1 << 20, True), (1000, False)]  # (bucket_elements, nesterov): one bucket; one matrix per bucket
 
 
 def _sharded_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from nanochat_ternary.optim.sharded_muon import ShardedMuon
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
         out = {}
         for bucket_elements, nesterov in CASES:
@@ -75,8 +66,6 @@ def _sharded_worker(rank, world, port, out_dir):
                 "params": [p.full_tensor() for p in params],
                 "local_state_bytes": sum(s["momentum_buffer"].to_local().nbytes for s in opt.state.values())}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -88,10 +77,7 @@ def test_sharded_muon_matches_float64_reference(tmp_path, world):
     rounding per step, times lr (<= 0.05) over 3 steps: well under 1e-5; a wrong owner, a swapped
     shard or a lost momentum moves weights by ~lr = 2e-2. Two cases in one process group: one bucket
     with Nesterov, and bucket_elements 1000 (one matrix per bucket) without."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_sharded_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = spawn_ranks(_sharded_worker, tmp_path, world)
     for bucket_elements, nesterov in CASES:
         init, grads = _muon_data()
         ref = reference_muon(init, grads, lrs=[0.02] * 3 + [0.05] * 3, wds=[0.0] * 3 + [0.1] * 3,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import socket
 
 import pytest
 import torch
+from helpers.distributed import gloo_group, saved, spawn_ranks
+from helpers.optim import planted, random_grads, random_params, round_trip, run_steps
 from torch import nn
 
 from nanochat_ternary.optim import (
@@ -24,15 +24,6 @@ A, B, C = 3.4445, -4.7750, 2.0315
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def orthonormal(rows, cols, g):
-    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
-
-
-def planted(m, n, spectrum, g):
-    k = len(spectrum)
-    return orthonormal(m, k, g) @ torch.diag(spectrum) @ orthonormal(n, k, g).T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,34 +66,17 @@ def test_randomized_svd_top_subspace_of_full_rank_matrix():
 # GaLore Muon
 
 
-def _params(shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-
-
-def _grads(shapes, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
-
-
-def _run(opt, params, grads):
-    for gs in grads:
-        for p, gr in zip(params, gs):
-            p.grad = gr.clone()
-        opt.step()
-
-
 @pytest.mark.parametrize("kw", [dict(rank=40), dict(rank=64), dict(rank=8, min_dim=49)],
                          ids=["rank=min-side", "rank>min-side", "below-min-dim"])
 def test_full_rank_galore_equals_muon(kw):
     shapes = [(40, 64), (64, 40), (48, 48)]
-    grads = _grads(shapes, 4)
-    pa, pb = _params(shapes), _params(shapes)
+    grads = random_grads(shapes, 4)
+    pa, pb = random_params(shapes), random_params(shapes)
     common = dict(lr=0.05, momentum=0.9, weight_decay=0.1)
-    _run(Muon(pa, **common), pa, grads)
+    run_steps(Muon(pa, **common), pa, grads)
     kw = {**dict(min_dim=16, update_freq=2), **kw}
     opt = GaLoreMuon(pb, **common, **kw)
-    _run(opt, pb, grads)
+    run_steps(opt, pb, grads)
     if kw["rank"] >= 48 or kw["min_dim"] > 48:  # no matrix is projected
         for a, b in zip(pa, pb):
             assert torch.equal(a, b)
@@ -154,12 +128,12 @@ def test_galore_matches_reference_on_low_rank_gradients(shape):
     r, steps = 6, 5
     m, n = shape
     grads = [planted(m, n, torch.linspace(3, 1, r, dtype=torch.float64), g).float() for _ in range(steps)]
-    (p,) = _params([shape])
+    (p,) = random_params([shape])
     p0 = p.detach().clone()
     lr, mu, wd, gscale = 0.05, 0.9, 0.1, 1.5
     opt = GaLoreMuon([p], lr=lr, momentum=mu, weight_decay=wd, rank=r, update_freq=2, min_dim=16,
                      scale=gscale, proj_dtype="float32")
-    _run(opt, [p], [[gr] for gr in grads])
+    run_steps(opt, [p], [[gr] for gr in grads])
     ref = reference_galore(p0, grads, r, 2, lr, mu, wd, gscale)
     torch.testing.assert_close(p.detach().double(), ref, atol=2e-5, rtol=0)
     st = opt.state[p]
@@ -173,18 +147,18 @@ def test_momentum_carried_across_refresh(shape, quantize):
     """At a refresh, M <- lerp(P_new^T P_old M_old, R, 1 - mu), R = P_new^T G (left side), or
     M_old (P_new^T P_old)^T and G P_new (right side), computed here from the stored tensors."""
     m, n = shape
-    (p,) = _params([shape])
-    grads = _grads([shape], 3)
+    (p,) = random_params([shape])
+    grads = random_grads([shape], 3)
     mu = 0.9
     opt = GaLoreMuon([p], momentum=mu, rank=8, update_freq=2, min_dim=16, proj_dtype="float32",
                      quantize=quantize, min_quant_numel=0, block_size=32)
     mom = (lambda st, s: BlockQuantized(st["momentum_codes"], st["momentum_scales"], s).dequantize()) \
         if quantize else (lambda st, s: st["momentum_buffer"])
-    _run(opt, [p], grads[:2])
+    run_steps(opt, [p], grads[:2])
     st = opt.state[p]
     mshape = (8, n) if m <= n else (m, 8)
     P_old, M_old = st["projector"].double().clone(), mom(st, mshape).double().clone()
-    _run(opt, [p], grads[2:])  # step 2: refresh
+    run_steps(opt, [p], grads[2:])  # step 2: refresh
     P_new, M_new = st["projector"].double(), mom(st, mshape).double()
     assert (P_new - P_old).abs().max() > 1e-3  # a new subspace indeed
     G = grads[2][0].double()
@@ -206,10 +180,10 @@ def test_momentum_carried_across_refresh(shape, quantize):
 
 def test_projector_refresh_schedule_seeded_and_in_state_dict():
     shape = (40, 64)
-    grads = _grads([shape], 5)
+    grads = random_grads([shape], 5)
     seen = []
     for seed in (0, 0, 1):
-        (p,) = _params([shape])
+        (p,) = random_params([shape])
         opt = GaLoreMuon([p], rank=8, update_freq=3, min_dim=16, seed=seed)
         projs = []
         for gs in grads:
@@ -238,16 +212,13 @@ VARIANTS = {
 @pytest.mark.parametrize("kw", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_state_dict_round_trip_and_resume(kw):
     shapes = [(40, 64), (72, 40), (24, 24)]
-    grads = _grads(shapes, 7)
-    pa = _params(shapes)
+    grads = random_grads(shapes, 7)
+    pa = random_params(shapes)
     make = lambda ps, **o: GaLoreMuon(ps, **{**dict(rank=8, update_freq=2, min_dim=32, seed=4,
                                                     min_quant_numel=0), **kw, **o})
     opt_a = make(pa)
-    _run(opt_a, pa, grads[:3])  # resume between two refreshes (steps 2 and 4)
-    buf = io.BytesIO()
-    torch.save(opt_a.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    run_steps(opt_a, pa, grads[:3])  # resume between two refreshes (steps 2 and 4)
+    sd = round_trip(opt_a.state_dict())
     pb = [nn.Parameter(p.detach().clone()) for p in pa]
     opt_b = make(pb, seed=0, rank=4)  # hyperparameters come from the state dict
     opt_b.load_state_dict(sd)
@@ -258,8 +229,8 @@ def test_state_dict_round_trip_and_resume(kw):
             same = torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype if torch.is_tensor(sa[k]) \
                 else sa[k] == sb[k]
             assert same, k
-    _run(opt_a, pa, grads[3:])
-    _run(opt_b, pb, grads[3:])
+    run_steps(opt_a, pa, grads[3:])
+    run_steps(opt_b, pb, grads[3:])
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
 
@@ -267,11 +238,11 @@ def test_state_dict_round_trip_and_resume(kw):
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32-momentum", "int8-momentum"])
 def test_both_flags_take_effect_and_bytes_are_measured(quantize):
     shapes = [(64, 160), (160, 64), (40, 40), (64, 64)]
-    ps = _params(shapes)
+    ps = random_params(shapes)
     # 40x40 is below min_dim; the momenta of 64x160 and 160x64 (16 x 160 values) are above the int8
     # threshold, those of 40x40 (1600) and 64x64 (16 x 64) below it
     opt = GaLoreMuon(ps, rank=16, min_dim=64, quantize=quantize, min_quant_numel=2000)
-    _run(opt, ps, _grads(shapes, 1))
+    run_steps(opt, ps, random_grads(shapes, 1))
     expected = 0
     for p in ps:
         st = opt.state[p]
@@ -316,50 +287,28 @@ def _dist_run(init, grads):
     params = [nn.Parameter(t.clone()) for t in init]
     opt = GaLoreMuon(params, rank=8, update_freq=2, min_dim=32, quantize=True, stochastic_rounding=True,
                      min_quant_numel=0, seed=11)
-    for gs in grads:
-        for p, gr in zip(params, gs):
-            p.grad = None if gr is None else gr.clone()
-        opt.step()
+    run_steps(opt, params, grads)
     return [p.detach().clone() for p in params], opt.state_dict()
 
 
 def _dist_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     init, grads = _dist_data()
     if rank == 0:
         single, _ = _dist_run(init, grads)
         torch.save(single, os.path.join(out_dir, "single.pt"))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    shapes = []
-    orig = GaLoreMuon._orthogonalize
-    GaLoreMuon._orthogonalize = lambda self, u, group: shapes.append(tuple(u.shape)) or orig(self, u, group)
-    try:
+    with gloo_group(rank, world, port):
+        shapes = []
+        orig = GaLoreMuon._orthogonalize
+        GaLoreMuon._orthogonalize = lambda self, u, group: shapes.append(tuple(u.shape)) or orig(self, u, group)
         params, sd = _dist_run(init, grads)
         torch.save({"params": params, "state": sd, "ns_shapes": shapes},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_galore_8bit_matches_single_process(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = torch.load(tmp_path / "single.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = spawn_ranks(_dist_worker, tmp_path, 2)
+    single = saved(tmp_path)
     # rank 0 owns params 0, 2, 4; rank 1 owns 1, 3 (param 3 has no gradient in step 1).
     # Projected matrices orthogonalise their r-wide momentum: (8, 80), (80, 8), (8, 64), (8, 48)
     per_step0 = [(8, 80), (24, 24), (8, 48)]
@@ -376,13 +325,13 @@ def test_distributed_galore_8bit_matches_single_process(tmp_path):
 
 def test_loading_another_variants_state_is_refused_or_converted():
     shapes = [(48, 80)]
-    grads = _grads(shapes, 2)
+    grads = random_grads(shapes, 2)
     from nanochat_ternary.optim import Muon8bit
 
     def trained(opt_cls, **kw):
-        ps = _params(shapes)
+        ps = random_params(shapes)
         opt = opt_cls(ps, **kw)
-        _run(opt, ps, grads[:1])
+        run_steps(opt, ps, grads[:1])
         return opt.state_dict()
 
     galore = trained(GaLoreMuon, rank=8, min_dim=16, quantize=True, min_quant_numel=0)
@@ -390,12 +339,12 @@ def test_loading_another_variants_state_is_refused_or_converted():
     fp32 = trained(Muon)
     for sd, cls in ((galore, Muon8bit), (galore, Muon), (int8, Muon)):
         with pytest.raises(ValueError, match="does not fit"):
-            cls(_params(shapes)).load_state_dict(sd)
+            cls(random_params(shapes)).load_state_dict(sd)
     # the other way round is a conversion: fp32 or int8 full momentum -> projected on the next step
     for sd in (fp32, int8):
-        ps = _params(shapes)
+        ps = random_params(shapes)
         opt = GaLoreMuon(ps, rank=8, min_dim=16, quantize=True, min_quant_numel=0)
         opt.load_state_dict(sd)
-        _run(opt, ps, grads[1:])
+        run_steps(opt, ps, grads[1:])
         st = opt.state[ps[0]]
         assert st["projector"].shape == (48, 8) and st["momentum_codes"].numel() == 8 * 80

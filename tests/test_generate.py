@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.models import tiny_model
 
-from nanochat_ternary.config import ModelConfig
 from nanochat_ternary.generate import generate, sample_next
 from nanochat_ternary.model import GPT, KVCache
 
 
 def make_model(n_kv_heads: int, quant: str = "ternary", max_seq_len: int = 32) -> GPT:
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, ffn_hidden=128,
-                      vocab_size=61, max_seq_len=max_seq_len, group_size=32, quantization=quant)
-    return GPT(cfg).eval()
+    return tiny_model(n_heads=4, n_kv_heads=n_kv_heads, ffn_hidden=128, vocab_size=61, max_seq_len=max_seq_len,
+                      group_size=32, quantization=quant)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])

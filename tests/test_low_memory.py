@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from helpers.models import tiny_model
 
-from nanochat_ternary.config import ConfigError, ModelConfig, TrainConfig, build_config
+from nanochat_ternary.config import ConfigError, TrainConfig, build_config
 from nanochat_ternary.model.gpt import GPT
 from nanochat_ternary.optim import Muon, Muon8bit
 from nanochat_ternary.optim.factory import build_optimizers, split_params
@@ -76,8 +77,7 @@ def test_bf16_latent_small_updates_drift_with_sr_and_stick_with_nearest():
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(**{**TINY, **kw})).to(dtype)
+    return tiny_model(seed, dtype, train=True, **{**TINY, **kw})
 
 
 def _batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import tiny_config
 
 from nanochat_ternary.config import PRESETS, ModelConfig
 from nanochat_ternary.model import (
@@ -16,12 +18,9 @@ from nanochat_ternary.model import (
     ternary_quantize_weight,
 )
 
-
-def small_cfg(**kw) -> ModelConfig:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=128, vocab_size=97,
-                max_seq_len=32, group_size=32)
-    base.update(kw)
-    return ModelConfig(**base)
+# a tiny model (helpers.models) with 4 heads, each its own KV head
+small_cfg = partial(tiny_config, n_heads=4, n_kv_heads=4, ffn_hidden=128, vocab_size=97, max_seq_len=32,
+                    group_size=32)
 
 
 def preset_cfg(name: str) -> ModelConfig:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 
 import pytest
 import references
 import torch
+from helpers.distributed import gloo_group, saved, spawn_ranks
+from helpers.optim import planted, round_trip, run_steps
 from references import A, B, C  # noqa: E402  (the Newton-Schulz coefficients, defined once)
 from torch import nn
 
@@ -34,14 +34,6 @@ def quintic5(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
     for _ in range(steps):
         x = A * x + B * x**3 + C * x**5
     return x
-
-
-def planted(rows: int, cols: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    k = min(rows, cols)
-    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64))
-    return U @ torch.diag(spectrum.to(torch.float64)) @ V.T
 
 
 def _ns_cases():
@@ -165,28 +157,21 @@ def test_muon_follows_external_lr_and_rejects_non_matrices():
         Muon([nn.Parameter(torch.zeros(8))])
 
 
-def _run(opt, params, grads):
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
 def test_state_dict_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
     shapes = [(16, 16), (32, 8)]
     grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
     pa = [nn.Parameter(torch.randn(s)) for s in shapes]
     opt_a = Muon(pa, lr=0.03, weight_decay=0.01)
-    _run(opt_a, pa, grads[:3])
+    run_steps(opt_a, pa, grads[:3])
     path = tmp_path / "opt.pt"
     torch.save(opt_a.state_dict(), path)
     sd = torch.load(path, weights_only=True)  # plain tensors and containers only
     pb = [nn.Parameter(p.detach().clone()) for p in pa]
     opt_b = Muon(pb, lr=0.5)  # hyperparameters come from the state dict
     opt_b.load_state_dict(sd)
-    _run(opt_a, pa, grads[3:])
-    _run(opt_b, pb, grads[3:])
+    run_steps(opt_a, pa, grads[3:])
+    run_steps(opt_b, pb, grads[3:])
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
 
@@ -197,10 +182,7 @@ def test_state_dict_loads_with_weights_only_including_ns_dtype():
     assert opt.param_groups[0]["ns_dtype"] == "bfloat16"
     p.grad = torch.randn(4, 6)
     opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    sd = round_trip(opt.state_dict())
     assert sd["param_groups"][0]["ns_dtype"] == "bfloat16"
     assert torch.equal(sd["state"][0]["momentum_buffer"], opt.state[p]["momentum_buffer"])
 
@@ -450,52 +432,29 @@ def _dist_run(init, grads, first_group: int = 2, **muon_kwargs):
     params = [nn.Parameter(t.clone()) for t in init]
     opt = Muon([{"params": params[:first_group]},
                 {"params": params[first_group:], "lr": 0.05, "weight_decay": 0.1}], lr=0.02, **muon_kwargs)
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = None if g is None else g.clone()
-        opt.step()
+    run_steps(opt, params, grads)
     return [p.detach().clone() for p in params], opt.state_dict()
 
 
 def _dist_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     init, grads = _dist_data()
     if rank == 0:
         single, _ = _dist_run(init, grads)  # before the process group exists: the plain loop
         torch.save(single, os.path.join(out_dir, "single.pt"))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    calls = []
-    orig = Muon._orthogonalize
-    Muon._orthogonalize = lambda self, u, group: calls.append(u.shape) or orig(self, u, group)
-    try:
+    with gloo_group(rank, world, port):
+        calls = []
+        orig = Muon._orthogonalize
+        Muon._orthogonalize = lambda self, u, group: calls.append(u.shape) or orig(self, u, group)
         params, sd = _dist_run(init, grads)
         torch.save({"params": params, "state": sd, "ns_calls": len(calls)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn_ranks(worker, tmp_path, world: int = 2):
-    """Run ``worker(rank, world, port, out_dir)`` on ``world`` gloo processes; return what rank 0 saved
-    as the single-process reference and what every rank saved."""
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    mp.spawn(worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    single = torch.load(tmp_path / "single.pt", weights_only=False)
-    return single, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    """What rank 0 saved as the single-process reference and what every rank saved."""
+    ranks = spawn_ranks(worker, tmp_path, world)
+    return saved(tmp_path), ranks
 
 
 def test_distributed_split_matches_single_process(tmp_path):
@@ -530,8 +489,6 @@ def _stacked_run(init, grads, nesterov):
 
 
 def _stacked_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
     from nanochat_ternary.optim import muon as muon_module
 
     torch.set_num_threads(1)
@@ -540,25 +497,22 @@ def _stacked_worker(rank, world, port, out_dir):
     if rank == 0:  # the single-process stacked step, before the process group exists
         torch.save({nesterov: _stacked_run(init, grads, nesterov)[0] for nesterov in (True, False)},
                    os.path.join(out_dir, "single.pt"))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     orig = Muon._orthogonalize
-    try:
-        out = {}
-        for name, elements in cases.items():
-            muon_module.STACK_ELEMENTS = elements
-            for nesterov in (True, False):
-                calls: list[tuple[int, ...]] = []
-                Muon._orthogonalize = (lambda self, u, group, calls=calls:
-                                       calls.append(tuple(u.shape)) or orig(self, u, group))
-                params, sd = _stacked_run(init, grads, nesterov)
-                out[(name, nesterov)] = {"params": params, "state": sd, "ns_calls": calls}
-                Muon._orthogonalize = orig
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        Muon._orthogonalize = orig
-        dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        try:
+            out = {}
+            for name, elements in cases.items():
+                muon_module.STACK_ELEMENTS = elements
+                for nesterov in (True, False):
+                    calls: list[tuple[int, ...]] = []
+                    Muon._orthogonalize = (lambda self, u, group, calls=calls:
+                                           calls.append(tuple(u.shape)) or orig(self, u, group))
+                    params, sd = _stacked_run(init, grads, nesterov)
+                    out[(name, nesterov)] = {"params": params, "state": sd, "ns_calls": calls}
+                    Muon._orthogonalize = orig
+            torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        finally:
+            Muon._orthogonalize = orig
 
 
 def test_distributed_stacked_split_matches_single_process(tmp_path):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from helpers.optim import random_grads, random_params, round_trip, run_steps
 from torch import nn
 
 from nanochat_ternary.optim import BlockQuantized, Muon, Muon8bit, memory_report, optimizer_state_bytes
@@ -15,14 +15,9 @@ from nanochat_ternary.optim.quantized import derive_seed
 A, B, C = 3.4445, -4.7750, 2.0315
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny matmuls: with 2 threads on a shared, loaded machine every op waits for a
-    descheduled worker thread (measured 8 s vs 0.01 s for one test). One thread, restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Many tiny matmuls: with 2 threads on a shared, loaded machine every op waits for a descheduled
+# worker thread (measured 8 s vs 0.01 s for one test). One thread (conftest), restored after.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ref_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,31 +115,14 @@ def test_derive_seed_separates_keys():
 SHAPES = [(64, 96), (96, 48), (40, 40), (8, 8)]  # the last two are below min_quant_numel (4096)
 
 
-def _params(seed=0, shapes=SHAPES):
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-
-
-def _grads(steps, seed=1, shapes=SHAPES):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
-
-
-def _run(opt, params, grads):
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_quantization_disabled_equals_fp32_muon(nesterov):
-    grads = _grads(4)
-    pa, pb, pc = _params(), _params(), _params()
+    grads = random_grads(SHAPES, 4)
+    pa, pb, pc = random_params(SHAPES), random_params(SHAPES), random_params(SHAPES)
     kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
-    _run(Muon(pa, **kw), pa, grads)
-    _run(Muon8bit(pb, quantize=False, **kw), pb, grads)
-    _run(Muon8bit(pc, min_quant_numel=10**9, stochastic_rounding=True, **kw), pc, grads)
+    run_steps(Muon(pa, **kw), pa, grads)
+    run_steps(Muon8bit(pb, quantize=False, **kw), pb, grads)
+    run_steps(Muon8bit(pc, min_quant_numel=10**9, stochastic_rounding=True, **kw), pc, grads)
     for a, b, c in zip(pa, pb, pc):
         assert torch.equal(a, b) and torch.equal(a, c)
 
@@ -166,10 +144,10 @@ def test_8bit_step_against_reference(stochastic):
       ``lerp(m_old, g, 1 - mu)`` (one step with stochastic rounding: it rounds to a neighbour);
     * the parameter moves by the Muon update computed from that exact (unrounded) EMA.
     """
-    params = _params()
+    params = random_params(SHAPES)
     mu, lr, wd = 0.9, 0.05, 0.1
     opt = Muon8bit(params, lr=lr, momentum=mu, weight_decay=wd, stochastic_rounding=stochastic)
-    for gs in _grads(4):
+    for gs in random_grads(SHAPES, 4):
         before = []
         for p, g in zip(params, gs):
             st = opt.state[p]
@@ -199,9 +177,9 @@ def test_8bit_step_against_reference(stochastic):
 
 
 def test_8bit_state_is_int8_only_and_bytes_measured():
-    params = _params()
+    params = random_params(SHAPES)
     opt = Muon8bit(params)
-    _run(opt, params, _grads(2))
+    run_steps(opt, params, random_grads(SHAPES, 2))
     expected = 0
     for p in params:
         st = opt.state[p]
@@ -223,12 +201,12 @@ def test_8bit_state_is_int8_only_and_bytes_measured():
 
 
 def test_stochastic_rounding_seeded_and_reproducible():
-    grads = _grads(3)
+    grads = random_grads(SHAPES, 3)
     outs = []
     for seed in (7, 7, 8):
-        ps = _params()
+        ps = random_params(SHAPES)
         opt = Muon8bit(ps, stochastic_rounding=True, seed=seed)
-        _run(opt, ps, grads)
+        run_steps(opt, ps, grads)
         outs.append(opt.state[ps[0]]["momentum_codes"].clone())
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2])
@@ -236,14 +214,11 @@ def test_stochastic_rounding_seeded_and_reproducible():
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_state_dict_round_trip_and_resume(stochastic):
-    grads = _grads(6)
-    pa = _params()
+    grads = random_grads(SHAPES, 6)
+    pa = random_params(SHAPES)
     opt_a = Muon8bit(pa, lr=0.03, weight_decay=0.01, stochastic_rounding=stochastic, seed=3)
-    _run(opt_a, pa, grads[:3])
-    buf = io.BytesIO()
-    torch.save(opt_a.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    run_steps(opt_a, pa, grads[:3])
+    sd = round_trip(opt_a.state_dict())
     pb = [nn.Parameter(p.detach().clone()) for p in pa]
     opt_b = Muon8bit(pb, lr=0.5, seed=99)  # hyperparameters, seed included, come from the state dict
     opt_b.load_state_dict(sd)
@@ -256,18 +231,18 @@ def test_state_dict_round_trip_and_resume(stochastic):
                 assert sb[k].dtype == sa[k].dtype and torch.equal(sa[k], sb[k])
             else:
                 assert sa[k] == sb[k]
-    _run(opt_a, pa, grads[3:])
-    _run(opt_b, pb, grads[3:])
+    run_steps(opt_a, pa, grads[3:])
+    run_steps(opt_b, pb, grads[3:])
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
 
 
 def test_fp32_muon_state_converts_to_8bit():
-    grads = _grads(2)
-    ps = _params()
+    grads = random_grads(SHAPES, 2)
+    ps = random_params(SHAPES)
     opt = Muon(ps)
-    _run(opt, ps, grads[:1])
+    run_steps(opt, ps, grads[:1])
     opt8 = Muon8bit(ps)
     opt8.load_state_dict(opt.state_dict())
-    _run(opt8, ps, grads[1:])
+    run_steps(opt8, ps, grads[1:])
     assert "momentum_codes" in opt8.state[ps[0]] and "momentum_buffer" not in opt8.state[ps[0]]

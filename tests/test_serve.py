@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from helpers.net import free_port
 
 from nanochat_ternary.checkpoint.files import save_checkpoint
 from nanochat_ternary.config import build_config
@@ -190,15 +190,9 @@ def test_text_stream_holds_split_characters_and_stop_strings():
 # live servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def live_server(checkpoint: Path, *flags: str):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("NANOCHAT_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "nanochat_ternary.cli", "serve", "--checkpoint", str(checkpoint),

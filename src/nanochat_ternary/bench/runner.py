@@ -10,6 +10,10 @@
 Runs go one at a time with all the suite's threads, so their timings are comparable (two runs
 sharing cores would each measure the other). A run that fails or dies is recorded as failed with
 its error, and the suite goes on.
+
+:func:`run_one` is the matched run itself (one configuration, one seed, the suite's settings, a
+fresh worker process); the convergence scripts in ``benchmarks/`` call it for their variants
+(an :class:`Entry` with ``overrides`` instead of a TOML) and schedule the runs themselves.
 """
 
 from __future__ import annotations
@@ -90,10 +94,10 @@ class BenchSettings:
 class Entry:
     name: str
     kind: str  # "config" | "twin" | "peer"
-    config: str  # TOML path
+    config: str  # TOML path ("": the model preset alone)
     peer: str = ""
     source: str = ""
-    overrides: list[str] = field(default_factory=list)  # applied after the suite's settings
+    overrides: list[str] = field(default_factory=list)  # key=value after the settings' (a variant's own)
 
 
 TWIN_SUFFIX = "-float"
@@ -238,19 +242,26 @@ def _stop_worker(proc: subprocess.Popen) -> None:
         pass
 
 
-def _run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, label: str) -> dict[str, Any]:
-    """Train one (configuration, seed) in a subprocess, with a progress bar fed by its JSONL log."""
+def run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, label: str,
+            progress: bool = True) -> dict[str, Any]:
+    """Train one (configuration, seed) in a worker subprocess, with a progress bar fed by its JSONL log.
+
+    ``run_dir`` gets ``spec.json``, ``metrics.jsonl`` (the run's log), ``train.log`` (its output),
+    ``result.json`` and, with ``settings.keep_checkpoints``, ``checkpoints/``. A run into a dir that
+    holds an earlier one's checkpoints starts afresh (they are removed first). ``progress=False``:
+    no bar and no "running" line (a caller running several at once prints its own)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log_file = run_dir / "metrics.jsonl"
     spec = {"name": entry.name, "config": entry.config, "peer": entry.peer, "model": settings.model,
-            "seed": seed, "overrides": settings.config_overrides() + entry.overrides, "run_dir": str(run_dir / "checkpoints"),
-            "log_file": str(log_file)}
+            "seed": seed, "overrides": settings.config_overrides() + list(entry.overrides),
+            "run_dir": str(run_dir / "checkpoints"), "log_file": str(log_file)}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     result_path = run_dir / "result.json"
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "nanochat_ternary.bench.worker", str(run_dir / "spec.json"), str(result_path)]
-    live = sys.stderr.isatty()
-    if not live:  # a log file gets one line when the run starts instead of a redrawn bar
+    live = progress and sys.stderr.isatty()
+    if progress and not live:  # a log file gets one line when the run starts instead of a redrawn bar
         print(f"{label}: running", flush=True)
     bar = tqdm(total=settings.steps, desc=label, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr,
                disable=not live)
@@ -344,7 +355,7 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
             if why_not:
                 r = {"status": "unavailable", "error": why_not, "seed": seed}
             else:
-                r = _run_one(entry, seed, settings, out / "runs" / entry.name.replace(":", "_") / f"seed{seed}",
+                r = run_one(entry, seed, settings, out / "runs" / entry.name.replace(":", "_") / f"seed{seed}",
                              label)
             r["seed"] = seed
             runs.append(r)

@@ -1,7 +1,7 @@
 """One benchmark run, in its own process: ``python -m nanochat_ternary.bench.worker SPEC RESULT``.
 
-A fresh process per (configuration, seed) so that its peak memory (``ru_maxrss`` on CPU, the CUDA
-caching allocator's high-water mark on GPU) is its own and not a previous run's. It trains through
+A fresh process per (configuration, seed) so that its peak memory (its peak RSS, VmHWM, on CPU; the
+CUDA caching allocator's high-water mark on GPU) is its own and not a previous run's. It trains through
 the ordinary :class:`~nanochat_ternary.train.trainer.Trainer` (the same code path as
 ``nanochat-train train``) and writes one JSON object: the run's measurements, or
 ``{"status": "failed", "error": ...}``. The exit status is 0 on success, 1 on failure.
@@ -42,7 +42,20 @@ def _peak_memory(device: Any) -> tuple[int, str]:
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"  # Linux reports KiB
+    return _peak_rss_bytes(), "rss"
+
+
+def _peak_rss_bytes() -> int:
+    """This process's own peak RSS: VmHWM, which starts afresh with the address space exec makes.
+    Not ru_maxrss where VmHWM can be read: Linux carries ru_maxrss across fork and exec, so a worker
+    would report at least the peak of the bench process that started it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class _ChildWatch:
@@ -86,9 +99,12 @@ def activation_bytes(trainer: Any) -> int:
         return t
 
     x, y = trainer.batches.get(0, 0)
+    x, y = x.to(rt.device), y.to(rt.device)
+    if getattr(trainer, "distiller", None) is not None:  # a distillation run: its teacher's logits first
+        trainer.distiller.prepare(x)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-        loss, _stats = model(x.to(rt.device), targets=y.to(rt.device), objective=trainer.objective)
+        loss, _stats = model(x, targets=y, objective=trainer.objective)
     del loss
     model.zero_grad(set_to_none=True)
     return sum(storages.values())
