@@ -32,6 +32,25 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(tok)
+        return self._advance()
+
+    def feed_many(self, toks: Sequence[int]) -> tuple[str, int]:
+        """Add several tokens; ``(newly final text, tokens taken)``. All are taken unless a stop string
+        appears (then up to the token that completed it), and the text is what feeding them one by
+        one would release, with one decode instead of one per token when there are no stop strings."""
+        if self.stop:  # find the very token that completes a stop string
+            out = []
+            for i, tok in enumerate(toks):
+                out.append(self.feed(tok))
+                if self.stopped:
+                    return "".join(out), i + 1
+            return "".join(out), len(toks)
+        if self.stopped or not toks:
+            return "", 0
+        self.ids.extend(toks)
+        return self._advance(), len(toks)
+
+    def _advance(self) -> str:
         full = self.decode(self.ids)
         hits = [i for i in (full.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
