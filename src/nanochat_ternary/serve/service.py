@@ -43,35 +43,46 @@ class GenerationFailed(Exception):
 
 
 class Mailbox:
-    """Events from the decode thread to the event loop's queues, one loop wake-up per batch.
+    """Events from the decode thread to the event loop's queues, delivered in batches.
 
-    ``call_soon_threadsafe`` per token writes to the loop's self-pipe (a syscall) and wakes the loop
-    once per token; here a post only schedules a delivery when none is pending, so one decode step
-    of ``n`` rows costs the worker one wake-up, and the loop delivers everything posted meanwhile."""
+    ``call_soon_threadsafe`` per token writes to the loop's self-pipe and wakes the loop once per
+    token, and each wake-up hands the GIL to the loop thread while the decode thread waits for it.
+    Here the worker wakes the loop only when no delivery is armed: the loop delivers everything
+    posted so far, then (``interval > 0``) looks again ``interval`` seconds later on its own timer and
+    stays armed while events keep coming. So a busy server wakes its loop once per interval, not
+    once per token, and a stream sends the tokens of an interval as one chunk; the first event
+    after a quiet spell is delivered at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
+        self.loop, self.interval = loop, interval
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue, Event]] = []
+        self._armed = False  # a delivery is scheduled (or the interval's timer runs)
 
     def post(self, queue: asyncio.Queue, ev: Event) -> None:
         """Called on the worker thread; raises RuntimeError when the loop is closed."""
         with self._lock:
             self._pending.append((queue, ev))
-            if len(self._pending) > 1:  # a delivery is already scheduled and will take this one
+            if self._armed:
                 return
+            self._armed = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed: nothing will deliver, so the next post must try again
+        except RuntimeError:  # the loop is closed: nothing will deliver
             with self._lock:
                 self._pending.clear()
+                self._armed = False
             raise
 
-    def _deliver(self) -> None:
+    def _deliver(self) -> None:  # on the loop
         with self._lock:
             items, self._pending = self._pending, []
+            if not items or self.interval <= 0:
+                self._armed = False  # the next post wakes the loop again
         for queue, ev in items:
             queue.put_nowait(ev)
+        if items and self.interval > 0:
+            self.loop.call_later(self.interval, self._deliver)
 
 
 @dataclass
@@ -91,8 +102,8 @@ class Service:
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         box = self._mailboxes.get(id(loop))
-        if box is None or box.loop is not loop:
-            box = self._mailboxes[id(loop)] = Mailbox(loop)
+        if box is None or box.loop is not loop or box.interval != self.stream_interval:
+            box = self._mailboxes[id(loop)] = Mailbox(loop, self.stream_interval)
         return box
 
     # ------------------------------------------------------------------ request -> job
@@ -170,21 +181,18 @@ class Service:
 
     # ------------------------------------------------------------------ job -> text
 
-    async def pieces(self, job: Job, events: asyncio.Queue, stop: list[str],
-                     interval: float = 0.0) -> AsyncIterator[tuple[str, str | None, int]]:
+    async def pieces(self, job: Job, events: asyncio.Queue,
+                     stop: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
         """``(text, finish_reason or None, tokens so far)`` as the job runs; the last one has the finish reason.
 
-        Tokens are gathered into pieces: everything already delivered, and with ``interval > 0``
-        whatever arrives until ``interval`` seconds after the previous piece (the first piece goes
-        at once). Fewer, larger pieces cost the event loop (and the decode thread sharing its GIL)
-        less per token; the text is the same. ``tokens so far`` counts what the model generated,
-        the end-of-turn / stop token included (OpenAI's ``completion_tokens``)."""
+        The tokens delivered together (:class:`Mailbox`: those of one ``stream_interval``) make one
+        piece, decoded once: the text is what feeding them one by one gives. ``tokens so far`` counts
+        what the model generated, the end-of-turn / stop token included (OpenAI's ``completion_tokens``)."""
         stream = TextStream(self.tok.decode, stop)
-        loop = asyncio.get_running_loop()
-        n, last = 0, -float("inf")
+        n = 0
         try:
             while True:
-                toks, end = await self._gather(events, last + interval if interval > 0 else -float("inf"), loop)
+                toks, end = await self._gather(events)
                 piece, taken = stream.feed_many(toks)
                 n += taken
                 if stream.stopped:
@@ -192,7 +200,6 @@ class Service:
                     return
                 if end is None:
                     if piece:
-                        last = loop.time()
                         yield piece, None, n
                     continue
                 kind, value = end
@@ -207,20 +214,14 @@ class Service:
             job.cancel()  # finished, stopped by a stop string, or the client went away: free the row
 
     @staticmethod
-    async def _gather(events: asyncio.Queue, until: float,
-                      loop: asyncio.AbstractEventLoop) -> tuple[list[int], Event | None]:
-        """The next event and all that follow by loop time ``until``: ``(token ids, the final event or None)``."""
+    async def _gather(events: asyncio.Queue) -> tuple[list[int], Event | None]:
+        """The next event and all already delivered: ``(token ids, the final event or None)``."""
         toks: list[int] = []
         ev = await events.get()
         while ev[0] == "token":
             toks.append(int(ev[1]))  # type: ignore[arg-type]
             if events.empty():
-                wait = until - loop.time()
-                if wait <= 0:
-                    return toks, None
-                await asyncio.sleep(wait)
-                if events.empty():
-                    return toks, None
+                return toks, None
             ev = events.get_nowait()
         return toks, ev
 
@@ -251,7 +252,7 @@ class Service:
                 yield f"data: {json.dumps(chat_chunk(rid, self.name, {'role': 'assistant', 'content': ''}, None))}\n\n"
             tail = ""  # the last events go out in one write: finish chunk, usage, [DONE]
             try:
-                async for piece, finish, count in self.pieces(job, events, req.stop_strings, self.stream_interval):
+                async for piece, finish, count in self.pieces(job, events, req.stop_strings):
                     n = count
                     if piece and not finish:
                         yield chunk(piece, None)
