@@ -4,9 +4,13 @@ Phases (each a fixed wall time, clients sending streaming chat requests back to 
 
 * ``--clients`` (default 32) for ``--duration`` s (default 30): failed requests, time to first token
   (first chunk with content) p50/p95, aggregate tokens/s;
-* 1 client, then 8 clients, ``--ratio-duration`` s each: the 8-vs-1 aggregate tokens/s ratio (the
-  batched decode target is >= 4x);
-* the decode step alone (no HTTP, in this process): ms per step at 1 and 8 rows, interleaved.
+* 1 client and 8 clients, ``--ratio-duration`` s each, alternating in ``--ratio-rounds`` rounds (so a
+  change in the machine's load hits both): the 8-vs-1 aggregate tokens/s ratio (the batched decode
+  target is >= 4x);
+* the decode step alone (no HTTP, in this process): ms per step at 1 and 8 rows, interleaved;
+* the engine alone (no HTTP, in this process): 1 and 8 "clients" submitting the same chat prompts
+  straight to ``serve.engine.Engine`` (prefill, sampling, stop ids, row moves included), interleaved:
+  the ceiling the HTTP figures are compared with.
 
 It starts its own server on a free loopback port (``--checkpoint``, or by default a random-init
 model of the tiny-cpu shape with the byte tokenizer + chat tokens written to a temp dir), or talks
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -192,6 +197,56 @@ def engine_step_ratio(checkpoint: Path, threads: int, steps: int = 40, rounds: i
             "ratio_8_vs_1": round(8 * ms[1] / ms[8], 2), "path": f"fused {dec.mode}"}
 
 
+def engine_ratio(checkpoint: Path, threads: int, seconds: float = 4.0, rounds: int = 2,
+                 max_tokens: int = 64) -> dict:
+    """Tokens/s of the decode engine alone (no HTTP) with 1 and 8 clients submitting back to back
+    the benchmark's chat prompts, interleaved rounds (sums); tokens counted as ``usage`` does."""
+    import threading
+
+    import torch
+
+    from nanochat_ternary.checkpoint import open_checkpoint
+    from nanochat_ternary.data.chat_template import ROLE_TOKENS, ChatTemplate
+    from nanochat_ternary.serve.engine import Engine, Job
+
+    if threads:
+        torch.set_num_threads(threads)
+    opened = open_checkpoint(checkpoint, "cpu")
+    t = ChatTemplate(opened.require_tokenizer())
+    stop = frozenset(t.stop_ids) | {t.role_ids[r] for r in ROLE_TOKENS}
+
+    def run(clients: int) -> tuple[int, float]:
+        engine = Engine(opened.model, max_batch=8, max_queue=64)
+        count, left = [0], threading.Semaphore(0)
+        t0 = time.perf_counter()
+
+        def submit(i: int, n: int) -> None:
+            def emit(ev: tuple) -> None:
+                count[0] += ev[0] == "token" or ev == ("done", "stop")
+                if ev[0] != "token":
+                    submit(i, n + 1) if time.perf_counter() - t0 < seconds else left.release()
+            msgs = [{"role": "user", "content": f"client {i} request {n}: say something"}]
+            engine.submit(Job(t.encode(msgs), max_tokens, emit, temperature=1.0, seed=1000 * i + n, stop_ids=stop))
+
+        for i in range(clients):
+            submit(i, 0)
+        for _ in range(clients):
+            left.acquire()
+        dt = time.perf_counter() - t0
+        engine.close()
+        return count[0], dt
+
+    sums = {1: [0, 0.0], 8: [0, 0.0]}
+    for _ in range(rounds):
+        for n in (1, 8):
+            tok, dt = run(n)
+            sums[n][0] += tok
+            sums[n][1] += dt
+    tps = {n: tok / dt for n, (tok, dt) in sums.items()}
+    return {"tokens_per_s_1": round(tps[1], 1), "tokens_per_s_8": round(tps[8], 1),
+            "ratio_8_vs_1": round(tps[8] / tps[1], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", help="a running server on a loopback address (default: start one)")
@@ -203,10 +258,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--ratio-rounds", type=int, default=3, help="alternating 1- and 8-client rounds")
+    ap.add_argument("--stream-interval", type=float, help="the server's --stream-interval (ms; default: its own)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
 
     proc = None
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
             host = urlparse(args.url).hostname or ""
@@ -216,29 +274,41 @@ def main() -> None:
         else:
             ckpt = Path(args.checkpoint) if args.checkpoint else tiny_cpu_chat_checkpoint(Path(tmp))
             port = free_port()
+            extra = [] if args.stream_interval is None else ["--stream-interval", str(args.stream_interval)]
             proc = start_server(ckpt, port, ["--threads", str(args.threads), "--max-batch", str(args.max_batch),
-                                             "--max-queue", str(args.max_queue)])
+                                             "--max-queue", str(args.max_queue), *extra])
             url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_phase(url, 1, requests_per_client=1, max_tokens=4))  # warm-up
             load = asyncio.run(run_phase(url, args.clients, args.duration, max_tokens=args.max_tokens)).summary()
-            one = asyncio.run(run_phase(url, 1, args.ratio_duration, max_tokens=args.max_tokens)).summary()
-            eight = asyncio.run(run_phase(url, 8, args.ratio_duration, max_tokens=args.max_tokens)).summary()
+            phases: dict[int, list[Phase]] = {1: [], 8: []}
+            for _ in range(args.ratio_rounds):
+                for n in (1, 8):
+                    phases[n].append(asyncio.run(run_phase(url, n, args.ratio_duration / args.ratio_rounds,
+                                                           max_tokens=args.max_tokens)))
+            one, eight = (Phase(n, sum(p.seconds for p in ps), [r for p in ps for r in p.results]).summary()
+                          for n, ps in phases.items())
             health = httpx.get(url + "/health", timeout=5).json()
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
         engine = engine_step_ratio(ckpt, args.threads) if not args.url else {}
+        engine_alone = engine_ratio(ckpt, args.threads) if not args.url else {}
     ratio = eight["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
     out = {"load": load, "one_client": one, "eight_clients": eight, "ratio_8_vs_1": round(ratio, 2),
            "server": {k: health.get(k) for k in ("model", "max_batch", "max_queue", "decode_steps", "mean_batch")},
-           "engine_only": engine, "threads": args.threads, "max_tokens": args.max_tokens}
+           "engine_only": engine, "engine_alone": engine_alone, "threads": args.threads,
+           "max_tokens": args.max_tokens, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     for name in ("load", "one_client", "eight_clients"):
         s = out[name]
         print(f"{name:14s} clients={s['clients']:3d} requests={s['requests']:4d} failed={s['failed']} "
               f"ttft p50={s['ttft_p50_s']} s p95={s['ttft_p95_s']} s tokens/s={s['tokens_per_s']}")
     print(f"8 clients vs 1: {out['ratio_8_vs_1']}x aggregate tokens/s (target >= 4x)")
+    if engine_alone:
+        print(f"engine alone (no HTTP): {engine_alone['tokens_per_s_1']} tokens/s with 1 client, "
+              f"{engine_alone['tokens_per_s_8']} with 8: {engine_alone['ratio_8_vs_1']}x")
+    print(f"load average: {load_start[0]:.2f} at the start, {out['loadavg_end'][0]:.2f} at the end")
     if engine:
         print(f"decode step alone ({engine['path']}): {engine['ms_per_step_1']} ms at 1 row, "
               f"{engine['ms_per_step_8']} ms at 8 rows: {engine['ratio_8_vs_1']}x tokens/s")
