@@ -168,6 +168,24 @@ def start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Po
     raise RuntimeError("server did not answer /health within 120 s")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of process ``pid`` (Linux /proc; {} elsewhere)."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return {}
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(CPU s of the busiest thread: the decode worker, CPU s of all the others) between two snapshots."""
+    d = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+    return (d[0], sum(d[1:])) if d else (0.0, 0.0)
+
+
 def engine_step_ratio(checkpoint: Path, threads: int, steps: int = 40, rounds: int = 3) -> dict:
     """The decode step alone, no HTTP: ms per batched step at 1 and 8 rows, interleaved rounds (median),
     and the 8-vs-1 tokens/s ratio it allows."""
@@ -282,10 +300,15 @@ def main() -> None:
             asyncio.run(run_phase(url, 1, requests_per_client=1, max_tokens=4))  # warm-up
             load = asyncio.run(run_phase(url, args.clients, args.duration, max_tokens=args.max_tokens)).summary()
             phases: dict[int, list[Phase]] = {1: [], 8: []}
+            cpu = {1: [0.0, 0.0], 8: [0.0, 0.0]}  # server CPU s: decode thread, the other threads
             for _ in range(args.ratio_rounds):
                 for n in (1, 8):
+                    before = thread_cpu(proc.pid) if proc else {}
                     phases[n].append(asyncio.run(run_phase(url, n, args.ratio_duration / args.ratio_rounds,
                                                            max_tokens=args.max_tokens)))
+                    dec, rest = cpu_split(before, thread_cpu(proc.pid)) if proc else (0.0, 0.0)
+                    cpu[n][0] += dec
+                    cpu[n][1] += rest
             one, eight = (Phase(n, sum(p.seconds for p in ps), [r for p in ps for r in p.results]).summary()
                           for n, ps in phases.items())
             health = httpx.get(url + "/health", timeout=5).json()
@@ -296,7 +319,14 @@ def main() -> None:
         engine = engine_step_ratio(ckpt, args.threads) if not args.url else {}
         engine_alone = engine_ratio(ckpt, args.threads) if not args.url else {}
     ratio = eight["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
+    for summ, n in ((one, 1), (eight, 8)):  # CPU per token: what the server spent, whatever its share of the cores
+        tok = summ["completion_tokens"]
+        summ["server_cpu_ms_per_token"] = {"decode_thread": round(1e3 * cpu[n][0] / tok, 3) if tok else None,
+                                         "other_threads": round(1e3 * cpu[n][1] / tok, 3) if tok else None}
+        summ["decode_thread_cpu_share"] = round(cpu[n][0] / summ["seconds"], 2) if summ["seconds"] else None
+    per_cpu = (one["server_cpu_ms_per_token"]["decode_thread"] or 0) / (eight["server_cpu_ms_per_token"]["decode_thread"] or 1)
     out = {"load": load, "one_client": one, "eight_clients": eight, "ratio_8_vs_1": round(ratio, 2),
+           "ratio_8_vs_1_per_decode_cpu": round(per_cpu, 2) if proc is not None else None,
            "server": {k: health.get(k) for k in ("model", "max_batch", "max_queue", "decode_steps", "mean_batch")},
            "engine_only": engine, "engine_alone": engine_alone, "threads": args.threads,
            "max_tokens": args.max_tokens, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
@@ -305,6 +335,13 @@ def main() -> None:
         print(f"{name:14s} clients={s['clients']:3d} requests={s['requests']:4d} failed={s['failed']} "
               f"ttft p50={s['ttft_p50_s']} s p95={s['ttft_p95_s']} s tokens/s={s['tokens_per_s']}")
     print(f"8 clients vs 1: {out['ratio_8_vs_1']}x aggregate tokens/s (target >= 4x)")
+    if proc is not None:
+        for name in ("one_client", "eight_clients"):
+            c, sh = out[name]["server_cpu_ms_per_token"], out[name]["decode_thread_cpu_share"]
+            print(f"  {name}: server CPU ms per token: decode thread {c['decode_thread']}, other threads "
+                  f"{c['other_threads']}; the decode thread had {sh} of a core")
+        print(f"  per decode-thread CPU second: {out['ratio_8_vs_1_per_decode_cpu']}x (the batching gain, "
+              f"whatever share of the cores the machine gave the server)")
     if engine_alone:
         print(f"engine alone (no HTTP): {engine_alone['tokens_per_s_1']} tokens/s with 1 client, "
               f"{engine_alone['tokens_per_s_8']} with 8: {engine_alone['ratio_8_vs_1']}x")

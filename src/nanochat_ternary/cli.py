@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "set, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward step")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a decode row before 503s")
-    p.add_argument("--stream-interval", type=float, default=20.0,
-                   help="ms: a stream sends the tokens decoded within this interval as one chunk (0: every "
-                        "token as soon as it is decoded; the first token always goes at once)")
+    p.add_argument("--stream-interval", type=float, default=0.0,
+                   help="ms: a stream sends the tokens decoded within this interval as one chunk (default 0: "
+                        "each decode step's tokens as soon as they are decoded)")
     p.add_argument("--truncation", default="disabled", choices=["disabled", "auto"],
                    help="chat requests that do not fit the context: 400 context_length_exceeded (disabled, as "
                         "OpenAI) or drop their oldest turns (auto); a request's \"truncation\" field overrides it")

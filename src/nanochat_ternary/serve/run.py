@@ -35,7 +35,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve_checkpoint(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                      max_batch: int = 8, max_queue: int = 64, device: str = "auto", threads: int = 0,
-                     log_level: str = "info", stream_interval_ms: float = 20.0, truncation: str = "disabled") -> int:
+                     log_level: str = "info", stream_interval_ms: float = 0.0, truncation: str = "disabled") -> int:
     """Serve ``checkpoint`` until stopped; returns the exit status (0 after a graceful stop)."""
     import uvicorn  # the [serve] extra
 
