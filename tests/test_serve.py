@@ -37,6 +37,7 @@ from nanochat_ternary.serve.batched import (
     fused_decoder,
     prefill,
     prefill_fused,
+    step_with_prefill,
 )
 from nanochat_ternary.serve.engine import Engine, Job
 from nanochat_ternary.serve.text import TextStream
@@ -131,6 +132,38 @@ def test_fused_decode_step_matches_the_decoder_per_row(one_thread):
             torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
             full = model(torch.tensor([s[:n + t + 1]]))[0, -1]  # and the model's own forward
             torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.numerics
+def test_prefill_inside_a_decode_step_matches_the_decoder(one_thread):
+    """step_with_prefill (a prompt prefilled in the same products as the live rows' decode step) ==
+    the Decoder's own batch-1 forward, for the live rows, the joining prompt, and the steps after."""
+    model = tiny_model(261, 48, seed=4)
+    dec = fused_decoder(model)
+    lengths = [5, 1, 17]
+    seqs = [torch.randint(0, 261, (n + 3,)).tolist() for n in lengths]
+    joiner = torch.randint(0, 261, (11,)).tolist()  # a 9-token prompt, then 2 decode steps
+    cache = SlotCache(model, slots=5)
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        cache.load(row, prefill_fused(dec, s[:n])[0])
+
+    def ref(ids):  # the Decoder alone, batch 1; the same tolerance as the fused test above (GEMM row counts)
+        return Decoder(model, mode="fp32").forward(ids)
+
+    logits, first = step_with_prefill(dec, cache, [s[n] for n, s in zip(lengths, seqs)], joiner[:9])
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        torch.testing.assert_close(logits[row], ref(s[:n + 1]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first[0], ref(joiner[:9]), rtol=1e-4, atol=1e-4)
+    assert cache.lengths[:4] == [6, 2, 18, 9]
+    for t in (1, 2):  # the joined row decodes with the others
+        logits = decode_step_fused(dec, cache, [s[n + t] for n, s in zip(lengths, seqs)] + [joiner[8 + t]])
+        for row, (n, s) in enumerate(zip(lengths, seqs)):
+            torch.testing.assert_close(logits[row], ref(s[:n + t + 1]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[3], ref(joiner[:9 + t]), rtol=1e-4, atol=1e-4)
+    empty = SlotCache(model, slots=2)  # no live rows: a prefill alone
+    none, first = step_with_prefill(dec, empty, [], joiner[:1])
+    assert none.shape[0] == 0 and empty.lengths[0] == 1
+    torch.testing.assert_close(first[0], ref(joiner[:1]), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.numerics
