@@ -324,7 +324,8 @@ def main() -> None:
         summ["server_cpu_ms_per_token"] = {"decode_thread": round(1e3 * cpu[n][0] / tok, 3) if tok else None,
                                          "other_threads": round(1e3 * cpu[n][1] / tok, 3) if tok else None}
         summ["decode_thread_cpu_share"] = round(cpu[n][0] / summ["seconds"], 2) if summ["seconds"] else None
-    per_cpu = (one["server_cpu_ms_per_token"]["decode_thread"] or 0) / (eight["server_cpu_ms_per_token"]["decode_thread"] or 1)
+    dec1, dec8 = (x["server_cpu_ms_per_token"]["decode_thread"] for x in (one, eight))
+    per_cpu = (dec1 or 0) / (dec8 or 1)
     out = {"load": load, "one_client": one, "eight_clients": eight, "ratio_8_vs_1": round(ratio, 2),
            "ratio_8_vs_1_per_decode_cpu": round(per_cpu, 2) if proc is not None else None,
            "server": {k: health.get(k) for k in ("model", "max_batch", "max_queue", "decode_steps", "mean_batch")},

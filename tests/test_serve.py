@@ -581,9 +581,11 @@ def test_fused_engine_batched_equals_one_at_a_time(one_thread):
         assert engine.path == "fused fp32"
         outs: list[list[int]] = [[] for _ in prompts]
         done = [threading.Event() for _ in prompts]
+        def emitter(out: list[int], finished: threading.Event):
+            return lambda ev: out.append(ev[1]) if ev[0] == "token" else finished.set()
+
         for i, (p, s, b) in enumerate(zip(prompts, settings, budgets)):
-            emit = (lambda i: lambda ev: outs[i].append(ev[1]) if ev[0] == "token" else done[i].set())(i)
-            engine.submit(Job(p, b, emit, **s))
+            engine.submit(Job(p, b, emitter(outs[i], done[i]), **s))
         assert all(d.wait(60) for d in done)
         engine.close()
         assert max_batch == 1 or engine.rows_decoded > engine.steps  # it did batch

@@ -34,7 +34,6 @@ from .protocol import (
 )
 from .text import TextStream
 
-
 _AUTO_HINT = ' (or send "truncation": "auto" to drop the oldest turns)'
 
 
