@@ -206,12 +206,16 @@ class Engine:
         if tokens:
             self.steps += 1
             self.rows_decoded += len(tokens)
-        for row in range(len(tokens)):
-            if not self._live[row].cancelled.is_set():
-                self._accept(row, self._sample(self._live[row], logits[row:row + 1]))
+        rows = [r for r in range(len(tokens)) if not self._live[r].cancelled.is_set()]
+        draws = [sample_next(logits[r:r + 1], j.temperature, j.top_k, j.top_p, j.generator)
+                 for r, j in ((r, self._live[r]) for r in rows)]
         if joining is not None:
             self._live.append(joining)  # row len(tokens): rows are only compacted below
-            self._accept(len(tokens), self._sample(joining, first))
+            rows.append(len(tokens))
+            draws.append(sample_next(first, joining.temperature, joining.top_k, joining.top_p, joining.generator))
+        # one device -> host copy per step for all rows (a per-row int() would sync a GPU per row)
+        for row, tok in zip(rows, torch.cat(draws).tolist() if draws else []):
+            self._accept(row, tok)
         self._compact()
 
     def _compact(self) -> None:
