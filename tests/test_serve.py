@@ -651,3 +651,22 @@ def test_truncation_through_the_openai_client(chat_server):
     assert int(raw.headers["x-truncated-messages"]) > 0
     assert r.usage.prompt_tokens == len(ChatTemplate(add_chat_tokens(byte_tokenizer())).encode(kept))
     assert r.usage.prompt_tokens + 16 <= 128
+
+
+def test_text_stream_decodes_incrementally_to_the_full_decode():
+    """Random byte tokens (broken and whole UTF-8 sequences, chat markers): the released text equals
+    decoding all ids at once, while each decode call sees only the ids after the committed prefix."""
+    tok = add_chat_tokens(byte_tokenizer())
+    g = torch.Generator().manual_seed(0)
+    pool = tok.encode("aé€😀 z") + [0xC3, 0xE2, 0x82, 0xFF] + list(range(256, 261))  # + partial bytes, markers
+    ids = [pool[i] for i in torch.randint(0, len(pool), (400,), generator=g).tolist()]
+    seen = []
+
+    def decode(xs):
+        seen.append(len(xs))
+        return tok.decode(xs)
+
+    s = TextStream(decode)
+    out = "".join(s.feed(i) for i in ids) + s.flush()
+    assert out == tok.decode(ids)
+    assert max(seen) < 100  # never the whole 400 again
