@@ -4,9 +4,13 @@ Phases (each a fixed wall time, clients sending streaming chat requests back to 
 
 * ``--clients`` (default 32) for ``--duration`` s (default 30): failed requests, time to first token
   (first chunk with content) p50/p95, aggregate tokens/s;
-* 1 client, then 8 clients, ``--ratio-duration`` s each: the 8-vs-1 aggregate tokens/s ratio (the
-  batched decode target is >= 4x);
-* the decode step alone (no HTTP, in this process): ms per step at 1 and 8 rows, interleaved.
+* 1 client and 8 clients, ``--ratio-duration`` s each, alternating in ``--ratio-rounds`` rounds (so a
+  change in the machine's load hits both): the 8-vs-1 aggregate tokens/s ratio (the batched decode
+  target is >= 4x);
+* the decode step alone (no HTTP, in this process): ms per step at 1 and 8 rows, interleaved;
+* the engine alone (no HTTP, in this process): 1 and 8 "clients" submitting the same chat prompts
+  straight to ``serve.engine.Engine`` (prefill, sampling, stop ids, row moves included), interleaved:
+  the ceiling the HTTP figures are compared with.
 
 It starts its own server on a free loopback port (``--checkpoint``, or by default a random-init
 model of the tiny-cpu shape with the byte tokenizer + chat tokens written to a temp dir), or talks
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -163,6 +168,24 @@ def start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Po
     raise RuntimeError("server did not answer /health within 120 s")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of process ``pid`` (Linux /proc; {} elsewhere)."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return {}
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(CPU s of the busiest thread: the decode worker, CPU s of all the others) between two snapshots."""
+    d = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+    return (d[0], sum(d[1:])) if d else (0.0, 0.0)
+
+
 def engine_step_ratio(checkpoint: Path, threads: int, steps: int = 40, rounds: int = 3) -> dict:
     """The decode step alone, no HTTP: ms per batched step at 1 and 8 rows, interleaved rounds (median),
     and the 8-vs-1 tokens/s ratio it allows."""
@@ -194,6 +217,56 @@ def engine_step_ratio(checkpoint: Path, threads: int, steps: int = 40, rounds: i
             "ratio_8_vs_1": round(8 * ms[1] / ms[8], 2), "path": f"fused {dec.mode}"}
 
 
+def engine_ratio(checkpoint: Path, threads: int, seconds: float = 4.0, rounds: int = 2,
+                 max_tokens: int = 64) -> dict:
+    """Tokens/s of the decode engine alone (no HTTP) with 1 and 8 clients submitting back to back
+    the benchmark's chat prompts, interleaved rounds (sums); tokens counted as ``usage`` does."""
+    import threading
+
+    import torch
+
+    from nanochat_ternary.checkpoint import open_checkpoint
+    from nanochat_ternary.data.chat_template import ROLE_TOKENS, ChatTemplate
+    from nanochat_ternary.serve.engine import Engine, Job
+
+    if threads:
+        torch.set_num_threads(threads)
+    opened = open_checkpoint(checkpoint, "cpu")
+    t = ChatTemplate(opened.require_tokenizer())
+    stop = frozenset(t.stop_ids) | {t.role_ids[r] for r in ROLE_TOKENS}
+
+    def run(clients: int) -> tuple[int, float]:
+        engine = Engine(opened.model, max_batch=8, max_queue=64)
+        count, left = [0], threading.Semaphore(0)
+        t0 = time.perf_counter()
+
+        def submit(i: int, n: int) -> None:
+            def emit(ev: tuple) -> None:
+                count[0] += ev[0] == "token" or ev == ("done", "stop")
+                if ev[0] != "token":
+                    submit(i, n + 1) if time.perf_counter() - t0 < seconds else left.release()
+            msgs = [{"role": "user", "content": f"client {i} request {n}: say something"}]
+            engine.submit(Job(t.encode(msgs), max_tokens, emit, temperature=1.0, seed=1000 * i + n, stop_ids=stop))
+
+        for i in range(clients):
+            submit(i, 0)
+        for _ in range(clients):
+            left.acquire()
+        dt = time.perf_counter() - t0
+        engine.close()
+        return count[0], dt
+
+    sums = {1: [0, 0.0], 8: [0, 0.0]}
+    for _ in range(rounds):
+        for n in (1, 8):
+            tok, dt = run(n)
+            sums[n][0] += tok
+            sums[n][1] += dt
+    tps = {n: tok / dt for n, (tok, dt) in sums.items()}
+    return {"tokens_per_s_1": round(tps[1], 1), "tokens_per_s_8": round(tps[8], 1),
+            "ratio_8_vs_1": round(tps[8] / tps[1], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", help="a running server on a loopback address (default: start one)")
@@ -205,6 +278,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--ratio-rounds", type=int, default=3, help="alternating 1- and 8-client rounds")
+    ap.add_argument("--stream-interval", type=float, help="the server's --stream-interval (ms; default: its own)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     head = kit.header("serve_load", clients=args.clients, duration=args.duration, ratio_duration=args.ratio_duration,
@@ -212,6 +287,7 @@ def main() -> None:
                       url=args.url or "-")
 
     proc = None
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
             host = urlparse(args.url).hostname or ""
@@ -221,29 +297,61 @@ def main() -> None:
         else:
             ckpt = Path(args.checkpoint) if args.checkpoint else tiny_cpu_chat_checkpoint(Path(tmp))
             port = free_port()
+            extra = [] if args.stream_interval is None else ["--stream-interval", str(args.stream_interval)]
             proc = start_server(ckpt, port, ["--threads", str(args.threads), "--max-batch", str(args.max_batch),
-                                             "--max-queue", str(args.max_queue)])
+                                             "--max-queue", str(args.max_queue), *extra])
             url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_phase(url, 1, requests_per_client=1, max_tokens=4))  # warm-up
             load = asyncio.run(run_phase(url, args.clients, args.duration, max_tokens=args.max_tokens)).summary()
-            one = asyncio.run(run_phase(url, 1, args.ratio_duration, max_tokens=args.max_tokens)).summary()
-            eight = asyncio.run(run_phase(url, 8, args.ratio_duration, max_tokens=args.max_tokens)).summary()
+            phases: dict[int, list[Phase]] = {1: [], 8: []}
+            cpu = {1: [0.0, 0.0], 8: [0.0, 0.0]}  # server CPU s: decode thread, the other threads
+            for _ in range(args.ratio_rounds):
+                for n in (1, 8):
+                    before = thread_cpu(proc.pid) if proc else {}
+                    phases[n].append(asyncio.run(run_phase(url, n, args.ratio_duration / args.ratio_rounds,
+                                                           max_tokens=args.max_tokens)))
+                    dec, rest = cpu_split(before, thread_cpu(proc.pid)) if proc else (0.0, 0.0)
+                    cpu[n][0] += dec
+                    cpu[n][1] += rest
+            one, eight = (Phase(n, sum(p.seconds for p in ps), [r for p in ps for r in p.results]).summary()
+                          for n, ps in phases.items())
             health = httpx.get(url + "/health", timeout=5).json()
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
         engine = engine_step_ratio(ckpt, args.threads) if not args.url else {}
+        engine_alone = engine_ratio(ckpt, args.threads) if not args.url else {}
     ratio = eight["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
+    for summ, n in ((one, 1), (eight, 8)):  # CPU per token: what the server spent, whatever its share of the cores
+        tok = summ["completion_tokens"]
+        summ["server_cpu_ms_per_token"] = {"decode_thread": round(1e3 * cpu[n][0] / tok, 3) if tok else None,
+                                         "other_threads": round(1e3 * cpu[n][1] / tok, 3) if tok else None}
+        summ["decode_thread_cpu_share"] = round(cpu[n][0] / summ["seconds"], 2) if summ["seconds"] else None
+    dec1, dec8 = (x["server_cpu_ms_per_token"]["decode_thread"] for x in (one, eight))
+    per_cpu = (dec1 or 0) / (dec8 or 1)
     out = {"load": load, "one_client": one, "eight_clients": eight, "ratio_8_vs_1": round(ratio, 2),
+           "ratio_8_vs_1_per_decode_cpu": round(per_cpu, 2) if proc is not None else None,
            "server": {k: health.get(k) for k in ("model", "max_batch", "max_queue", "decode_steps", "mean_batch")},
-           "engine_only": engine, "threads": args.threads, "max_tokens": args.max_tokens, "header": head}
+           "engine_only": engine, "engine_alone": engine_alone, "threads": args.threads,
+           "max_tokens": args.max_tokens, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "header": head}
     for name in ("load", "one_client", "eight_clients"):
         s = out[name]
         print(f"{name:14s} clients={s['clients']:3d} requests={s['requests']:4d} failed={s['failed']} "
               f"ttft p50={s['ttft_p50_s']} s p95={s['ttft_p95_s']} s tokens/s={s['tokens_per_s']}")
     print(f"8 clients vs 1: {out['ratio_8_vs_1']}x aggregate tokens/s (target >= 4x)")
+    if proc is not None:
+        for name in ("one_client", "eight_clients"):
+            c, sh = out[name]["server_cpu_ms_per_token"], out[name]["decode_thread_cpu_share"]
+            print(f"  {name}: server CPU ms per token: decode thread {c['decode_thread']}, other threads "
+                  f"{c['other_threads']}; the decode thread had {sh} of a core")
+        print(f"  per decode-thread CPU second: {out['ratio_8_vs_1_per_decode_cpu']}x (the batching gain, "
+              f"whatever share of the cores the machine gave the server)")
+    if engine_alone:
+        print(f"engine alone (no HTTP): {engine_alone['tokens_per_s_1']} tokens/s with 1 client, "
+              f"{engine_alone['tokens_per_s_8']} with 8: {engine_alone['ratio_8_vs_1']}x")
+    print(f"load average: {load_start[0]:.2f} at the start, {out['loadavg_end'][0]:.2f} at the end")
     if engine:
         print(f"decode step alone ({engine['path']}): {engine['ms_per_step_1']} ms at 1 row, "
               f"{engine['ms_per_step_8']} ms at 8 rows: {engine['ratio_8_vs_1']}x tokens/s")

@@ -37,6 +37,7 @@ from nanochat_ternary.serve.batched import (
     fused_decoder,
     prefill,
     prefill_fused,
+    step_with_prefill,
 )
 from nanochat_ternary.serve.engine import Engine, Job
 from nanochat_ternary.serve.text import TextStream
@@ -131,6 +132,38 @@ def test_fused_decode_step_matches_the_decoder_per_row(one_thread):
             torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
             full = model(torch.tensor([s[:n + t + 1]]))[0, -1]  # and the model's own forward
             torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.numerics
+def test_prefill_inside_a_decode_step_matches_the_decoder(one_thread):
+    """step_with_prefill (a prompt prefilled in the same products as the live rows' decode step) ==
+    the Decoder's own batch-1 forward, for the live rows, the joining prompt, and the steps after."""
+    model = tiny_model(261, 48, seed=4)
+    dec = fused_decoder(model)
+    lengths = [5, 1, 17]
+    seqs = [torch.randint(0, 261, (n + 3,)).tolist() for n in lengths]
+    joiner = torch.randint(0, 261, (11,)).tolist()  # a 9-token prompt, then 2 decode steps
+    cache = SlotCache(model, slots=5)
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        cache.load(row, prefill_fused(dec, s[:n])[0])
+
+    def ref(ids):  # the Decoder alone, batch 1; the same tolerance as the fused test above (GEMM row counts)
+        return Decoder(model, mode="fp32").forward(ids)
+
+    logits, first = step_with_prefill(dec, cache, [s[n] for n, s in zip(lengths, seqs)], joiner[:9])
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        torch.testing.assert_close(logits[row], ref(s[:n + 1]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first[0], ref(joiner[:9]), rtol=1e-4, atol=1e-4)
+    assert cache.lengths[:4] == [6, 2, 18, 9]
+    for t in (1, 2):  # the joined row decodes with the others
+        logits = decode_step_fused(dec, cache, [s[n + t] for n, s in zip(lengths, seqs)] + [joiner[8 + t]])
+        for row, (n, s) in enumerate(zip(lengths, seqs)):
+            torch.testing.assert_close(logits[row], ref(s[:n + t + 1]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[3], ref(joiner[:9 + t]), rtol=1e-4, atol=1e-4)
+    empty = SlotCache(model, slots=2)  # no live rows: a prefill alone
+    none, first = step_with_prefill(dec, empty, [], joiner[:1])
+    assert none.shape[0] == 0 and empty.lengths[0] == 1
+    torch.testing.assert_close(first[0], ref(joiner[:1]), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.numerics
@@ -424,3 +457,57 @@ def test_serve_bad_flags_are_one_line_errors(tmp_path, chat_ckpt, capsys):
         assert main(["serve", *args]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+# batched == one at a time on the served path; truncation through the client
+
+
+@pytest.mark.numerics
+def test_fused_engine_batched_equals_one_at_a_time(one_thread):
+    """The served path (fp32 fused decode): requests decoded together, joining and leaving mid-way,
+    give each exactly the tokens it gets decoded alone (max_batch 1), greedy and seeded."""
+    model = tiny_model(261, 64, seed=5)
+    # rows finish at different steps, so live rows move into the holes (the cache rows are copied)
+    # and waiting requests join mid-decode; sampled rows at temperature >= 1 flip on small changes
+    prompts = [[256, 1, 2, 3], [256], list(range(40, 70)), [256, 9], [256, 7, 7, 7, 7], [256, 3] * 5,
+               [256, 100], list(range(90, 100))]
+    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=5), dict(temperature=1.5, seed=1),
+                dict(temperature=0.9, top_k=20, top_p=0.8, seed=7), dict(temperature=1.2, seed=11),
+                dict(temperature=1.5, seed=2), dict(temperature=0.0), dict(temperature=1.5, seed=3)]
+    budgets = [5, 40, 30, 9, 36, 20, 25, 30]
+
+    def run(max_batch: int) -> list[list[int]]:
+        engine = Engine(model, max_batch=max_batch, max_queue=8)
+        assert engine.path == "fused fp32"
+        outs: list[list[int]] = [[] for _ in prompts]
+        done = [threading.Event() for _ in prompts]
+        def emitter(out: list[int], finished: threading.Event):
+            return lambda ev: out.append(ev[1]) if ev[0] == "token" else finished.set()
+
+        for i, (p, s, b) in enumerate(zip(prompts, settings, budgets)):
+            engine.submit(Job(p, b, emitter(outs[i], done[i]), **s))
+        assert all(d.wait(60) for d in done)
+        engine.close()
+        assert max_batch == 1 or engine.rows_decoded > engine.steps  # it did batch
+        return outs
+
+    assert run(3) == run(1)
+
+
+def test_truncation_through_the_openai_client(chat_server):
+    c = client(chat_server)
+    long = [{"role": "system", "content": "be brief"}]
+    for i in range(6):
+        long += [{"role": "user", "content": f"tell me about item {i}"}, {"role": "assistant", "content": "ok " * 4}]
+    long.append({"role": "user", "content": "and now?"})
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="chat/step_000001", messages=long, max_tokens=16)
+    assert e.value.code == "context_length_exceeded"
+    raw = c.chat.completions.with_raw_response.create(model="chat/step_000001", messages=long, max_tokens=16,
+                                                      temperature=0, extra_body={"truncation": "auto"})
+    r = raw.parse()
+    kept = long[:1] + long[-(len(long) - 1 - int(raw.headers["x-truncated-messages"])):]
+    assert int(raw.headers["x-truncated-messages"]) > 0
+    assert r.usage.prompt_tokens == len(ChatTemplate(add_chat_tokens(byte_tokenizer())).encode(kept))
+    assert r.usage.prompt_tokens + 16 <= 128

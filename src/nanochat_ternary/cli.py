@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "set, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward step")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a decode row before 503s")
+    p.add_argument("--stream-interval", type=float, default=0.0,
+                   help="ms: a stream sends the tokens decoded within this interval as one chunk (default 0: "
+                        "each decode step's tokens as soon as they are decoded)")
+    p.add_argument("--truncation", default="disabled", choices=["disabled", "auto"],
+                   help="chat requests that do not fit the context: 400 context_length_exceeded (disabled, as "
+                        "OpenAI) or drop their oldest turns (auto); a request's \"truncation\" field overrides it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -344,7 +350,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_checkpoint(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
                             max_batch=args.max_batch, max_queue=args.max_queue, device=args.device,
-                            threads=args.threads, log_level=args.log_level)
+                            threads=args.threads, log_level=args.log_level, stream_interval_ms=args.stream_interval,
+                            truncation=args.truncation)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

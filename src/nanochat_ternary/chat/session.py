@@ -1,14 +1,10 @@
 """A conversation with a model: its history, fitting it into the context window, and the reply.
 
-Shared by the terminal ``chat`` and ``serve``; both build prompts with the one template
+Used by the terminal ``chat``; it and ``serve`` build prompts with the one template
 (data/chat_template.py), so a model answers the same way everywhere.
 
-Fitting the history: a prompt is ``template.encode(messages)`` (ending with ``<|assistant|>``) and
-must leave room for the reply inside ``max_seq_len``. :func:`fit_history` drops the oldest
-non-system messages until it fits, and then any assistant message left at the front (a reply
-without its question reads as noise to the model). The system message and the newest message are
-never dropped: if those alone do not fit, they are returned as they are and the caller decides
-(``generate`` keeps the prompt's last ``max_seq_len - 1`` tokens; ``serve`` answers 400).
+Fitting the history (:func:`fit_history`, :func:`prompt_budget`) lives in data/chat_fit.py, below
+both ``chat`` and ``serve`` in the layering, and is re-exported here.
 """
 
 from __future__ import annotations
@@ -19,35 +15,9 @@ from typing import Any
 
 import torch
 
+from ..data.chat_fit import fit_history, prompt_budget  # noqa: F401 (re-exported: chat's callers use them here)
 from ..data.chat_template import ChatTemplate, Message, validate_messages
 from ..generate import generate
-
-
-def prompt_budget(max_seq_len: int, max_tokens: int) -> int:
-    """Tokens a prompt may take so that ``max_tokens`` of reply still fit in ``max_seq_len``
-    (at least 1: a reply longer than the context is cut by ``generate``, not refused here)."""
-    return max(1, max_seq_len - max(0, max_tokens))
-
-
-def fit_history(template: ChatTemplate, messages: Sequence[Message],
-                max_prompt_tokens: int) -> tuple[list[dict[str, str]], int]:
-    """``(messages_kept, n_dropped)``: the newest messages whose prompt (with the generation
-    prompt) takes at most ``max_prompt_tokens`` tokens; see the module docstring for what is kept."""
-    if not messages:
-        return [], 0
-    msgs = validate_messages(messages)
-    system = [m for m in msgs[:1] if m["role"] == "system"]
-    rest = msgs[len(system):]
-    dropped = 0
-    # encode each message once: the prompt length is BOS + the turns + <|assistant|>
-    sizes = [len(template.encode([m], add_generation_prompt=False)) - 1 for m in rest]
-    fixed = 2 + (len(template.encode(system, add_generation_prompt=False)) - 1 if system else 0)
-    total = fixed + sum(sizes)
-    while len(rest) > 1 and (total > max_prompt_tokens or rest[0]["role"] == "assistant"):
-        total -= sizes.pop(0)
-        rest.pop(0)
-        dropped += 1
-    return system + rest, dropped
 
 
 def reply_tokens(opened: Any, template: ChatTemplate, messages: Sequence[Message], max_tokens: int,

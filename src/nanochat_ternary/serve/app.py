@@ -133,12 +133,13 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = MAX
         data = await read_json(request, max_body)
         req = _parse(ChatRequest if chat else CompletionRequest, data)
         service.check_model(req)
-        prompt, stop_ids = service.chat_prompt(req) if chat else service.completion_prompt(req)
+        prompt, stop_ids, dropped = service.chat_prompt(req) if chat else (*service.completion_prompt(req), 0)
+        extra = {"X-Truncated-Messages": str(dropped)} if dropped else {}
         if req.stream:
             lines = service.streamed(req, prompt, stop_ids, chat)
             return StreamingResponse(lines, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await service.whole(req, prompt, stop_ids, chat))
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **extra})
+        return JSONResponse(await service.whole(req, prompt, stop_ids, chat), headers=extra or None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # type: ignore[no-untyped-def]

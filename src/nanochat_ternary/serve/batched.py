@@ -168,3 +168,45 @@ def decode_step_fused(dec: Decoder, cache: SlotCache, tokens: list[int]) -> Tens
         x = x + b.w2(F.silu(g) * u)
     st.advance()
     return F.linear(F.rms_norm(x, (D,), dec.norm_f, eps), dec.head).float()
+
+
+@torch.inference_mode()
+def step_with_prefill(dec: Decoder, cache: SlotCache, tokens: list[int], prompt: list[int]) -> tuple[Tensor, Tensor]:
+    """:func:`decode_step_fused` for live rows ``0 .. n-1`` and, in the same products, the prefill of
+    ``prompt`` into row ``n`` (the next free row): the ``n + T`` tokens share every linear layer (one
+    GEMM each instead of a second forward's worth of per-op overhead), attention stays per sequence.
+
+    Returns the decode rows' logits ``[n, V]`` and the prompt's last logits ``[1, V]``; row ``n`` is
+    then filled to ``T`` and the decode rows advanced by one. ``n`` may be 0."""
+    n, T = len(tokens), len(prompt)
+    cfg = dec.cfg
+    H, Hkv, hd, D, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.norm_eps
+    if n + 1 > cache.slots or T > cache.max_len:
+        raise ValueError(f"no free row for a prompt of {T} tokens ({n} rows live, {cache.slots} slots)")
+    st = _Step(cache, n, dec.cos, dec.sin, Hkv != H) if n else None
+    cos, sin = dec.cos[:T], dec.sin[:T]  # [T, hd/2]: the prompt from position 0
+    extra = {"enable_gqa": True} if Hkv != H else {}
+    ids = torch.tensor(tokens + prompt, dtype=torch.long, device=cache.k.device)
+    x = F.embedding(ids, dec.emb)  # [n + T, D]
+    for layer, b in enumerate(dec.blocks):
+        qkv = b.qkv(F.rms_norm(x, (D,), b.attn_norm, eps))  # [n + T, D + 2 Hkv hd]
+        q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
+        qp = apply_rope(q[n:].reshape(1, T, H, hd), cos, sin).transpose(1, 2)  # [1, H, T, hd]
+        kp = apply_rope(k[n:].reshape(1, T, Hkv, hd), cos, sin).transpose(1, 2)  # [1, Hkv, T, hd]
+        vp = v[n:].reshape(1, T, Hkv, hd).transpose(1, 2)
+        cache.k[layer, n, :, :T] = kp[0]
+        cache.v[layer, n, :, :T] = vp[0]
+        yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=T > 1, **extra)  # [1, H, T, hd]
+        yp = yp.transpose(1, 2).reshape(T, D)
+        if st is not None:
+            yd = st.attend(layer, q[:n].reshape(n, H, hd), k[:n].reshape(n, Hkv, hd), v[:n].reshape(n, Hkv, hd))
+            yp = torch.cat((yd, yp))  # [n + T, D]
+        x = x + b.wo(yp)
+        g, u = b.w13(F.rms_norm(x, (D,), b.ffn_norm, eps)).chunk(2, dim=-1)
+        x = x + b.w2(F.silu(g) * u)
+    if st is not None:
+        st.advance()
+    cache.lengths[n] = T
+    last = torch.cat((x[:n], x[n + T - 1:])) if n else x[-1:]  # the rows whose logits are needed
+    logits = F.linear(F.rms_norm(last, (D,), dec.norm_f, eps), dec.head).float()  # [n + 1, V]
+    return logits[:n], logits[n:]

@@ -27,7 +27,15 @@ import torch
 
 from ..generate import sample_next
 from ..model.gpt import GPT
-from .batched import SlotCache, decode_step, decode_step_fused, fused_decoder, prefill, prefill_fused
+from .batched import (
+    SlotCache,
+    decode_step,
+    decode_step_fused,
+    fused_decoder,
+    prefill,
+    prefill_fused,
+    step_with_prefill,
+)
 
 log = logging.getLogger("nanochat_ternary.serve")
 
@@ -126,27 +134,33 @@ class Engine:
                 admitted = []
                 while self._waiting and len(self._live) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
+            # fused path: the first admitted prompt is prefilled inside this step's products
+            joining = admitted.pop(0) if admitted and self.decoder is not None else None
             try:
                 for job in admitted:
                     self._admit(job)
-                if self._live:
-                    self._step()
+                if self._live or joining is not None:
+                    self._step(joining)
             except Exception as e:  # a bug must fail the requests, not kill the server
                 log.exception("decode failed")
-                for job in self._live:
+                for job in self._live + ([joining] if joining is not None and joining not in self._live else []):
                     job.emit(("error", f"decode failed: {type(e).__name__}: {e}"))
                 self._live.clear()
 
     def _sample(self, job: Job, logits: torch.Tensor) -> int:
         return int(sample_next(logits, job.temperature, job.top_k, job.top_p, job.generator)[0])
 
+    def _seed(self, job: Job) -> None:
+        job.generator = torch.Generator(device=self.device)
+        # any int a client sends maps to a valid seed (torch takes 0 .. 2**64 - 1)
+        job.generator.manual_seed(job.seed % (2 ** 63) if job.seed is not None else time.time_ns() % (2 ** 63))
+
     def _admit(self, job: Job) -> None:
+        """Prefill ``job`` alone into the next free row and sample its first token."""
         if job.cancelled.is_set():
             return
         try:
-            job.generator = torch.Generator(device=self.device)
-            # any int a client sends maps to a valid seed (torch takes 0 .. 2**64 - 1)
-            job.generator.manual_seed(job.seed % (2 ** 63) if job.seed is not None else time.time_ns() % (2 ** 63))
+            self._seed(job)
             cache, logits = (prefill_fused(self.decoder, job.prompt) if self.decoder is not None
                              else prefill(self.model, job.prompt))  # logits [1, V]
         except Exception as e:  # this request's failure only (the HTTP side checks lengths first)
@@ -174,18 +188,34 @@ class Engine:
             return
         job.next_token = tok
 
-    def _step(self) -> None:
+    def _step(self, joining: Job | None = None) -> None:
+        """One decode step of the live rows; ``joining`` (fused path) is prefilled in the same step
+        into the next free row (:func:`~.batched.step_with_prefill`) and samples its first token."""
         self._compact()
-        if not self._live:
+        if joining is not None and joining.cancelled.is_set():
+            joining = None
+        if not self._live and joining is None:
             return
         tokens = [j.next_token for j in self._live]
-        logits = (decode_step_fused(self.decoder, self.cache, tokens) if self.decoder is not None
-                  else decode_step(self.model, self.cache, tokens))  # [n, V]
-        self.steps += 1
-        self.rows_decoded += len(self._live)
-        for row in range(len(self._live)):
-            if not self._live[row].cancelled.is_set():
-                self._accept(row, self._sample(self._live[row], logits[row:row + 1]))
+        if joining is not None:
+            self._seed(joining)
+            logits, first = step_with_prefill(self.decoder, self.cache, tokens, joining.prompt)  # [n, V], [1, V]
+        else:
+            logits = (decode_step_fused(self.decoder, self.cache, tokens) if self.decoder is not None
+                      else decode_step(self.model, self.cache, tokens))  # [n, V]
+        if tokens:
+            self.steps += 1
+            self.rows_decoded += len(tokens)
+        rows = [r for r in range(len(tokens)) if not self._live[r].cancelled.is_set()]
+        draws = [sample_next(logits[r:r + 1], j.temperature, j.top_k, j.top_p, j.generator)
+                 for r, j in ((r, self._live[r]) for r in rows)]
+        if joining is not None:
+            self._live.append(joining)  # row len(tokens): rows are only compacted below
+            rows.append(len(tokens))
+            draws.append(sample_next(first, joining.temperature, joining.top_k, joining.top_p, joining.generator))
+        # one device -> host copy per step for all rows (a per-row int() would sync a GPU per row)
+        for row, tok in zip(rows, torch.cat(draws).tolist() if draws else []):
+            self._accept(row, tok)
         self._compact()
 
     def _compact(self) -> None:

@@ -1,7 +1,8 @@
 """The OpenAI wire format: request models (validated with pydantic), response shapes, error bodies.
 
 Fields a client may send are either honoured (messages / prompt, max_tokens / max_completion_tokens,
-temperature, top_p, top_k, seed, stop, stream, stream_options.include_usage) or accepted only at their
+temperature, top_p, top_k, seed, stop, stream, stream_options.include_usage, and for chat the
+Responses API's truncation) or accepted only at their
 neutral value (n = 1, presence/frequency penalty 0, no logprobs, no echo, no logit_bias, best_of 1);
 anything else is a 400 naming the field, as OpenAI answers an unknown argument. ``user`` and a
 message's ``name`` are metadata and ignored.
@@ -129,6 +130,9 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    # OpenAI's Responses API field: "auto" drops the oldest turns that do not fit the context,
+    # "disabled" answers 400 context_length_exceeded; None: the server's --truncation
+    truncation: Literal["auto", "disabled"] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 

@@ -35,7 +35,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve_checkpoint(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                      max_batch: int = 8, max_queue: int = 64, device: str = "auto", threads: int = 0,
-                     log_level: str = "info") -> int:
+                     log_level: str = "info", stream_interval_ms: float = 0.0, truncation: str = "disabled") -> int:
     """Serve ``checkpoint`` until stopped; returns the exit status (0 after a graceful stop)."""
     import uvicorn  # the [serve] extra
 
@@ -47,6 +47,10 @@ def serve_checkpoint(checkpoint: str, host: str = "127.0.0.1", port: int = 8000,
         raise UserError(f"--max-queue {max_queue}: must be >= 0 (requests waiting beyond --max-batch)")
     if threads < 0:
         raise UserError(f"--threads {threads}: must be >= 0 (0: torch's default)")
+    if not 0 <= stream_interval_ms <= 1000:
+        raise UserError(f"--stream-interval {stream_interval_ms}: must be 0..1000 ms")
+    if truncation not in ("disabled", "auto"):
+        raise UserError(f"--truncation {truncation}: must be disabled or auto")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key: the key is empty")
@@ -58,7 +62,8 @@ def serve_checkpoint(checkpoint: str, host: str = "127.0.0.1", port: int = 8000,
         raise UserError(f"{opened.path}: the tokenizer has {tok.vocab_size} ids but the model only "
                         f"{opened.config.model.vocab_size}")
     engine = Engine(opened.model, max_batch=max_batch, max_queue=max_queue)
-    service = Service(opened.name, tok, engine, opened.config.model.max_seq_len)
+    service = Service(opened.name, tok, engine, opened.config.model.max_seq_len,
+                      stream_interval=stream_interval_ms / 1000, truncation=truncation)
     app = create_app(service, api_key=api_key)
     if not _is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} (not loopback) without --api-key: anyone who can reach it can use it",

@@ -2,16 +2,21 @@
 
 The prompt must leave room in the context: a prompt of ``P`` tokens in a context of ``C`` allows
 ``max_tokens <= C - P`` (default: all of it); more is a 400 ``context_length_exceeded``, as OpenAI
-answers, never a silent truncation (the web page drops old turns itself and says so).
+answers, never a silent truncation. A chat request with ``"truncation": "auto"`` (or every chat
+request of a server started with ``--truncation auto``) instead drops its oldest turns until
+``max_tokens`` (not given: half the context, as ``chat`` caps a reply) fits, with the terminal
+chat's rule (data/chat_fit.py); the response header ``X-Truncated-Messages`` says how many went.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..data.chat_fit import fit_history, prompt_budget
 from ..data.chat_template import ROLE_TOKENS, ChatTemplate, has_chat_tokens
 from ..data.tokenizer import Tokenizer
 from .engine import Busy, Engine, Event, Job
@@ -29,9 +34,54 @@ from .protocol import (
 )
 from .text import TextStream
 
+_AUTO_HINT = ' (or send "truncation": "auto" to drop the oldest turns)'
+
 
 class GenerationFailed(Exception):
     pass
+
+
+class Mailbox:
+    """Events from the decode thread to the event loop's queues, delivered in batches.
+
+    ``call_soon_threadsafe`` per token writes to the loop's self-pipe and wakes the loop once per
+    token, and each wake-up hands the GIL to the loop thread while the decode thread waits for it.
+    Here the worker wakes the loop only when no delivery is armed: the loop delivers everything
+    posted so far, then (``interval > 0``) looks again ``interval`` seconds later on its own timer and
+    stays armed while events keep coming. So a busy server wakes its loop once per interval, not
+    once per token, and a stream sends the tokens of an interval as one chunk; the first event
+    after a quiet spell is delivered at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
+        self.loop, self.interval = loop, interval
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+        self._armed = False  # a delivery is scheduled (or the interval's timer runs)
+
+    def post(self, queue: asyncio.Queue, ev: Event) -> None:
+        """Called on the worker thread; raises RuntimeError when the loop is closed."""
+        with self._lock:
+            self._pending.append((queue, ev))
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nothing will deliver
+            with self._lock:
+                self._pending.clear()
+                self._armed = False
+            raise
+
+    def _deliver(self) -> None:  # on the loop
+        with self._lock:
+            items, self._pending = self._pending, []
+            if not items or self.interval <= 0:
+                self._armed = False  # the next post wakes the loop again
+        for queue, ev in items:
+            queue.put_nowait(ev)
+        if items and self.interval > 0:
+            self.loop.call_later(self.interval, self._deliver)
 
 
 @dataclass
@@ -42,9 +92,18 @@ class Service:
     tok: Tokenizer
     engine: Engine
     context: int  # max_seq_len
+    stream_interval: float = 0.0  # seconds: streamed tokens are gathered into one SSE chunk per interval
+    truncation: str = "disabled"  # a chat request's default: "auto" drops the oldest turns that do not fit
+    _mailboxes: dict[int, Mailbox] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.template = ChatTemplate(self.tok) if has_chat_tokens(self.tok) else None
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        box = self._mailboxes.get(id(loop))
+        if box is None or box.loop is not loop or box.interval != self.stream_interval:
+            box = self._mailboxes[id(loop)] = Mailbox(loop, self.stream_interval)
+        return box
 
     # ------------------------------------------------------------------ request -> job
 
@@ -53,15 +112,22 @@ class Service:
             raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.name}' "
                                 f"(GET /v1/models).", param="model", code="model_not_found")
 
-    def chat_prompt(self, req: ChatRequest) -> tuple[list[int], frozenset[int]]:
+    def chat_prompt(self, req: ChatRequest) -> tuple[list[int], frozenset[int], int]:
+        """``(prompt ids, stop ids, messages dropped to fit the context)``."""
         if self.template is None:
             raise ApiError(400, f"'{self.name}' is a base model (its tokenizer has no chat tokens): use "
                                 f"/v1/completions, or chat fine-tune it first (nanochat-train sft).",
                            param="messages", code="model_not_chat")
-        ids = self.template.encode([m.as_template_message() for m in req.messages])
+        msgs = [m.as_template_message() for m in req.messages]
+        ids, dropped = self.template.encode(msgs), 0
+        reply = req.max_tokens if req.max_tokens is not None else self.context // 2
+        if (req.truncation or self.truncation) == "auto" and len(ids) + reply > self.context:
+            # what still does not fit (the system and newest messages alone) is answered by budget()
+            msgs, dropped = fit_history(self.template, msgs, prompt_budget(self.context, reply))
+            ids = self.template.encode(msgs)
         # the end of the turn, a new document, or a role marker (the model starting another turn)
         roles = {self.template.role_ids[r] for r in ROLE_TOKENS}
-        return ids, frozenset(self.template.stop_ids) | frozenset(roles)
+        return ids, frozenset(self.template.stop_ids) | frozenset(roles), dropped
 
     def completion_prompt(self, req: CompletionRequest) -> tuple[list[int], frozenset[int]]:
         p = req.prompt
@@ -80,24 +146,26 @@ class Service:
         room = self.context - n_prompt
         if room < 1:
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the prompt is "
-                                f"{n_prompt} tokens, leaving no room for a reply. Shorten the prompt.",
+                                f"{n_prompt} tokens, leaving no room for a reply. Shorten the prompt"
+                                f"{_AUTO_HINT if isinstance(req, ChatRequest) else ''}.",
                            param="messages" if isinstance(req, ChatRequest) else "prompt",
                            code="context_length_exceeded")
         if req.max_tokens is not None and req.max_tokens > room:
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you "
                                 f"requested {n_prompt + req.max_tokens} tokens ({n_prompt} in the prompt, "
-                                f"{req.max_tokens} for the completion). Lower max_tokens to {room} or less.",
+                                f"{req.max_tokens} for the completion). Lower max_tokens to {room} or less"
+                                f"{_AUTO_HINT if isinstance(req, ChatRequest) else ''}.",
                            param="max_tokens", code="context_length_exceeded")
         return req.max_tokens if req.max_tokens is not None else room
 
     def start(self, req: _Sampling, prompt: list[int], stop_ids: frozenset[int]) -> tuple[Job, asyncio.Queue]:
         """Queue the job (503 when the engine is full); its events arrive on the returned queue."""
-        loop = asyncio.get_running_loop()
+        box = self._mailbox(asyncio.get_running_loop())
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(ev: Event) -> None:  # on the worker thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
+                box.post(events, ev)
             except RuntimeError:  # the event loop is gone (server stopping): nobody to tell
                 job.cancel()
 
@@ -114,27 +182,47 @@ class Service:
 
     async def pieces(self, job: Job, events: asyncio.Queue,
                      stop: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
-        """``(text, finish_reason or None, tokens so far)`` as the job runs; the last one has the finish reason."""
+        """``(text, finish_reason or None, tokens so far)`` as the job runs; the last one has the finish reason.
+
+        The tokens delivered together (:class:`Mailbox`: those of one ``stream_interval``) make one
+        piece, decoded once: the text is what feeding them one by one gives. ``tokens so far`` counts
+        what the model generated, the end-of-turn / stop token included (OpenAI's ``completion_tokens``)."""
         stream = TextStream(self.tok.decode, stop)
         n = 0
         try:
             while True:
-                kind, value = await events.get()
-                if kind == "token":
-                    n += 1
-                    piece = stream.feed(int(value))  # type: ignore[arg-type]
-                    if stream.stopped:
-                        yield piece, "stop", n
-                        return
+                toks, end = await self._gather(events)
+                piece, taken = stream.feed_many(toks)
+                n += taken
+                if stream.stopped:
+                    yield piece, "stop", n
+                    return
+                if end is None:
                     if piece:
                         yield piece, None, n
-                elif kind == "done":
-                    yield stream.flush(), str(value), n
+                    continue
+                kind, value = end
+                if kind == "done":
+                    n += value == "stop"  # the engine ended on a stop id: the model generated that token too
+                    yield piece + stream.flush(), str(value), n
                     return
-                else:
-                    raise GenerationFailed(str(value))
+                if piece:
+                    yield piece, None, n
+                raise GenerationFailed(str(value))
         finally:
             job.cancel()  # finished, stopped by a stop string, or the client went away: free the row
+
+    @staticmethod
+    async def _gather(events: asyncio.Queue) -> tuple[list[int], Event | None]:
+        """The next event and all already delivered: ``(token ids, the final event or None)``."""
+        toks: list[int] = []
+        ev = await events.get()
+        while ev[0] == "token":
+            toks.append(int(ev[1]))  # type: ignore[arg-type]
+            if events.empty():
+                return toks, None
+            ev = events.get_nowait()
+        return toks, ev
 
     async def whole(self, req: _Sampling, prompt: list[int], stop_ids: frozenset[int], chat: bool) -> dict:
         job, events = self.start(req, prompt, stop_ids)
@@ -161,19 +249,20 @@ class Service:
             n = 0
             if chat:
                 yield f"data: {json.dumps(chat_chunk(rid, self.name, {'role': 'assistant', 'content': ''}, None))}\n\n"
+            tail = ""  # the last events go out in one write: finish chunk, usage, [DONE]
             try:
                 async for piece, finish, count in self.pieces(job, events, req.stop_strings):
                     n = count
-                    if piece:
+                    if piece and not finish:
                         yield chunk(piece, None)
-                    if finish:
-                        yield chunk("", finish)
+                    elif finish:
+                        tail = (chunk(piece, None) if piece else "") + chunk("", finish)
             except GenerationFailed as e:
                 err = ApiError(500, str(e), type="server_error", code="generation_failed")
-                yield f"data: {json.dumps(err.body())}\n\n"
+                tail += f"data: {json.dumps(err.body())}\n\n"
             if req.include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield f"data: {json.dumps(usage_chunk(rid, self.name, obj, len(prompt), n))}\n\n"
-            yield "data: [DONE]\n\n"
+                tail += f"data: {json.dumps(usage_chunk(rid, self.name, obj, len(prompt), n))}\n\n"
+            yield tail + "data: [DONE]\n\n"
 
         return lines()

@@ -3,6 +3,12 @@
 A token may end inside a multi-byte character (its decoded text then ends in U+FFFD until the rest
 arrives), and a stop string may arrive split over several tokens, so a piece is released only when
 no later token can change it: text that could still be the start of a stop string is held back.
+
+Decoding is incremental: once the decoded text ends on a whole character, the ids so far are
+committed with their text and later calls decode only the ids after them (a long reply costs
+O(new tokens) per piece, not O(reply)). That relies on ``decode(a + b) == decode(a) + decode(b)``
+when ``decode(a)`` ends on a whole character, which holds for byte-level tokenizers (ours, GGUF
+vocabularies: the bytes of the tokens, then UTF-8).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ class TextStream:
         self.sent = 0  # characters of the decoded text already released
         self.stopped = False
         self.text = ""  # everything released
+        self._base, self._base_text = 0, ""  # ids[:_base] decode to _base_text, final (whole characters)
 
     def _release(self, upto: int, full: str) -> str:
         piece = full[self.sent:upto]
@@ -32,7 +39,33 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(tok)
-        full = self.decode(self.ids)
+        return self._advance()
+
+    def feed_many(self, toks: Sequence[int]) -> tuple[str, int]:
+        """Add several tokens; ``(newly final text, tokens taken)``. All are taken unless a stop string
+        appears (then up to the token that completed it), and the text is what feeding them one by
+        one would release, with one decode instead of one per token when there are no stop strings."""
+        if self.stop:  # find the very token that completes a stop string
+            out = []
+            for i, tok in enumerate(toks):
+                out.append(self.feed(tok))
+                if self.stopped:
+                    return "".join(out), i + 1
+            return "".join(out), len(toks)
+        if self.stopped or not toks:
+            return "", 0
+        self.ids.extend(toks)
+        return self._advance(), len(toks)
+
+    def _decoded(self) -> str:
+        """The text of all ids so far, decoding only those after the committed prefix."""
+        full = self._base_text + self.decode(self.ids[self._base:])
+        if full and not full.endswith("\ufffd"):  # ends on a whole character: later ids cannot change it
+            self._base, self._base_text = len(self.ids), full
+        return full
+
+    def _advance(self) -> str:
+        full = self._decoded()
         hits = [i for i in (full.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
@@ -53,5 +86,5 @@ class TextStream:
         """The generation ended: release what was held back (an unfinished character stays U+FFFD)."""
         if self.stopped:
             return ""
-        full = self.decode(self.ids)
+        full = self._decoded()
         return self._release(len(full), full)
