@@ -160,6 +160,8 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = 100
     eval_batches: int = 8
+    eval_tasks: str = ""  # also scored at each evaluation (train/task_eval.py): task names / files, bpb:PATH; "" = off
+    eval_task_limit: int = 100  # eval_tasks: items (bpb: documents) per task
     log_interval: int = 10
     log_file: str = ""
     tensorboard: str = ""

@@ -88,7 +88,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("batch_size", "seq_len", "grad_accum_steps", "ns_steps", "eval_batches", "log_interval",
                 "quant_block_size", "galore_rank", "galore_update_freq", "n_samples", "num_workers",
-                "prefetch_batches"):
+                "prefetch_batches", "eval_task_limit"):
         _require(getattr(t, key) >= 1, key, getattr(t, key), "must be >= 1")
     for key in ("total_steps", "warmup_steps", "eval_interval", "checkpoint_interval",
                 "keep_last_checkpoints", "threads", "galore_min_dim", "sample_tokens", "seed"):
