@@ -433,6 +433,8 @@ class Trainer:
         logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main, warn=self.warn)
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not rt.is_main, unit="step",
                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        # its clock starts before the batch source: the loader's start-up counts in the first tok_per_s, as before
+        log = LogPolicy(t.log_interval, self.start_step, self.total_steps, self.tokens_per_step)
         source = make_batch_source(self.batches, self.start_step, self.total_steps,
                                    use_async=t.use_async_loader, num_workers=t.num_workers,
                                    prefetch_batches=t.prefetch_batches, device=rt.device)
@@ -442,7 +444,7 @@ class Trainer:
                       f"pip install nvidia-ml-py to log gpu_util")
         return _Loop(
             logger, bar, source, gpu,
-            log=LogPolicy(t.log_interval, self.start_step, self.total_steps, self.tokens_per_step),
+            log=log,
             evaluate=EvalPolicy(t.eval_interval, self.total_steps, lambda: self.evaluate(),
                                 tasks.run if tasks is not None else None),
             checkpoint=CheckpointPolicy(t.checkpoint_interval, self.total_steps),
