@@ -116,3 +116,62 @@ def test_dict_round_trip():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         build_config("nope/missing.toml")
+
+
+# ---------------------------------------------------------------------------------------------
+# use_8bit_adamw: an alias of adamw_state = "8bit", resolved at load
+
+
+def _state(tmp_path, toml: str | None = None, sets: list[str] | None = None, base: str | None = None) -> str:
+    cfg_file = None
+    if toml is not None:
+        cfg_file = tmp_path / "c.toml"
+        cfg_file.write_text(toml)
+    return build_config(base, str(cfg_file) if cfg_file else None, None, sets or []).training.adamw_state
+
+
+def test_use_8bit_adamw_is_adamw_state_8bit_in_toml_and_set(tmp_path):
+    for toml in ("use_8bit_adamw = true\n", "[training]\nuse_8bit_adamw = true\n", "[optimizer]\nuse_8bit_adamw = true\n",
+                 'use_8bit_adamw = true\nadamw_state = "fp32"\n'):  # true over the same source's fp32, as before
+        assert _state(tmp_path, toml) == "8bit", toml
+    assert _state(tmp_path, "use_8bit_adamw = false\n") == "fp32"
+    assert _state(tmp_path, 'use_8bit_adamw = false\nadamw_state = "8bit"\n') == "8bit"
+    assert _state(tmp_path, sets=["use_8bit_adamw=true"]) == "8bit"
+    assert _state(tmp_path, sets=["use-8bit-adamw=yes"]) == "8bit"
+    assert _state(tmp_path, sets=["adamw_state=8bit"]) == "8bit"
+    cfg = build_config(overrides=["use_8bit_adamw=true"])
+    assert "use_8bit_adamw" not in cfg.to_dict()["training"]  # one canonical key in meta.json
+    assert cfg.training.use_8bit_adamw  # read-only, for code that asks the older way
+
+
+def test_a_later_source_overrides_the_alias(tmp_path):
+    assert _state(tmp_path, "use_8bit_adamw = true\n", ["use_8bit_adamw=false"]) == "fp32"
+    assert _state(tmp_path, "use_8bit_adamw = true\n", ["adamw_state=foam"]) == "foam"
+    assert _state(tmp_path, 'adamw_state = "foam"\n', ["use_8bit_adamw=true"]) == "8bit"
+    assert _state(tmp_path, 'adamw_state = "foam"\n', ["use_8bit_adamw=false"]) == "foam"  # false leaves foam
+    assert _state(tmp_path, base="medium_3b_10gb.toml") == "8bit"  # the shipped configs' spelling
+    assert _state(tmp_path, sets=["use_8bit_adamw=false"], base="medium_3b_10gb.toml") == "fp32"
+
+
+@pytest.mark.parametrize("toml,sets", [('use_8bit_adamw = true\nadamw_state = "foam"\n', []),
+                                       (None, ["adamw_state=foam", "use_8bit_adamw=true"])])
+def test_the_alias_and_foam_in_one_source_is_one_line(tmp_path, toml, sets):
+    with pytest.raises(ConfigError, match="use_8bit_adamw = true with adamw_state = 'foam'") as e:
+        _state(tmp_path, toml, sets)
+    assert "\n" not in str(e.value)
+
+
+def test_checkpoint_configs_with_either_spelling_load():
+    """meta.json of checkpoints saved before the alias holds both keys; they load to the same state."""
+    for old, state, want in [(False, "fp32", "fp32"), (True, "fp32", "8bit"), (False, "8bit", "8bit"),
+                             (False, "foam", "foam")]:
+        d = build_config().to_dict()
+        d["training"] = {"use_8bit_adamw": old, **d["training"], "adamw_state": state}  # the old field order
+        assert Config.from_dict(d).training.adamw_state == want, (old, state)
+
+
+def test_every_shipped_config_loads():
+    from nanochat_ternary.config import shipped_configs
+
+    for name in shipped_configs():
+        build_config(name)

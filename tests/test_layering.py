@@ -28,3 +28,20 @@ def test_no_source_file_is_too_long():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+MAX_FUNCTION_LINES = 80  # the training path reads like the algorithm: a longer function is asking to be split
+
+
+def test_no_training_function_is_too_long():
+    """Every function (and method) in train/*.py is at most ~80 lines, decorators and docstring included."""
+    import ast
+
+    long = {}
+    for p in sorted((SRC / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if (n := node.end_lineno - first + 1) > MAX_FUNCTION_LINES:
+                    long[f"{p.name}:{node.lineno} {node.name}"] = n
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines in train/: {long}"

@@ -394,7 +394,7 @@ def test_shipped_low_memory_configs_load_and_train_a_step(name):
     assert name in shipped_configs()
     cfg = build_config(name)
     t = cfg.training
-    assert t.optimizer_in_backward and t.latent_dtype == "bfloat16" and t.use_8bit_adamw and t.use_galore
+    assert t.optimizer_in_backward and t.latent_dtype == "bfloat16" and t.adamw_state == "8bit" and t.use_galore
     small = build_config(name, None, None, ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=1",
                                             "vocab_size=256", "max_seq_len=64", "seq_len=32", "batch_size=2",
                                             "galore_min_dim=32", "galore_rank=8", "device=cpu"])

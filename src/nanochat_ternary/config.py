@@ -29,7 +29,7 @@ from typing import Any
 
 import tomllib
 
-from .config_checks import validate
+from .config_checks import resolve_8bit_adamw, validate
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +130,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # Muon matrices updated in backward hooks, gradients freed at once
     latent_dtype: str = "float32"  # storage of the Muon matrices' latent weights: float32 | bfloat16
     latent_rounding: str = "stochastic"  # how bfloat16 latents are written back: stochastic | nearest
-    use_8bit_adamw: bool = False  # AdamW (embeddings, head, norms) with int8 first and bf16 second moment
-    adamw_state: str = "fp32"  # AdamW moments: fp32 | 8bit (= use_8bit_adamw) | foam (docs/roadmap.md)
+    adamw_state: str = "fp32"  # AdamW moments: fp32 | 8bit (int8 m, bf16 v; alias use_8bit_adamw = true) | foam
     foam_fold_level: int = 2  # foam: moments kept per block of 2^level values along the last dim (the authors' 2)
     # activation-format schedule (docs/roadmap.md): int8 until this step, then model.act_quant (0: from the start)
     act_quant_switch_step: int = 0
@@ -160,6 +159,8 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = 100
     eval_batches: int = 8
+    eval_tasks: str = ""  # also scored at each evaluation (train/task_eval.py): task names / files, bpb:PATH; "" = off
+    eval_task_limit: int = 100  # eval_tasks: items (bpb: documents) per task
     log_interval: int = 10
     log_file: str = ""
     tensorboard: str = ""
@@ -179,6 +180,10 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # 0: leave torch's default
+
+    @property
+    def use_8bit_adamw(self) -> bool:  # the older spelling, read-only
+        return self.adamw_state == "8bit"
 
 
 @dataclass
@@ -287,6 +292,10 @@ ALIASES: dict[str, str] = {
     "max_steps": "total_steps",
 }
 
+# A spelling that sets another field: use_8bit_adamw = true is adamw_state = "8bit" (resolved per source,
+# against the adamw_state the same source gives: config_checks.resolve_8bit_adamw).
+VALUE_ALIASES: dict[str, tuple[str, str]] = {"use_8bit_adamw": ("adamw_state", "8bit")}  # = true means
+
 # TOML sections are only grouping: a key is resolved by its name wherever it appears.
 KNOWN_SECTIONS = ("model", "training", "optimizer", "data", "hardware", "run")
 
@@ -304,19 +313,22 @@ def _section_of(key: str) -> str:
 
 
 def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, ALL_KEYS + list(ALIASES), n=1, cutoff=0.0)
+    match = difflib.get_close_matches(key, ALL_KEYS + list(ALIASES) + list(VALUE_ALIASES), n=1, cutoff=0.0)
     return ALIASES.get(match[0], match[0]) if match else ""
 
 
 def canonical_key(key: str, source: str) -> str:
+    """The field a key names (a value alias, ``use_8bit_adamw``, is returned as itself)."""
     key = key.strip().replace("-", "_")
     key = ALIASES.get(key, key)
-    if key not in _MODEL_FIELDS and key not in _TRAIN_FIELDS:
+    if key not in _MODEL_FIELDS and key not in _TRAIN_FIELDS and key not in VALUE_ALIASES:
         raise ConfigError(f"{source}: unknown config key '{key}' (did you mean '{_closest(key)}'?)")
     return key
 
 
 def _field_type(key: str) -> Any:
+    if key in VALUE_ALIASES:
+        return "bool"
     f = _MODEL_FIELDS.get(key) or _TRAIN_FIELDS[key]
     return f.type
 
@@ -389,14 +401,26 @@ def coerce(key: str, value: Any, source: str) -> Any:
     raise ConfigError(f"{source}: {key} has an unsupported type {typ}")  # programming error
 
 
-def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
-    key = canonical_key(key, source)
-    value = coerce(key, value, source)
-    setattr(cfg.model if _section_of(key) == "model" else cfg.training, key, value)
+def apply_items(cfg: Config, items: list[tuple[str, Any, str]]) -> None:
+    """One source's ``(key, value, source name)`` in order, later wins; a value alias
+    (``use_8bit_adamw``) is resolved once the source's own keys are in."""
+    aliased: dict[str, tuple[bool, str]] = {}
+    given: set[str] = set()
+    for key, value, source in items:
+        key = canonical_key(key, source)
+        value = coerce(key, value, source)
+        if key in VALUE_ALIASES:
+            aliased[key] = (value, source)
+            continue
+        given.add(key)
+        setattr(cfg.model if _section_of(key) == "model" else cfg.training, key, value)
+    if "use_8bit_adamw" in aliased:
+        resolve_8bit_adamw(cfg.training, *aliased["use_8bit_adamw"], state_given="adamw_state" in given)
 
 
 def apply_mapping(cfg: Config, data: dict[str, Any], source: str) -> None:
     """Apply a (possibly sectioned) mapping such as a parsed TOML file."""
+    items: list[tuple[str, Any, str]] = []
     for k, v in data.items():
         if isinstance(v, dict):
             if k not in KNOWN_SECTIONS:
@@ -406,9 +430,10 @@ def apply_mapping(cfg: Config, data: dict[str, Any], source: str) -> None:
             for kk, vv in v.items():
                 if isinstance(vv, dict):
                     raise ConfigError(f"{source}: nested section [{k}.{kk}] is not supported")
-                set_value(cfg, kk, vv, source)
+                items.append((kk, vv, source))
         else:
-            set_value(cfg, k, v, source)
+            items.append((k, v, source))
+    apply_items(cfg, items)
 
 
 def _keys_of(data: dict[str, Any], source: str) -> set[str]:
@@ -534,34 +559,29 @@ def build_config(
         apply_mapping(cfg, data, src)
         _apply_length_rule(cfg, _keys_of(data, src))
     flags = {k: v for k, v in (cli or {}).items() if v is not None}
-    for k, v in flags.items():
-        set_value(cfg, k, v, f"--{k.replace('_', '-')}")
+    apply_items(cfg, [(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items()])
     _apply_length_rule(cfg, {canonical_key(k, "flag") for k in flags})
-    set_keys: set[str] = set()
+    sets: list[tuple[str, Any, str]] = []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        set_value(cfg, k, v.strip(), f"--set {k.strip()}")
-        set_keys.add(canonical_key(k, f"--set {k.strip()}"))
-    _apply_length_rule(cfg, set_keys)
+        sets.append((k, v.strip(), f"--set {k.strip()}"))
+    apply_items(cfg, sets)
+    _apply_length_rule(cfg, {canonical_key(k, src) for k, _, src in sets})
     validate(cfg)
     return cfg
 
 
 # --------------------------------------------------------------------------------------------
-# Validation
+# Printing
 
 
 def format_config(cfg: Config) -> str:
     """The resolved config as TOML-ish text, printed at the start of a run."""
-    lines = [f"# preset: {cfg.preset or '-'}", "[model]"]
-    for k, v in dataclasses.asdict(cfg.model).items():
-        lines.append(f"{k} = {_fmt(v)}")
-    lines.append("[training]")
-    for k, v in dataclasses.asdict(cfg.training).items():
-        lines.append(f"{k} = {_fmt(v)}")
-    return "\n".join(lines)
+    model, training = dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.training)
+    return "\n".join([f"# preset: {cfg.preset or '-'}", "[model]", *(f"{k} = {_fmt(v)}" for k, v in model.items()),
+                      "[training]", *(f"{k} = {_fmt(v)}" for k, v in training.items())])
 
 
 def _fmt(v: Any) -> str:

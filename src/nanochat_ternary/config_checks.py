@@ -88,7 +88,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("batch_size", "seq_len", "grad_accum_steps", "ns_steps", "eval_batches", "log_interval",
                 "quant_block_size", "galore_rank", "galore_update_freq", "n_samples", "num_workers",
-                "prefetch_batches"):
+                "prefetch_batches", "eval_task_limit"):
         _require(getattr(t, key) >= 1, key, getattr(t, key), "must be >= 1")
     for key in ("total_steps", "warmup_steps", "eval_interval", "checkpoint_interval",
                 "keep_last_checkpoints", "threads", "galore_min_dim", "sample_tokens", "seed"):
@@ -140,6 +140,19 @@ def validate(cfg: Config) -> None:
              dev, "allowed: auto, cpu, cuda, cuda:N")
 
 
+def resolve_8bit_adamw(t: TrainConfig, on: bool, source: str, state_given: bool) -> None:
+    """One source's ``use_8bit_adamw`` (config.VALUE_ALIASES): ``true`` is ``adamw_state = "8bit"``
+    (over an fp32 the same source gives, as it always was); ``false`` turns an earlier source's
+    ``"8bit"`` back to ``"fp32"`` unless this source names the state itself."""
+    if on and state_given and t.adamw_state == "foam":
+        raise ConfigError(f"{source}: use_8bit_adamw = true with adamw_state = 'foam' asks for two AdamW states: "
+                          f"choose one (use_8bit_adamw = true is adamw_state = '8bit')")
+    if on:
+        t.adamw_state = "8bit"
+    elif not state_given and t.adamw_state == "8bit":
+        t.adamw_state = "fp32"
+
+
 def _validate_low_memory(t: TrainConfig) -> None:
     """The low-memory options and the combinations they cannot serve (one line each)."""
     _require(t.latent_dtype in ("float32", "bfloat16"), "latent_dtype", t.latent_dtype,
@@ -153,9 +166,6 @@ def _validate_low_memory(t: TrainConfig) -> None:
              "allowed: 'fp32', '8bit', 'foam'")
     _require(0 <= t.foam_fold_level <= 10, "foam_fold_level", t.foam_fold_level,
              "must be in [0, 10]: moments kept per block of 2^level values, 0 is plain AdamW")
-    if t.use_8bit_adamw and t.adamw_state == "foam":
-        raise ConfigError("use_8bit_adamw = true with adamw_state = 'foam' asks for two AdamW states: choose one "
-                          "(use_8bit_adamw = true is adamw_state = '8bit')")
     if t.optimizer_in_backward and t.grad_accum_steps > 1 and t.muon_nesterov:
         raise ConfigError(f"optimizer_in_backward = true with grad_accum_steps = {t.grad_accum_steps} needs "
                           "muon_nesterov = false (Nesterov's update needs the whole step's gradient beside the "
@@ -167,7 +177,6 @@ FSDP_UNSUPPORTED = (
     ("optimizer_in_backward", True, "the in-backward step needs whole gradients"),
     ("use_8bit_optim", True, "the sharded Muon keeps fp32 momentum"),
     ("use_galore", True, "the sharded Muon keeps unprojected momentum"),
-    ("use_8bit_adamw", True, "sharded AdamW keeps fp32 moments"),
     ("latent_dtype", "bfloat16", "sharded Muon matrices are fp32"),
     ("compile", "true", "compiled blocks under fully_shard are not tested yet"),
     ("init_from", None, "a warm start loads unsharded weights"),

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import re
 
-from .config import ALIASES, ModelConfig, TrainConfig
+from .config import ALIASES, VALUE_ALIASES, ModelConfig, TrainConfig
 
 _FIELD = re.compile(r"^\s{4}(\w+):\s*[^=]+?=\s*.+?(?:#\s*(?P<comment>.*))?$")
 _SECTION = re.compile(r"^\s{4}#\s*(?P<text>.+)$")
@@ -84,6 +84,7 @@ def config_reference() -> str:
         lines += ["## Aliases", "", "Older spellings, accepted and resolved at load:", "",
                   "| alias | canonical |", "|---|---|"]
         lines += [f"| `{a}` | `{c}` |" for a, c in sorted(ALIASES.items())]
+        lines += [f'| `{a} = true` | `{c} = "{v}"` |' for a, (c, v) in sorted(VALUE_ALIASES.items())]
         lines.append("")
     return "\n".join(lines)
 

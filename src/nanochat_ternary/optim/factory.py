@@ -81,12 +81,9 @@ def _adamw_impl(params: list[Parameter], device: torch.device) -> dict[str, bool
 
 
 def adamw_state(tcfg: TrainConfig) -> str:
-    """AdamW's state format, ``"fp32"``, ``"8bit"`` or ``"foam"``: ``use_8bit_adamw = true`` is the
-    older spelling of ``adamw_state = "8bit"`` (the config refuses it together with ``"foam"``)."""
-    if tcfg.use_8bit_adamw and tcfg.adamw_state == "foam":
-        raise ConfigError("use_8bit_adamw = true with adamw_state = 'foam' asks for two AdamW states: choose one "
-                          "(use_8bit_adamw = true is adamw_state = '8bit')")
-    return "8bit" if tcfg.use_8bit_adamw else tcfg.adamw_state
+    """AdamW's state format, ``"fp32"``, ``"8bit"`` or ``"foam"`` (the config resolves the older
+    ``use_8bit_adamw = true`` to ``"8bit"`` when it loads)."""
+    return tcfg.adamw_state
 
 
 def build_muon(params: list[Parameter], tcfg: TrainConfig) -> Muon:

@@ -83,6 +83,7 @@ class Distiller:
                 f"quantization={q}), loss += {self.weight:g} * T^2 * KL at T = {self.temperature:g}")
 
     def prepare(self, x: Tensor) -> None:
+        self.base.prepare(x)
         t0 = time.perf_counter()
         with torch.inference_mode(), self.autocast():
             logits = self.teacher(x)  # [B, T, V] fp32

@@ -31,13 +31,14 @@ loss scored chunk by chunk without a graph, then the kept rows through the chunk
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from ..config import ModelConfig, TrainConfig
+from ..config import Config, ModelConfig, TrainConfig
 from ..model.linear_ce import chunk_rows, linear_cross_entropy, linear_token_losses
 from ..model.mtp import mtp_targets
 
@@ -139,6 +140,23 @@ def collider_chunked_ce(h: Tensor, w: Tensor, targets: Tensor, sparsity: float, 
 # The objective
 
 
+class TrainObjective(Protocol):
+    """The trainer's loss seam. Per micro-batch the loop calls ``prepare(x)`` with the inputs, then
+    the model's forward calls the objective on its final hidden states ``h [B, T, D]`` and the
+    targets ``[B, T]`` (-1: no loss there), inside the forward so DDP / FSDP see one module call.
+    It returns the loss to backpropagate and the scalars to log (``ce``, the plain next-token CE,
+    is logged as ``loss``). ``line()`` describes it at the start of a run ("" says nothing).
+
+    Pretraining is :class:`Objective`; chat fine-tuning (sft.py) is the same objective on targets
+    that its batches mask to the assistant's tokens; distillation (distill.py) wraps it."""
+
+    def prepare(self, x: Tensor) -> None: ...
+
+    def __call__(self, model: Any, h: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def line(self) -> str: ...
+
+
 class Objective:
     """Callable ``(model, h, targets) -> (loss to backpropagate, {name: logged scalar})``."""
 
@@ -155,6 +173,12 @@ class Objective:
         self.use_collider = tcfg.use_collider
         self.sparsity = tcfg.collider_sparsity
         self.threshold = tcfg.collider_threshold
+
+    def prepare(self, x: Tensor) -> None:
+        """Nothing to do before the forward (the distiller runs its teacher here)."""
+
+    def line(self) -> str:
+        return ""
 
     def __call__(self, model, h: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         stats: dict[str, Tensor] = {}
@@ -203,3 +227,15 @@ def _head_ce(model, head, h: Tensor, yk: Tensor) -> Tensor:
     """CE of one MTP head: head -> shared unembedding -> cross-entropy (logits live only here)."""
     logits = model.logits(head(h))
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), yk.reshape(-1), ignore_index=-1)
+
+
+def build_objective(cfg: Config, device: torch.device, autocast: Any, fingerprint: dict[str, Any],
+                    chunked_head: bool | None = None, compiled: bool = False) -> TrainObjective:
+    """The config's objective: :class:`Objective`, wrapped by the distiller when ``teacher`` is set
+    (``fingerprint``: the run's data, whose tokenizer the teacher must share)."""
+    base = Objective(cfg.model, cfg.training, chunked_head=chunked_head, compiled=compiled)
+    if not cfg.training.teacher:
+        return base
+    from .distill import Distiller  # opens the teacher checkpoint
+
+    return Distiller(cfg, base, device, fingerprint, autocast)

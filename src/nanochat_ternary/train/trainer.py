@@ -1,13 +1,20 @@
-"""The training loop: one optimizer step reads like the algorithm.
+"""The training loop: one optimizer step, then the policies that decide what follows it.
 
-    for step in range(start, total):
-        set lr from the schedule
-        for each micro-batch:  loss = CE(model(x), y) / accum;  loss.backward()   (DDP all-reduces)
-        clip the global grad norm
-        if loss and grad norm are finite:  Muon.step() on hidden matrices;  AdamW.step() on the rest
-        else: skip the update (guard.py: counted, logged, stop after too many in a row)
-        (optimizer_in_backward: Muon steps each matrix inside backward(), optim/in_backward.py)
-        log · evaluate · checkpoint · stop here if a signal asked to (signals.py)
+    for step in range(start, total):                                   (Trainer._fit)
+        train_step(step):
+            set lr from the schedule
+            for each micro-batch:  objective.prepare(x);  loss = objective(model(x), y) / accum;
+                                   loss.backward()   (DDP all-reduces)
+            clip the global grad norm
+            if loss and grad norm are finite:  Muon.step() on hidden matrices;  AdamW.step() on the rest
+            else: skip the update (guard.py: counted, logged, stop after too many in a row)
+            (optimizer_in_backward: Muon steps each matrix inside backward(), optim/in_backward.py)
+        log · evaluate · checkpoint · stop, each when its policy says (policies.py)
+
+The parts, each in its own module: the objective (objective.py; sft.py's masked targets and
+distill.py's teacher plug in there), where the run starts (start.py: resume, warm start, FIRE),
+the checkpointer (checkpointer.py), the policies (policies.py), the optional task evaluation
+(task_eval.py).
 
 Everything a resumed run needs is either in the checkpoint (weights, optimizer states, RNG) or a
 pure function of (seed, step, rank) (the batches), so N steps + resume + N steps reproduces 2N
@@ -34,34 +41,34 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import dcp as ckpt_dcp
 from ..checkpoint import files as ckpt_io
 from ..config import Config, TrainConfig, format_config
 from ..data.batches import TokenBatches, val_batches
 from ..data.loader import make_batch_source
-from ..errors import CheckpointError, UserError
+from ..errors import UserError
 from ..model.compile import compile_enabled, compile_error_line, is_compile_error
 from ..model.gpt import GPT
-from ..optim.factory import build_optimizers, split_named_params
+from ..optim.factory import build_optimizers
 from ..optim.in_backward import install_in_backward
 from ..optim.sharded_muon import build_sharded_optimizers
 from . import fsdp
-from .checkpointing import checkpoint_meta, choose_run_dir, rng_state, set_rng_state
+from .checkpointer import Checkpointer
+from .checkpointing import checkpoint_meta, choose_run_dir
 from .dataset import LoadedData, load_training_data
-from .distill import Distiller
-from .fingerprint import check_resume_data, data_fingerprint
-from .fire import apply_fire
+from .fingerprint import data_fingerprint
 from .gpu_monitor import GpuUtilization
 from .guard import NonFiniteGuard
 from .lock import RunLock
 from .metrics import MetricsLogger
-from .objective import Objective
+from .objective import TrainObjective, build_objective
+from .policies import CheckpointPolicy, EvalPolicy, LogPolicy, StepOutcome, StopPolicy
 from .qat import QatSchedule
 from .reports import optimizer_memory_line, sample_text
 from .runtime import Runtime, is_comm_failure
 from .schedule import schedule_factors, set_lr, set_weight_decay
-from .signals import Preempted, StopRequests
-from .warm_start import WarmStart, check_model_config, reset_momentum
+from .signals import StopRequests
+from .start import StartPoint, check_start, fire_once, open_start, restore
+from .task_eval import TaskEval
 
 
 @dataclass
@@ -80,6 +87,7 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped (non-finite)
     gpu_util: float | None = None  # mean NVML GPU utilization (percent) over the run; None off CUDA
     compile_s: float | None = None  # first step's time when compiled (compiling included)
+    task_metrics: dict[str, float] = field(default_factory=dict)  # eval_tasks' fields at the last evaluation
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -89,14 +97,38 @@ def round_up(n: int, multiple: int) -> int:
 OptimizerFactory = Callable[[torch.nn.Module, TrainConfig], list[torch.optim.Optimizer]]
 
 
+@dataclass
+class _Loop:
+    """What one ``fit`` holds while it runs: its sinks, its batch source and its policies."""
+
+    logger: MetricsLogger
+    bar: Any  # tqdm
+    source: Any  # the batch source (data/loader.py)
+    gpu: GpuUtilization
+    log: LogPolicy
+    evaluate: EvalPolicy
+    checkpoint: CheckpointPolicy
+    stop: StopPolicy
+    last_metrics: dict[str, Any] = field(default_factory=dict)  # the newest record of an unskipped step
+    opt_report_done: bool = False
+
+    def close(self, result: TrainResult) -> None:
+        self.gpu.stop()
+        result.gpu_util = self.gpu.overall()
+        self.bar.close()
+        self.logger.close()
+        self.source.close()  # stops loader workers on normal exit, error and Ctrl-C alike
+
+
 class Trainer:
     """``optimizer_factory`` replaces the config's optimizers (the benchmark's peers use it); every
-    param group it returns must carry ``initial_lr`` for the schedule."""
+    param group it returns must carry ``initial_lr`` for the schedule. ``objective`` replaces the
+    config's objective (objective.py's :class:`TrainObjective`); ``task`` another kind of data
+    (sft.py's SFTTask: conversations, masked targets, chat tokens; None: the config's corpus)."""
 
     def __init__(self, cfg: Config, runtime: Runtime, echo: Callable[[str], None] = print,
-                 optimizer_factory: OptimizerFactory | None = None, task: Any = None) -> None:
-        # task: another kind of data (sft.py's SFTTask: conversations, masked targets, chat tokens);
-        # None: the config's corpus
+                 optimizer_factory: OptimizerFactory | None = None, task: Any = None,
+                 objective: TrainObjective | None = None) -> None:
         self.task = task
         self.command = getattr(task, "command", "train")  # what "continue with: nanochat-train ..." says
         self.cfg = cfg
@@ -109,25 +141,56 @@ class Trainer:
         if task is None and (t.sft_data or t.sft_batching != "pack"):
             raise UserError("sft_data / sft_batching apply to chat fine-tuning: run nanochat-train sft "
                             "(train reads the corpus of --dataset)")
+        # the resume target is read first: it fixes the run dir and the model shape (start.py)
+        self.start: StartPoint = open_start(t, task)
+        self._load_data()
+        self._make_batches()
+        self._build_model()
+        # the loss: pretraining's, sft's on masked targets, or with a teacher's KL (objective.py)
+        self.objective: TrainObjective = objective if objective is not None else build_objective(
+            cfg, runtime.device, runtime.autocast, self.fingerprint, compiled=self.compiled,
+            # the LM head and CE chunked (no [B*T, V] logits) on CUDA; on CPU only with gradient checkpointing
+            chunked_head=t.gradient_checkpointing or runtime.device.type == "cuda")
+        # recipes (docs/recipes.md): continual QAT's quantizer mix per step
+        self.qat = QatSchedule(t, self.total_steps)
+        self.step_stats: dict[str, float] = {}
+        self._build_optimizers(optimizer_factory)
+        # ---- run dir (locked by the main rank until the run ends)
+        self.lock: RunLock | None = None
+        self.run_dir, self.lock = choose_run_dir(cfg, runtime, self.start.resume_ckpt, self.echo, self.warn)
+        self.ckpt = Checkpointer(
+            self.run_dir, runtime, self.model, self.optimizers, lambda step, m: checkpoint_meta(self, step, m),
+            in_backward=self.in_backward, fsdp=self.fsdp, keep_last=t.keep_last_checkpoints,
+            resumed_from=self.start.resume_ckpt, tokenizer_path=self.data.tokenizer_path,
+            make_model=lambda: fsdp.empty_cpu_model(self.cfg.model), command=self.command, warn=self.warn)
+        self.start_step = 0
+        self.tokens_seen = 0
+        try:
+            self._begin()
+        except BaseException:
+            self.close()
+            raise
 
-        # ---- resume target (read first: it fixes the run dir and the model shape)
-        self.resume_ckpt: Path | None = None
-        resume_meta: dict[str, Any] | None = None
-        if t.resume:
-            self.resume_ckpt = ckpt_io.resolve_checkpoint(t.resume)
-            resume_meta = ckpt_io.read_meta(self.resume_ckpt)
-            if task is None and str((resume_meta.get("data") or {}).get("name", "")).startswith("sft:"):
-                raise UserError(f"{self.resume_ckpt} is a chat fine-tune: continue it with "
-                                f"nanochat-train sft --resume {t.resume}")
-        # warm start (init_from): a checkpoint's weights, and its tokenizer for the data (warm_start.py)
-        self.warm = WarmStart.open(t.init_from) if t.init_from else None
-        # FIRE already applied in this run (recorded in its checkpoints): never again on resume
-        self.fire_done: dict[str, Any] | None = (resume_meta or {}).get("fire")
-        self.warm_record = self.warm.record() if self.warm else (resume_meta or {}).get("warm_start")
+    # what checkpoint meta records of the start (checkpointing.py)
+    @property
+    def fire_done(self) -> dict[str, Any] | None:
+        return self.start.fire_done
 
-        # ---- data (the main rank prepares and caches; the others wait, then read the cache)
+    @property
+    def warm_record(self) -> dict[str, Any] | None:
+        return self.start.warm_record
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest good checkpoint, named when things fail."""
+        return self.ckpt.last
+
+    def _load_data(self) -> None:
+        """The data (the main rank prepares and caches; the others wait, then read the cache), the
+        vocab fitted to its tokenizer, its fingerprint checked against what is resumed."""
+        cfg, task, warm = self.cfg, self.task, self.start.warm
         self.data: LoadedData = (task.load_data if task is not None else load_training_data)(
-            cfg, runtime, tokenizer=self.warm.tokenizer_path if self.warm else None)
+            cfg, self.rt, tokenizer=warm.tokenizer_path if warm else None)
         m = cfg.model
         if self.data.tokenizer_path is not None:
             want = round_up(self.data.vocab_size, 64)
@@ -139,63 +202,52 @@ class Trainer:
             raise UserError(f"the data has token ids up to {self.data.vocab_size - 1} but the model's "
                             f"vocab_size is {m.vocab_size} (use --set vocab_size={self.data.vocab_size})")
         self.fingerprint = data_fingerprint(self.data.train, self.data.tokenizer_path, self.data.vocab_size)
-        if resume_meta is not None:
-            check_resume_data(resume_meta.get("data_fingerprint"), self.fingerprint, self.resume_ckpt,
-                              t.allow_data_change, self.warn)
-            check_model_config(resume_meta, m, self.resume_ckpt)
-        if self.warm is not None:
-            self.warm.check_data(self.data.tokenizer_path)
-            check_model_config(self.warm.meta, m, self.warm.ckpt, ignore=getattr(task, "warm_ignore", ()))
+        check_start(self.start, self.fingerprint, self.data.tokenizer_path, m, cfg.training.allow_data_change,
+                    self.warn, warm_ignore=getattr(task, "warm_ignore", ()))
 
-        # ---- batches: a pure function of (seed, step, micro, rank)
-        if task is not None:
-            self.batches, self.val = task.batches(self.data, t, runtime)
+    def _make_batches(self) -> None:
+        """The batches, a pure function of (seed, step, micro, rank), and the run's length."""
+        t, rt = self.cfg.training, self.rt
+        if self.task is not None:
+            self.batches, self.val = self.task.batches(self.data, t, rt)
         else:
-            self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed,
-                                        rank=runtime.rank, world_size=runtime.world_size,
-                                        grad_accum_steps=t.grad_accum_steps)
+            self.batches = TokenBatches(self.data.train, t.batch_size, t.seq_len, t.seed, rank=rt.rank,
+                                        world_size=rt.world_size, grad_accum_steps=t.grad_accum_steps)
             self.val = val_batches(self.data.val, t.batch_size, t.seq_len, t.eval_batches)
-        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps * runtime.world_size
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps * rt.world_size
         if t.total_steps > 0:
             self.total_steps = t.total_steps
         else:
             epochs = t.epochs if t.epochs > 0 else 1.0
             self.total_steps = max(1, math.ceil(epochs * self.batches.steps_per_epoch))
 
-        # ---- model and optimizers
+    def _build_model(self) -> None:
+        t, rt = self.cfg.training, self.rt
         torch.manual_seed(t.seed)
         # built on its device: a CUDA model is initialised there (seconds for billions of weights)
-        with torch.device(runtime.device):
-            self.model = GPT(m)
+        with torch.device(rt.device):
+            self.model = GPT(self.cfg.model)
         self.model.gradient_checkpointing = t.gradient_checkpointing
         # parallelism = "fsdp" under torchrun: weights, grads and optimizer state sharded (fsdp.py)
-        self.fsdp = t.parallelism == "fsdp" and runtime.distributed
+        self.fsdp = t.parallelism == "fsdp" and rt.distributed
         # torch.compile (model/compile.py): the blocks and the loss head's softmax, on CUDA by default
         # ("auto" stays eager under fsdp: compiled blocks under fully_shard are not tested yet)
-        self.compiled = compile_enabled(t.compile, runtime.device) and not self.fsdp
+        self.compiled = compile_enabled(t.compile, rt.device) and not self.fsdp
         if self.compiled:
             self.model.compile_blocks()
-        # loss (+ MTP heads) (+ Collider filter); see objective.py. On CUDA the LM head never makes
-        # [B*T, V] logits (model/linear_ce.py); on CPU only with gradient checkpointing.
-        self.objective = Objective(m, t, chunked_head=t.gradient_checkpointing or runtime.device.type == "cuda",
-                                   compiled=self.compiled)
-        # recipes (docs/recipes.md): continual QAT's quantizer mix per step; distillation wraps the objective
-        self.qat = QatSchedule(t, self.total_steps)
-        self.distiller = (Distiller(cfg, self.objective, runtime.device, self.fingerprint, runtime.autocast)
-                          if t.teacher else None)
-        if self.distiller is not None:
-            self.objective = self.distiller
-        self.step_stats: dict[str, float] = {}
+
+    def _build_optimizers(self, optimizer_factory: OptimizerFactory | None) -> None:
+        t, rt = self.cfg.training, self.rt
         if self.fsdp:
-            fsdp.shard_model(self.model, runtime)
+            fsdp.shard_model(self.model, rt)
         if optimizer_factory is not None:
             self.optimizers = optimizer_factory(self.model, t)
         elif self.fsdp:
             self.optimizers = build_sharded_optimizers(self.model, t)
         else:
-            self.optimizers = build_optimizers(self.model, t, runtime.device)
+            self.optimizers = build_optimizers(self.model, t, rt.device)
         # optimizer_in_backward: Muon matrices are updated in backward hooks (optim/in_backward.py)
-        self.in_backward = (install_in_backward(self.optimizers, t.grad_accum_steps, t.grad_clip, runtime.distributed)
+        self.in_backward = (install_in_backward(self.optimizers, t.grad_accum_steps, t.grad_clip, rt.distributed)
                             if t.optimizer_in_backward else None)
         if t.optimizer_in_backward and t.use_8bit_optim and t.grad_accum_steps > 1 and not t.stochastic_rounding:
             # measured (docs/low_memory.md, Convergence): nearest rounding at every micro-batch lost 0.8-1.8%
@@ -203,152 +255,34 @@ class Trainer:
                       "round-to-nearest that cost +0.8% and +1.8% val loss in matched runs, with stochastic "
                       "rounding -0.1% and -0.8% (docs/low_memory.md): set stochastic_rounding = true")
         self.ddp: torch.nn.Module = self.model
-        if runtime.distributed and not self.fsdp:
-            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        if rt.distributed and not self.fsdp:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
-        # ---- run dir (locked by the main rank until the run ends)
-        self.lock: RunLock | None = None
-        self.run_dir, self.lock = choose_run_dir(cfg, runtime, self.resume_ckpt, self.echo, self.warn)
-        self.start_step = 0
-        self.tokens_seen = 0
-        self.last_checkpoint: Path | None = self.resume_ckpt  # the newest good one, named when things fail
-        if self.resume_ckpt is not None or self.warm is not None:
-            try:
-                if self.resume_ckpt is not None:
-                    self._restore(self.resume_ckpt, resume_meta)
-                else:
-                    self.warm.load_weights(self.model, getattr(self.task, "new_rows_from", None))
-                    self.echo(self.warm.line())
-                if t.fire:
-                    self._apply_fire()
-            except BaseException:
-                self.close()
-                raise
+    def _begin(self) -> None:
+        """Load what the run starts from (resume or warm start, then FIRE), then check that no save of
+        this run collides with what is in the run dir."""
+        start, t = self.start, self.cfg.training
+        if start.resume_ckpt is not None:
+            self._restore(start.resume_ckpt, start.resume_meta)
+        elif start.warm is not None:
+            start.warm.load_weights(self.model, getattr(self.task, "new_rows_from", None))
+            self.echo(start.warm.line())
+        if t.fire and start.loads_weights:
+            fire_once(start, self.model, self.optimizers, self.cfg.model.group_size, self.start_step, self.echo)
         if self.rt.is_main:  # a save this run would make must not collide with what is there
-            try:
-                ckpt_io.check_destination(self.run_dir, self.start_step, self.total_steps)
-            except BaseException:
-                self.close()
-                raise
+            ckpt_io.check_destination(self.run_dir, self.start_step, self.total_steps)
+
+    def _restore(self, ckpt: Path, meta: dict[str, Any]) -> None:
+        self.start_step = restore(ckpt, meta, self.model, self.optimizers, self.rt.device, fsdp=self.fsdp,
+                                  in_backward=self.in_backward)
+        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
+        self.echo(f"resumed from {ckpt} at step {self.start_step}")
 
     def close(self) -> None:
         """Release the run dir (idempotent; ``fit`` calls it when it ends, however it ends)."""
         if self.lock is not None:
             self.lock.release()
-
-    # ------------------------------------------------------------------------------------------
-    def _restore(self, ckpt: Path, meta: dict[str, Any]) -> None:
-        if ckpt_dcp.is_dcp_checkpoint(ckpt):  # a sharded run's: reshards to this run's ranks (or one process)
-            ckpt_dcp.load_dcp_checkpoint(ckpt, self.model, self.optimizers)
-            state = ckpt_io.load_trainer_state(ckpt)
-        elif self.fsdp:
-            raise CheckpointError(f"checkpoint {ckpt} was saved by a ddp / single-process run: resume it with "
-                                  f"parallelism = 'ddp' (fsdp resumes the dcp/ checkpoints of fsdp runs)")
-        else:
-            state = self._restore_files(ckpt)
-        if self.in_backward is not None and "in_backward" in state:
-            try:
-                self.in_backward.load_state_dict(state["in_backward"])
-            except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
-                raise CheckpointError(f"checkpoint {ckpt}: in-backward state does not match ({e})") from None
-        set_rng_state(state.get("rng", {}), self.rt.device, ckpt)
-        self.start_step = int(meta["step"])
-        self.tokens_seen = int(meta.get("tokens_seen", self.start_step * self.tokens_per_step))
-        self.echo(f"resumed from {ckpt} at step {self.start_step}")
-
-    def _restore_files(self, ckpt: Path) -> dict[str, Any]:
-        """Weights and optimizer states of a ddp / single-process checkpoint; returns trainer.pt."""
-        ckpt_io.load_model_weights(self.model, ckpt)
-        state = ckpt_io.load_trainer_state(ckpt)
-        saved = state.get("optimizers", [])
-        if len(saved) != len(self.optimizers):
-            raise CheckpointError(f"checkpoint {ckpt} holds {len(saved)} optimizer states, expected "
-                                  f"{len(self.optimizers)} (was it saved with another optimizer setup?)")
-        # trainer.pt's structure is checked by load_trainer_state; what does not fit these
-        # optimizers (a crafted or foreign file) is one line naming it, whatever torch raises
-        try:
-            for opt, sd in zip(self.optimizers, saved):
-                opt.load_state_dict(sd)
-        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not match ({first})") from None
-        return state
-
-    def _apply_fire(self) -> None:
-        """FIRE (fire.py) on the Muon matrices, once per run: a resumed run whose checkpoint records it
-        keeps its weights; on resume the orthogonalised matrices' momentum is reset."""
-        if self.fire_done is not None:
-            self.echo(f"fire: already applied at step {self.fire_done['step']} of this run (checkpoint meta); "
-                      f"not again")
-            return
-        muon, _ = split_named_params(self.model)
-        report = apply_fire(muon, self.cfg.model.group_size)
-        if self.resume_ckpt is not None:
-            reset_momentum(self.optimizers, [p for _, p in muon])
-        self.fire_done = {"step": self.start_step, "via": "resume" if self.resume_ckpt is not None else "init_from",
-                          **report.to_dict()}
-        self.echo(report.line())
-
-    def _save(self, step: int, metrics: dict[str, Any]) -> Path | None:
-        """Write checkpoint ``step`` (main rank) and wait for it on every rank. Raises
-        ``CheckpointWriteError`` when the filesystem refuses and ``CheckpointError`` on NaN/inf."""
-        if self.fsdp:  # every rank writes its shards (checkpoint/dcp.py)
-            path = ckpt_dcp.save_dcp_checkpoint(self.run_dir, step, self.model, self.optimizers,
-                                                {"rng": rng_state(self.rt.device)},
-                                                checkpoint_meta(self, step, metrics),
-                                                make_model=lambda: fsdp.empty_cpu_model(self.cfg.model),
-                                                tokenizer_path=self.data.tokenizer_path,
-                                                keep_last=self.cfg.training.keep_last_checkpoints,
-                                                protect=(self.resume_ckpt,) if self.resume_ckpt else ())
-            self.last_checkpoint = path
-            return path if self.rt.is_main else None
-        path = None
-        err: CheckpointError | None = None
-        if self.rt.is_main:
-            state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(self.rt.device)}
-            if self.in_backward is not None:
-                state["in_backward"] = self.in_backward.state_dict()
-            meta = checkpoint_meta(self, step, metrics)
-            try:
-                path = ckpt_io.save_checkpoint(self.run_dir, step, self.model, state, meta,
-                                               tokenizer_path=self.data.tokenizer_path,
-                                               keep_last=self.cfg.training.keep_last_checkpoints,
-                                               protect=(self.resume_ckpt,) if self.resume_ckpt else ())
-                self.last_checkpoint = path
-            except CheckpointError as e:
-                err = e
-        self.rt.barrier()  # after the main rank's attempt, failed or not, so no rank waits forever
-        if err is not None:
-            raise err
-        return path
-
-    def _save_or_warn(self, step: int, metrics: dict[str, Any]) -> None:
-        """An interval checkpoint the disk refuses does not end the run: the previous checkpoint is
-        intact, the partial one is gone, and the next interval tries again (a full disk is often
-        freed by the user or by ``keep_last_checkpoints`` pruning). Only the final save is fatal."""
-        try:
-            self._save(step, metrics)
-        except ckpt_io.CheckpointWriteError as e:
-            self.warn(f"warning: {e}; training goes on and retries at the next interval "
-                      f"(last checkpoint: {self.last_checkpoint or 'none yet'})")
-
-    def _save_on_exit(self, step: int, metrics: dict[str, Any], why: str) -> Path:
-        """The checkpoint at the end of a run or on a stop request; failure is a one-line error."""
-        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.step_dir_name(step) \
-                and self.last_checkpoint.parent == self.run_dir:
-            return self.last_checkpoint  # the interval checkpoint of this very step
-        try:
-            path = self._save(step, metrics)
-        except ckpt_io.CheckpointWriteError as e:
-            raise CheckpointError(f"{why}: {e}; the last checkpoint is {self.last_checkpoint or 'none'}") from None
-        return path if path is not None else self.run_dir / ckpt_io.step_dir_name(step)
-    def _preempted(self, step: int, signal_name: str, metrics: dict[str, Any]) -> Preempted:
-        """Save the checkpoint of ``step`` (the last finished one) and say how to continue."""
-        why = f"{signal_name or 'a signal on another rank'} at step {step}"
-        path = self._save_on_exit(step, metrics, f"stopped by {why}")
-        return Preempted(f"{why}: checkpoint saved in {path}; continue with: "
-                         f"nanochat-train {self.command} --resume {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -394,8 +328,7 @@ class Trainer:
             self.data_wait_s += time.perf_counter() - tw
             x = x.to(self.rt.device, non_blocking=True)
             y = y.to(self.rt.device, non_blocking=True)
-            if self.distiller is not None:
-                self.distiller.prepare(x)  # the teacher's logits for this micro-batch
+            self.objective.prepare(x)  # e.g. the teacher's logits for this micro-batch (distill.py)
             last = micro == t.grad_accum_steps - 1
             # a fresh context per use: DDP's no_sync() is a one-shot generator context manager
             def sync(last: bool = last) -> contextlib.AbstractContextManager:
@@ -446,142 +379,165 @@ class Trainer:
             self.close()
 
     def _fit(self) -> TrainResult:
-        cfg, t, rt = self.cfg, self.cfg.training, self.rt
+        """Steps from ``start_step`` to ``total_steps``, each followed by the policies (policies.py)."""
+        self._announce()
+        result = TrainResult(run_dir=self.run_dir, final_checkpoint=None, step=self.start_step)
+        if self.start_step >= self.total_steps:
+            self.echo(f"nothing to do: already at step {self.start_step} of {self.total_steps}")
+            return result
+        loop = self._open_loop()
+        self.model.train()
+        step = self.start_step
+        try:
+            with loop.stop.stops:
+                for step in range(self.start_step, self.total_steps):
+                    out = self._timed_step(step, loop, result)
+                    self._after_step(out, loop, result)
+                loop.bar.close()
+                # still under the handlers: a signal now waits for the final checkpoint
+                result.step = self.total_steps
+                result.final_checkpoint = self.ckpt.save_on_exit(self.total_steps, loop.last_metrics,
+                                                                 f"training finished at step {self.total_steps}")
+        except RuntimeError as e:
+            if not (self.rt.distributed and is_comm_failure(e)):
+                raise
+            raise self._lost_contact(e, step) from None
+        except KeyboardInterrupt:
+            self.warn(f"interrupted again: stopped at once without saving (the step in flight may be half "
+                      f"applied); last checkpoint: {self.last_checkpoint or 'none'}")
+            raise
+        finally:
+            loop.close(result)
+        self._finish(result)
+        return result
+
+    def _announce(self) -> None:
+        cfg, rt = self.cfg, self.rt
         self.echo(format_config(cfg))
-        n_params = self.model.num_params()
-        self.echo(f"model: {n_params / 1e6:.2f}M params ({self.model.num_params(non_embedding=True) / 1e6:.2f}M "
+        n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
+        self.echo(f"model: {n_params / 1e6:.2f}M params ({n_body / 1e6:.2f}M "
                   f"non-embedding), quantization={cfg.model.quantization}, device={rt.device}, "
                   f"world_size={rt.world_size}")
         self.echo(f"data: {self.data.describe()['name']}: {len(self.data.train):,} train tokens, "
                   f"{len(self.data.val):,} val tokens; {self.tokens_per_step:,} tokens/step, "
                   f"{self.total_steps} steps ({self.total_steps / self.batches.steps_per_epoch:.2f} epochs)")
         self.echo(f"run dir: {self.run_dir}")
-        for recipe in (self.qat if self.qat.enabled else None, self.distiller):
-            if recipe is not None:
-                self.echo(recipe.line())
-        result = TrainResult(run_dir=self.run_dir, final_checkpoint=None, step=self.start_step)
-        if self.start_step >= self.total_steps:
-            self.echo(f"nothing to do: already at step {self.start_step} of {self.total_steps}")
-            return result
+        for line in (self.qat.line() if self.qat.enabled else "", self.objective.line()):
+            if line:
+                self.echo(line)
 
+    def _open_loop(self) -> _Loop:
+        """The sinks, the batch source and the policies of one ``fit``."""
+        t, rt = self.cfg.training, self.rt
+        tasks = TaskEval.from_config(self.cfg, self.model, self.data, rt) if t.eval_tasks else None
         logger = MetricsLogger(t.log_file, t.tensorboard, enabled=rt.is_main, warn=self.warn)
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not rt.is_main, unit="step",
                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-        self.model.train()
-        t0 = time.perf_counter()
-        interval_t0, interval_steps = t0, 0
-        last_metrics: dict[str, Any] = {}
-        guard = NonFiniteGuard(t.max_consecutive_skips)
-        stops = StopRequests(announce=rt.is_main)
-        opt_report_done = False
+        # its clock starts before the batch source: the loader's start-up counts in the first tok_per_s, as before
+        log = LogPolicy(t.log_interval, self.start_step, self.total_steps, self.tokens_per_step)
         source = make_batch_source(self.batches, self.start_step, self.total_steps,
                                    use_async=t.use_async_loader, num_workers=t.num_workers,
                                    prefetch_batches=t.prefetch_batches, device=rt.device)
-        interval_wait = 0.0
-        step = self.start_step
         gpu = GpuUtilization(rt.device)  # NVML busy share, logged as gpu_util (gpu_monitor.py)
         if rt.device.type == "cuda" and not gpu.available:
             self.warn(f"note: GPU utilization is not measured ({gpu.unavailable_reason}); "
                       f"pip install nvidia-ml-py to log gpu_util")
+        return _Loop(
+            logger, bar, source, gpu,
+            log=log,
+            evaluate=EvalPolicy(t.eval_interval, self.total_steps, lambda: self.evaluate(),
+                                tasks.run if tasks is not None else None),
+            checkpoint=CheckpointPolicy(t.checkpoint_interval, self.total_steps),
+            stop=StopPolicy(NonFiniteGuard(t.max_consecutive_skips), StopRequests(announce=rt.is_main),
+                            self.total_steps, rt.any_rank))
+
+    def _timed_step(self, step: int, loop: _Loop, result: TrainResult) -> StepOutcome:
+        """``train_step`` and what the run records of every step (time, data wait, stats, loss)."""
+        ts = time.perf_counter()
         try:
-            with stops:
-                for step in range(self.start_step, self.total_steps):
-                    ts = time.perf_counter()
-                    try:
-                        loss, grad_norm, skipped = self.train_step(step, source)
-                    except Exception as e:
-                        if self.compiled and is_compile_error(e):
-                            raise UserError(compile_error_line(e)) from None
-                        raise
-                    done = step + 1  # the weights now hold step `done` (its update, or its skip)
-                    result.step_times.append(time.perf_counter() - ts)
-                    if self.compiled and step == self.start_step:
-                        result.compile_s = result.step_times[-1]
-                        if rt.is_main:
-                            bar.write(f"torch.compile: first step {result.compile_s:.1f} s (compiling the blocks and "
-                                      f"the loss head); later steps run the compiled code")
-                    gpu.start()  # after the first step: compiling is not GPU work
-                    if step == t.act_quant_switch_step > 0 and rt.is_main:
-                        bar.write(f"step {step}: activations switch from int8 to {cfg.model.act_quant}")
-                    if self.qat.enabled and step == self.qat.start and step > 0 and rt.is_main:
-                        bar.write(f"step {step}: continual QAT switches from full precision to ternary")
-                    result.data_waits.append(self.data_wait_s)
-                    result.step_stats.append(dict(self.step_stats))
-                    interval_wait += self.data_wait_s
-                    self.tokens_seen += self.tokens_per_step
-                    interval_steps += 1
-                    if not opt_report_done and not skipped:
-                        self.echo(optimizer_memory_line(self.optimizers))
-                        opt_report_done = True
-                    result.losses[done] = loss
-                    guard.record(done, skipped)
-                    if skipped:
-                        result.skipped_steps.append(done)
-                        self.warn(guard.skip_line(done, loss, grad_norm))
-                    is_log = (done % t.log_interval == 0 or done == self.total_steps or done == self.start_step + 1
-                              or skipped)
-                    is_eval = ((t.eval_interval > 0 and done % t.eval_interval == 0) or done == self.total_steps) \
-                        and not guard.exhausted
-                    if is_log or is_eval:
-                        now = time.perf_counter()
-                        rec: dict[str, Any] = {
-                            "step": done,
-                            "loss": loss,
-                            "lr": float(self.optimizers[0].param_groups[0]["lr"]),
-                            "grad_norm": grad_norm,
-                            "tok_per_s": interval_steps * self.tokens_per_step / max(now - interval_t0, 1e-9),
-                            "elapsed_s": now - t0,
-                            "tokens_seen": self.tokens_seen,
-                            # mean seconds per step spent waiting for the batch (since the last record)
-                            "data_wait_s": interval_wait / interval_steps,
-                            "skipped_steps": guard.total,  # non-finite steps skipped so far in this process
-                            **({"gpu_util": u} if (u := gpu.take()) is not None else {}),
-                            **({"skipped": True} if skipped else {}),
-                            **{k: self.rt.all_reduce_mean(v) for k, v in self.step_stats.items()},
-                        }
-                        interval_t0, interval_steps, interval_wait = now, 0, 0.0
-                        if is_eval:
-                            rec["val_loss"], rec["val_bpb"] = self.evaluate()
-                            result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
-                            result.val_curve[done] = rec["val_loss"]
-                            bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
-                            if rt.is_main:  # tqdm.write is a classmethod: it ignores disable=
-                                bar.write(f"step {done:>6} | loss {loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}")
-                        logger.log(rec)
-                        if not skipped:
-                            last_metrics = rec
-                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
-                                        refresh=False)
-                    bar.update(1)
-                    if guard.exhausted:
-                        raise guard.diverged(done, self.last_checkpoint)
-                    if t.checkpoint_interval > 0 and done % t.checkpoint_interval == 0 and done != self.total_steps:
-                        self._save_or_warn(done, last_metrics)
-                    if done < self.total_steps and rt.any_rank(stops.requested):
-                        raise self._preempted(done, stops.name, last_metrics)
-                bar.close()
-                # still under the handlers: a signal now waits for the final checkpoint
-                result.step = self.total_steps
-                result.final_checkpoint = self._save_on_exit(self.total_steps, last_metrics,
-                                                             f"training finished at step {self.total_steps}")
-        except RuntimeError as e:
-            if not (rt.distributed and is_comm_failure(e)):
-                raise
-            # another rank died: say so in one line (its own message is above, under torchrun)
-            where = f"; last checkpoint: {self.last_checkpoint or 'none'}" if rt.is_main else ""
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"rank {rt.rank}: lost contact with the other ranks during step {step + 1} ({first}); "
-                            f"another rank failed or was killed, see its message{where}") from None
-        except KeyboardInterrupt:
-            self.warn(f"interrupted again: stopped at once without saving (the step in flight may be half "
-                      f"applied); last checkpoint: {self.last_checkpoint or 'none'}")
+            loss, grad_norm, skipped = self.train_step(step, loop.source)
+        except Exception as e:
+            if self.compiled and is_compile_error(e):
+                raise UserError(compile_error_line(e)) from None
             raise
-        finally:
-            gpu.stop()
-            result.gpu_util = gpu.overall()
-            bar.close()
-            logger.close()
-            source.close()  # stops loader workers on normal exit, error and Ctrl-C alike
+        out = StepOutcome(step + 1, loss, grad_norm, skipped)
+        result.step_times.append(time.perf_counter() - ts)
+        if self.compiled and step == self.start_step:
+            result.compile_s = result.step_times[-1]
+            self._note(loop, f"torch.compile: first step {result.compile_s:.1f} s (compiling the blocks and "
+                             f"the loss head); later steps run the compiled code")
+        loop.gpu.start()  # after the first step: compiling is not GPU work
+        if step == self.cfg.training.act_quant_switch_step > 0:
+            self._note(loop, f"step {step}: activations switch from int8 to {self.cfg.model.act_quant}")
+        if self.qat.enabled and step == self.qat.start and step > 0:
+            self._note(loop, f"step {step}: continual QAT switches from full precision to ternary")
+        result.data_waits.append(self.data_wait_s)
+        result.step_stats.append(dict(self.step_stats))
+        loop.log.step_done(self.data_wait_s)
+        self.tokens_seen += self.tokens_per_step
+        if not loop.opt_report_done and not skipped:
+            self.echo(optimizer_memory_line(self.optimizers))
+            loop.opt_report_done = True
+        result.losses[out.done] = loss
+        loop.stop.record(out)
+        if skipped:
+            result.skipped_steps.append(out.done)
+            self.warn(loop.stop.guard.skip_line(out.done, loss, grad_norm))
+        return out
+
+    def _note(self, loop: _Loop, line: str) -> None:
+        if self.rt.is_main:  # tqdm.write is a classmethod: it ignores disable=
+            loop.bar.write(line)
+
+    def _after_step(self, out: StepOutcome, loop: _Loop, result: TrainResult) -> None:
+        """The policies, in order: log (+ evaluate), stop on divergence, checkpoint, stop on a signal."""
+        is_eval = loop.evaluate.due(out, stopping=loop.stop.diverged)
+        if loop.log.due(out) or is_eval:
+            self._log(out, loop, result, is_eval)
+        loop.bar.update(1)
+        if loop.stop.diverged:
+            raise loop.stop.guard.diverged(out.done, self.last_checkpoint)
+        if loop.checkpoint.due(out.done):
+            self.ckpt.save_or_warn(out.done, loop.last_metrics)
+        if loop.stop.signalled(out.done):
+            raise self.ckpt.preempted(out.done, loop.stop.stops.name, loop.last_metrics)
+
+    def _log(self, out: StepOutcome, loop: _Loop, result: TrainResult, is_eval: bool) -> None:
+        """One metrics record (with the evaluation when it is due) to the log, the bar and ``result``."""
+        extra: dict[str, Any] = {
+            "skipped_steps": loop.stop.guard.total,  # non-finite steps skipped so far in this process
+            **({"gpu_util": u} if (u := loop.gpu.take()) is not None else {}),
+            **({"skipped": True} if out.skipped else {}),
+            **{k: self.rt.all_reduce_mean(v) for k, v in self.step_stats.items()},
+        }
+        rec = loop.log.record(out, float(self.optimizers[0].param_groups[0]["lr"]), self.tokens_seen, extra)
+        if is_eval:
+            fields, task_s = loop.evaluate.run()
+            loop.log.exclude(task_s)  # a task evaluation is not training time: kept out of the next tok/s
+            rec.update(fields)
+            result.val_loss, result.val_bpb = rec["val_loss"], rec["val_bpb"]
+            result.val_curve[out.done] = rec["val_loss"]
+            result.task_metrics = {k: v for k, v in fields.items() if k.startswith("task_") and k != "task_eval_s"}
+            bpb = f" bpb {rec['val_bpb']:.3f}" if rec["val_bpb"] is not None else ""
+            tasks = "".join(f" | {k[5:]} {v:.4f}" for k, v in result.task_metrics.items())
+            self._note(loop, f"step {out.done:>6} | loss {out.loss:.4f} | val_loss {rec['val_loss']:.4f}{bpb}{tasks}")
+        loop.logger.log(rec)
+        if not out.skipped:
+            loop.last_metrics = rec
+        loop.bar.set_postfix(loss=f"{out.loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                             refresh=False)
+
+    def _lost_contact(self, e: RuntimeError, step: int) -> UserError:
+        """Another rank died: say so in one line (its own message is above, under torchrun)."""
+        rt = self.rt
+        where = f"; last checkpoint: {self.last_checkpoint or 'none'}" if rt.is_main else ""
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return UserError(f"rank {rt.rank}: lost contact with the other ranks during step {step + 1} ({first}); "
+                         f"another rank failed or was killed, see its message{where}")
+
+    def _finish(self, result: TrainResult) -> None:
+        """After the loop: the final checkpoint's name and the sample."""
+        t, rt = self.cfg.training, self.rt
         if not rt.is_main:
             result.final_checkpoint = None
         if result.final_checkpoint is not None:
@@ -591,4 +547,3 @@ class Trainer:
                       f"checkpoint with: nanochat-train generate --checkpoint {result.final_checkpoint}")
         elif t.sample_tokens > 0 and rt.is_main and self.data.tokenizer_path is not None:
             result.sample = sample_text(self.model, self.data.tokenizer_path, t, self.echo)
-        return result
