@@ -313,6 +313,31 @@ def test_peers_run_on_the_same_task_or_are_reported_unavailable(tmp_path):
     assert max(first.values()) - min(first.values()) < 1e-5
 
 
+def test_task_scores_of_the_final_models_and_their_ternary_gap(tmp_path):
+    """--tasks: each run's final model is scored once (the same items for both sides), and the
+    score is in the runs, the summary table and the ternary-vs-float gap."""
+    corpus = write_corpus(tmp_path / "corpus", n_files=12, n_lines=60)
+    out = tmp_path / "out"
+    env = {**os.environ, "NANOCHAT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "nanochat_ternary.cli", "bench", "--quick", "--configs",
+                           "e3/baseline.toml", "--dataset", "text", "--data-path", str(corpus), "--steps", "3",
+                           "--threads", "1", "--device", "cpu", "--tasks", "stdlib-next-line", "--task-items", "8",
+                           "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=2",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert report.validate_results(res) == []
+    key = "task_stdlib-next-line_acc"
+    scores = {c["name"]: c["runs"][0]["tasks"] for c in res["configs"]}
+    assert set(scores) == {"baseline", "baseline-float"}
+    for s in scores.values():
+        assert {key, key + "_norm"} <= set(s) and all(v in [i / 8 for i in range(9)] for v in s.values())
+    text = (out / "REPORT.md").read_text()
+    assert "## Task scores of the final models" in text
+    assert "| stdlib-next-line acc |" in text.split("## What ternary costs")[1]
+    assert res["configs"][0]["summary"][key]["n"] == 1
+
+
 def test_reading_flags_a_config_that_changed_the_batch_shape():
     results = {"baseline": "baseline", "configs": [_cfg("baseline", [4.0, 4.1], [1000, 1100], 400),
                                                    _cfg("bigger", [3.5, 3.6], [1000, 1100], 400, 2048)]}

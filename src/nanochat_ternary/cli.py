@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-float-twin", dest="float_twin", action="store_false",
                    help="skip the baseline's full-precision twin (quantization=none), whose gap to the baseline "
                         "the report states as what ternary costs")
+    p.add_argument("--tasks", help="scored once on each run's final model, in the report and its ternary-vs-float "
+                                   "gap: built-in task names, .jsonl / .yaml task files or bpb:PATH, comma-separated "
+                                   "(default stdlib-next-line; --quick: none; 'none': none)")
+    p.add_argument("--task-items", type=int, help="items (bpb: documents) per task (default 200)")
     p = sub.add_parser("eval", help="score a model: bits per byte on text, multiple-choice tasks, HumanEval pass@k",
                        description="Judge a checkpoint (run dir, step dir or packed .safetensors): bits per byte on "
                                    "any text (tokenizer-independent), multiple-choice accuracy from a local JSONL "
@@ -468,7 +472,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kw = dict(model=args.model, steps=args.steps, seeds=args.seeds, dataset=args.dataset,
               data_path=args.data_path, batch_size=args.batch_size, seq_len=args.seq_len,
               grad_accum_steps=args.grad_accum_steps, threads=args.threads, device=args.device,
-              overrides=args.set, keep_checkpoints=args.keep_checkpoints, float_twin=args.float_twin)
+              overrides=args.set, keep_checkpoints=args.keep_checkpoints, float_twin=args.float_twin,
+              tasks=("" if args.tasks.strip().lower() in ("", "none") else args.tasks) if args.tasks is not None
+              else None, task_items=args.task_items)
+    if args.task_items is not None and args.task_items < 1:
+        raise UserError("bench: --task-items must be >= 1")
     if args.quick:
         settings = BenchSettings.quick(**kw)
     else:

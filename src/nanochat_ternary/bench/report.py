@@ -49,9 +49,12 @@ RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "int8_momenta": ((int,), "Muon momenta stored as int8 blocks at the end (8-bit Muon)"),
     "galore_projected": ((int,), "Muon matrices with a GaLore projector at the end"),
     "mtp_heads": ((int,), "multi-token-prediction heads in the model (0: MTP off)"),
+    "tasks": ((dict,), "task scores of the final model, {task_<name>_<metric>: value} (bench --tasks; {}: none; "
+                       "absent before it existed)"),
+    "task_eval_s": (NUM, "seconds the final task scoring took (after training, not in tokens/s)"),
 }
 
-OPTIONAL_RUN_FIELDS = frozenset({"gpu_util", "float_twin"})  # may be absent (older results)
+OPTIONAL_RUN_FIELDS = frozenset({"gpu_util", "float_twin", "tasks", "task_eval_s"})  # may be absent (older results)
 
 OBSERVED_FIELDS = ("activation_bytes", "loader_processes", "int8_momenta", "galore_projected", "mtp_heads")
 
@@ -133,8 +136,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean, sample std (0 for one seed), min, max, spread (max - min) and n per metric, over the
     runs that succeeded and have the metric."""
     out: dict[str, dict[str, float]] = {}
-    for m in SUMMARY_METRICS:
-        vals = [float(r[m]) for r in runs if r.get("status") == "ok" and r.get(m) is not None]
+    ok = [r for r in runs if r.get("status") == "ok"]
+    flat = [{**r, **(r.get("tasks") or {})} for r in ok]  # task scores summarized like any metric
+    task_keys = sorted({k for r in ok for k in (r.get("tasks") or {})})
+    for m in (*SUMMARY_METRICS, *task_keys):
+        vals = [float(r[m]) for r in flat if r.get(m) is not None]
         if not vals:
             continue
         out[m] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -271,12 +277,13 @@ def ternary_cost(results: dict[str, Any]) -> list[str]:
     judged = {True: "beyond the spread", False: "within the spread", None: "one seed: not judged"}
     rows = [f"| metric | {base['name']} (ternary) | {twin['name']} (full precision) | ternary − float | judged |",
             "|---|---:|---:|---:|---|"]
-    for metric, label, fmt in COST_METRICS:
+    tasks = [(k, k.removeprefix("task_").replace("_", " "), ".3f") for k in base["summary"] if k.startswith("task_")]
+    for metric, label, fmt in (*COST_METRICS, *tasks):
         cmp = compare(twin, base, metric)  # base vs twin: the diff is what ternary costs
         if cmp is None:
             continue
-        rel = f" ({100 * cmp['diff'] / twin['summary'][metric]['mean']:+.1f}%)" if twin["summary"][metric]["mean"] \
-            else ""
+        rel = f" ({100 * cmp['diff'] / twin['summary'][metric]['mean']:+.1f}%)" \
+            if twin["summary"][metric]["mean"] and not metric.startswith("task_") else ""
         rows.append(f"| {label} | {_fmt(base['summary'][metric], fmt)} | {_fmt(twin['summary'][metric], fmt)} | "
                     f"{format(cmp['diff'], '+' + fmt)}{rel} | {judged[cmp['beyond_noise']]} |")
     speed = compare(twin, base, "tokens_per_s")
@@ -322,6 +329,18 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def task_table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows of every configuration's final task scores (mean ± std over seeds); [] if none."""
+    keys = sorted({k for c in results["configs"] for k in c["summary"] if k.startswith("task_")})
+    if not keys:
+        return []
+    rows = ["| config | " + " | ".join(k.removeprefix("task_") for k in keys) + " |",
+            "|---|" + "---:|" * len(keys)]
+    for c in results["configs"]:
+        rows.append(f"| {c['name']} | " + " | ".join(_fmt(c["summary"].get(k), ".3f") for k in keys) + " |")
+    return rows
+
+
 def provenance_line(p: dict[str, Any] | None) -> str:
     """The report's code line; says so when the results predate provenance."""
     from ..provenance import describe
@@ -357,6 +376,13 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> Path:
         "or `torch.cuda.max_memory_allocated` on GPU. Optimizer state is measured from the state tensors. "
         "tokens/s excludes step 1 and evaluation.",
         "",
+    ]
+    tasks = task_table(results)
+    if tasks:
+        items = results["settings"].get("task_items")
+        lines += [f"## Task scores of the final models ({results['settings'].get('tasks')}, {items} items each; "
+                  "chance for stdlib-next-line: 0.25)", "", *tasks, ""]
+    lines += [
         "## Reading",
         "",
         *[f"- {line}" for line in reading(results)],

@@ -68,10 +68,12 @@ class BenchSettings:
     overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE for every configuration
     keep_checkpoints: bool = False
     float_twin: bool = True  # also train the baseline with quantization=none: what ternary costs
+    tasks: str = "stdlib-next-line"  # scored once on each run's final model (eval_tasks' syntax); "": none
+    task_items: int = 200  # items (bpb: documents) per task
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchSettings:
-        base = dict(steps=30, seeds=1, batch_size=8, seq_len=64, eval_points=3, eval_batches=2)
+        base = dict(steps=30, seeds=1, batch_size=8, seq_len=64, eval_points=3, eval_batches=2, tasks="")
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -255,7 +257,8 @@ def run_one(entry: Entry, seed: int, settings: BenchSettings, run_dir: Path, lab
     log_file = run_dir / "metrics.jsonl"
     spec = {"name": entry.name, "config": entry.config, "peer": entry.peer, "model": settings.model,
             "seed": seed, "overrides": settings.config_overrides() + list(entry.overrides),
-            "run_dir": str(run_dir / "checkpoints"), "log_file": str(log_file)}
+            "run_dir": str(run_dir / "checkpoints"), "log_file": str(log_file), "tasks": settings.tasks,
+            "task_items": settings.task_items}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     result_path = run_dir / "result.json"
     result_path.unlink(missing_ok=True)
@@ -376,7 +379,8 @@ def run_bench(settings: BenchSettings, configs: list[str], peers: bool, out: Pat
         "machine": machine_info(),
         "settings": {"model": settings.model, "steps": settings.steps, "seeds": seeds,
                      "dataset": settings.dataset or "auto", "data_path": settings.data_path, **shape,
-                     "threads": settings.threads, "device": settings.device, "overrides": settings.overrides},
+                     "threads": settings.threads, "device": settings.device, "overrides": settings.overrides,
+                     "tasks": settings.tasks, "task_items": settings.task_items},
         "data": data,
         "baseline": baseline,
         "float_twin": twin,

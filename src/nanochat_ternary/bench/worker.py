@@ -14,7 +14,8 @@ the MTP heads in the model.
 
 SPEC (JSON): ``name``, ``config`` (TOML path or "" for the baseline of a peer), ``peer`` (a
 :data:`~.peers.PEERS` name or ""), ``model`` (preset), ``seed``, ``overrides`` (``key=value``
-strings applied last), ``run_dir``, ``log_file``.
+strings applied last), ``run_dir``, ``log_file``, and optionally ``tasks`` (what ``eval_tasks``
+names, scored once on the final model: ``task_*`` results) and ``task_items``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def activation_bytes(trainer: Any) -> int:
     return sum(storages.values())
 
 
+def final_tasks(trainer: Any, cfg: Any, rt: Any, tasks: str, items: int) -> tuple[dict[str, float], float]:
+    """``{task_<name>_<metric>: value}`` of the trained model on ``tasks`` (train/task_eval.py's
+    syntax, ``items`` each), scored once after training (not timed into tok/s), and its seconds."""
+    if not tasks:
+        return {}, 0.0
+    import copy
+
+    from ..train.task_eval import TaskEval
+
+    cfg = copy.deepcopy(cfg)
+    cfg.training.eval_tasks, cfg.training.eval_task_limit = tasks, items
+    t0 = time.perf_counter()
+    trainer.model.eval()
+    scores = TaskEval.from_config(cfg, trainer.model, trainer.data, rt).run()
+    return scores, time.perf_counter() - t0
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -135,6 +153,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         rt.shutdown()
     peak, peak_kind = _peak_memory(rt.device)  # before the observation below allocates anything
+    tasks, task_s = final_tasks(trainer, cfg, rt, spec.get("tasks", ""), spec.get("task_items", 200))
     acts = activation_bytes(trainer)
     opt_rep = memory_report(trainer.optimizers)
 
@@ -173,6 +192,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "int8_momenta": opt_rep["muon_int8_tensors"],
         "galore_projected": opt_rep["galore_projected"],
         "mtp_heads": len(trainer.model.mtp.heads) if trainer.model.mtp is not None else 0,
+        "tasks": tasks,
+        "task_eval_s": task_s,
     }
 
 
