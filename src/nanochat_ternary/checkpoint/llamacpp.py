@@ -143,10 +143,15 @@ def binding() -> Any:
             why.append(f"llama-cpp-python does not load ({str(e).splitlines()[0][:120]})")
     if b is None:
         raise UserError(f"running a .gguf needs llama.cpp: {INSTALL} ({'; '.join(why)})")
+    _BINDING = activate(b)
+    return b
+
+
+def activate(b: Any) -> Any:
+    """Route llama.cpp's log to :func:`_log` (quiet) and initialise its backend; returns ``b``."""
     b.log_keepalive = b.log_callback(_log)  # the C side holds only a pointer: keep the Python object
     b.lib.llama_log_set(b.log_keepalive, b.null)
     b.lib.llama_backend_init()
-    _BINDING = b
     return b
 
 

