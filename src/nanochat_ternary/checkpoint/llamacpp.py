@@ -21,7 +21,7 @@ Interface (all a caller needs; one :class:`LlamaCpp` is not thread-safe: seriali
     llm.special_id("<|end|>") -> int | None          # the one control token spelled so, if any
     llm.token_bytes(ids) -> bytes; llm.detokenize(ids) -> str (invalid UTF-8 replaced)
     llm.chat_template() -> str | None                # tokenizer.chat_template of the GGUF
-    llm.logits(ids) -> np.ndarray [len(ids), n_vocab] float32, a fresh context fed ids
+    llm.logits(ids, last=None) -> np.ndarray [len(ids) or last, n_vocab] float32, a fresh context fed ids
     llm.generate(ids, max_tokens, temperature=0.8, top_k=None, top_p=None, seed=0, stop=()) -> Iterator[int]
     llm.close()
 
@@ -230,8 +230,8 @@ class LlamaCpp:
     def _reset(self) -> None:
         self._b.lib.llama_memory_clear(self._b.lib.llama_get_memory(self._ctx), True)
 
-    def _decode(self, ids: Sequence[int], pos: int, all_logits: bool) -> None:
-        """Feed ``ids`` at positions ``pos..``; logits for every token or only the last."""
+    def _decode(self, ids: Sequence[int], pos: int, n_out: int) -> None:
+        """Feed ``ids`` at positions ``pos..``; logits for the last ``n_out`` of them."""
         lib = self._b.lib
         batch = lib.llama_batch_init(len(ids), 0, 1)
         try:
@@ -239,7 +239,7 @@ class LlamaCpp:
             for i, t in enumerate(ids):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(t), pos + i, 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if all_logits or i == len(ids) - 1 else 0
+                batch.logits[i] = 1 if i >= len(ids) - n_out else 0
             rc = lib.llama_decode(self._ctx, batch)
         finally:
             lib.llama_batch_free(batch)
@@ -252,18 +252,22 @@ class LlamaCpp:
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens exceed the llama.cpp context of {self.n_ctx}")
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """fp32 logits ``[len(ids), n_vocab]``: row ``j`` predicts the token after ``ids[j]``."""
+    def logits(self, ids: Sequence[int], last: int | None = None) -> np.ndarray:
+        """fp32 logits ``[n, n_vocab]`` of a fresh context fed ``ids``, for its last ``n = last``
+        positions (default: all): row ``j`` predicts the token after ``ids[len(ids) - n + j]``."""
         self._check_len(len(ids))
         if min(ids) < 0 or max(ids) >= self.n_vocab:
             raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+        first = len(ids) - (len(ids) if last is None else max(1, min(last, len(ids))))  # first output position
         self._reset()
         rows = []
         for lo in range(0, len(ids), self._n_batch):
             chunk = ids[lo:lo + self._n_batch]
-            self._decode(chunk, lo, all_logits=True)
-            rows.append(self._b.read_floats(self._b.lib.llama_get_logits(self._ctx), len(chunk) * self.n_vocab))
-        return np.concatenate(rows).reshape(len(ids), self.n_vocab)
+            n_out = max(0, lo + len(chunk) - max(first, lo))
+            self._decode(chunk, lo, n_out)
+            if n_out:
+                rows.append(self._b.read_floats(self._b.lib.llama_get_logits(self._ctx), n_out * self.n_vocab))
+        return np.concatenate(rows).reshape(len(ids) - first, self.n_vocab)
 
     def _new_sampler(self, temperature: float, top_k: int | None, top_p: float | None, seed: int) -> Any:
         lib = self._b.lib
@@ -291,14 +295,14 @@ class LlamaCpp:
         try:
             self._reset()
             for lo in range(0, len(ids), self._n_batch):
-                self._decode(ids[lo:lo + self._n_batch], lo, all_logits=False)
+                self._decode(ids[lo:lo + self._n_batch], lo, n_out=1)
             for k in range(budget):
                 t = int(lib.llama_sampler_sample(sampler, self._ctx, -1))  # samples the last logits
                 if t in stops:
                     return
                 yield t
                 if k + 1 < budget:
-                    self._decode([t], len(ids) + k, all_logits=False)
+                    self._decode([t], len(ids) + k, n_out=1)
         finally:
             lib.llama_sampler_free(sampler)
 

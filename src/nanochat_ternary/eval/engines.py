@@ -102,7 +102,7 @@ class GGUFScorer(Scorer):
     def batch_logprobs(self, reqs: list[Request]) -> list[np.ndarray]:
         out = []
         for r in reqs:
-            logits = torch.from_numpy(self.llm.logits(r.ids[:-1])[-r.n_score:])  # [n_score, V] fp32
+            logits = torch.from_numpy(self.llm.logits(r.ids[:-1], last=r.n_score))  # [n_score, V] fp32
             out.append(token_logprobs(logits, torch.tensor(r.ids[-r.n_score:])))
         return out
 
