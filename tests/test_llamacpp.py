@@ -282,8 +282,9 @@ def test_eval_on_an_export_agrees_with_the_checkpoint(exported, eval_of_checkpoi
     """bpb and multiple-choice on the export vs on the checkpoint, and every choice's log-likelihood
     through the scorers. The weights are the same; what differs is the activations (ours: int8 per
     token; HF and F32: full precision; TQ2_0 / Q8_0: 8-bit per block) and llama.cpp's f16 KV cache.
-    Measured here: bpb within 0.3%, log-likelihoods within 0.5% (see the printout); a wrong layout
-    (no q/k permutation) is > 10% apart."""
+    Measured here (2026-12-04): bpb within 0.01% of the checkpoint's, each choice's log-likelihood
+    within 0.2% (see the printout); the bounds below leave ~10x room. Without the GGUF's q/k
+    permutation the log-likelihoods are up to 8% apart (this random model's bpb barely moves)."""
     from nanochat_ternary.eval.choice import item_requests, read_jsonl
     from nanochat_ternary.eval.engines import open_eval_model
     from nanochat_ternary.eval.score import score_requests
@@ -296,14 +297,14 @@ def test_eval_on_an_export_agrees_with_the_checkpoint(exported, eval_of_checkpoi
     assert (ours["kind"], theirs["kind"]) == ("checkpoint", "hf" if name == "hf" else "gguf")
     key = (f"bpb:{text}", "bpb")
     print(f"{name}: bpb {theirs[key]:.5f} vs checkpoint {ours[key]:.5f}")
-    assert abs(theirs[key] - ours[key]) < 0.01 * ours[key]
+    assert abs(theirs[key] - ours[key]) < 0.002 * ours[key]
     items = read_jsonl(task).items
     models = [open_eval_model(str(exported[n]), "cpu", threads=1) for n in ("run", name)]
     reqs = [r for it in items for r in item_requests(models[0].tokenizer, it, 64)]
     ll = [np.array([lp.sum() for _, lp in sorted(score_requests(m.scorer, reqs, 5))]) for m in models]
     gap = np.abs(ll[1] - ll[0]) / np.abs(ll[0])
     print(f"{name}: choice log-likelihood relative gap max {gap.max():.2e}, mean {gap.mean():.2e}")
-    assert gap.max() < 0.02
+    assert gap.max() < 0.01
     assert abs(theirs[("next", "acc")] - ours[("next", "acc")]) <= 1 / len(items) + 1e-9  # one item may flip
 
 
