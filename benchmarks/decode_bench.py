@@ -9,7 +9,8 @@ Sides, interleaved round by round (A, B, C, A, B, C, ...) on the same randomly i
 * llama.cpp  with ``--llamacpp f32,tq2_0``: the same model exported to those GGUF types and decoded
              on llama.cpp (checkpoint/llamacpp.py, the ``llamacpp`` extra), greedy, same prompt;
              without a llama.cpp binding the script says it was not measured. TQ2_0 holds the
-             model exactly only with 256-groups: pass ``--group-size 256`` (all sides use it).
+             model exactly with 256-groups and rows of whole 256-blocks: ``--set group_size=256``
+             (``--set ffn_hidden=2048`` for nano-125m); all sides use the overrides.
 
 Greedy decoding of ``--tokens`` tokens after a ``--prompt``-token prefill; the prefill is not timed.
 Bandwidth utilisation = (weight bytes + KV bytes read per token) x tok/s / the machine's memcpy
@@ -17,7 +18,8 @@ bandwidth (read + write bytes of a 256 MiB ``copy_``, best of 5, measured in the
 
     python benchmarks/decode_bench.py --threads 1                          # tiny-cpu and nano-125m
     python benchmarks/decode_bench.py --models nano-125m --tokens 32 --rounds 3 --json
-    python benchmarks/decode_bench.py --threads 1 --group-size 256 --llamacpp f32,tq2_0   # the #26 target
+    python benchmarks/decode_bench.py --threads 1 --llamacpp f32,q8_0          # the #26 targets (exact Q8_0)
+    python benchmarks/decode_bench.py --threads 1 --llamacpp f32,tq2_0 --set group_size=256 --set ffn_hidden=2048
 """
 
 from __future__ import annotations
@@ -116,10 +118,30 @@ def llama_cpp_side(path: Path, prompt: list[int], n: int, threads: int):
     return run, f"llama.cpp: {llm.backend}, {threads} thread(s)"
 
 
+def llamacpp_sides(model: GPT, cfg, quants: list[str], prompt: list[int], tokens: int, d: Path):
+    """``(sides, weight bytes read per token, notes)`` for the model exported to each GGUF type."""
+    sides, wbytes, notes = {}, {}, []
+    m = cfg.model
+    for quant in quants:
+        try:
+            path = export_gguf(model, cfg, quant, d)
+        except ExportError as e:  # an inexact type for this grouping: say so, measure the rest
+            notes.append(f"llama.cpp {quant} not measured: {str(e).splitlines()[0]}")
+            continue
+        run, why = llama_cpp_side(path, prompt, tokens, torch.get_num_threads())
+        if run is None:
+            return sides, wbytes, [*notes, why]
+        if why not in notes:
+            notes.append(why)
+        sides[f"llama.cpp {quant.upper()}"] = run
+        # the whole file is read per token, but for the f16 embedding table of an untied head (one row)
+        wbytes[f"llama.cpp {quant.upper()}"] = path.stat().st_size - (0 if m.weight_tied else 2 * m.vocab_size * m.dim)
+    return sides, wbytes, notes
+
+
 def bench(preset: str, tokens: int, prompt_len: int, rounds: int, llamacpp: list[str], bw: float,
-          group_size: int | None) -> dict:
-    cfg = build_config(preset, overrides=[f"group_size={group_size}"] if group_size else [])
-    gguf_bytes: dict[str, int] = {}
+          overrides: list[str]) -> dict:
+    cfg = build_config(preset, overrides=overrides)
     torch.manual_seed(0)
     model = GPT(cfg.model).eval()
     gen = torch.Generator().manual_seed(0)
@@ -128,44 +150,31 @@ def bench(preset: str, tokens: int, prompt_len: int, rounds: int, llamacpp: list
     decs = {m: Decoder(model, mode=m, max_len=max_len) for m in ("fp32", "int8")}
     sides = {"model": lambda: model_side(model, prompt, tokens)}
     sides.update({m: (lambda d=d: decoder_side(d, prompt, tokens)) for m, d in decs.items()})
-    notes = []
     tmp = tempfile.TemporaryDirectory()  # the GGUFs live (mmapped by llama.cpp) until the timing is done
-    mc = cfg.model
-    for quant in llamacpp:
-        try:
-            path = export_gguf(model, cfg, quant, Path(tmp.name))
-        except ExportError as e:  # an inexact quant for this grouping: say so, measure the rest
-            notes.append(f"llama.cpp {quant} not measured: {str(e).splitlines()[0]}")
-            continue
-        run, why = llama_cpp_side(path, prompt, tokens, torch.get_num_threads())
-        if run is None:
-            notes.append(why)
-            break
-        if why not in notes:
-            notes.append(why)
-        sides[f"llama.cpp {quant.upper()}"] = run
-        # weights read per token: the file less its f16 embedding table (one row is read)
-        gguf_bytes[f"llama.cpp {quant.upper()}"] = path.stat().st_size - 2 * mc.vocab_size * mc.dim
+    llama_sides, gguf_bytes, notes = llamacpp_sides(model, cfg, llamacpp, prompt, tokens, Path(tmp.name))
+    sides.update(llama_sides)
     for f in sides.values():  # warm-up
         f()
     times: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(rounds):
         for k, f in sides.items():
             times[k].append(f())
-    tmp.cleanup()
     # bytes per token: weights as each side stores them, KV at the mean decode position
     n_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2)
     kv_mean = 2 * cfg.model.n_layers * cfg.model.n_kv_heads * cfg.model.head_dim * (prompt_len + tokens / 2) * 4
     head = model.lm_head.weight.nbytes
     wbytes = {"model": 4 * n_block + head, "fp32": decs["fp32"].weight_bytes(), "int8": decs["int8"].weight_bytes()}
-    wbytes.update(gguf_bytes)
     out = {"preset": preset, "tokens": tokens, "prompt": prompt_len, "notes": notes, "sides": {}}
     for k, v in times.items():
         tok_s = tokens / statistics.median(v)
         b = wbytes.get(k)
-        kv = kv_mean / 2 if k in gguf_bytes else kv_mean  # llama.cpp's KV cache is f16
-        out["sides"][k] = {"tok_s": tok_s, "all_s": v, "bytes_per_token": (b + kv) if b else None,
-                           "bw_util": ((b + kv) * tok_s / (bw * 1e9)) if b else None}
+        out["sides"][k] = {"tok_s": tok_s, "all_s": v, "bytes_per_token": (b + kv_mean) if b else None,
+                           "bw_util": ((b + kv_mean) * tok_s / (bw * 1e9)) if b else None}
+    tmp.cleanup()
+    for k, b in gguf_bytes.items():  # llama.cpp's KV cache is f16
+        s = out["sides"][k]
+        s["bytes_per_token"] = b + kv_mean / 2
+        s["bw_util"] = s["bytes_per_token"] * s["tok_s"] / (bw * 1e9)
     return out
 
 
@@ -178,8 +187,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--llamacpp", default="", help="comma-separated GGUF types (f32,tq2_0,q8_0): the same model "
                     "exported and decoded on llama.cpp beside ours (needs the llamacpp extra)")
-    ap.add_argument("--group-size", type=int, default=None, help="override the preset's group_size "
-                    "(256: TQ2_0 holds the model exactly)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for "
+                    "every preset, e.g. group_size=256 ffn_hidden=2048 (TQ2_0 holds a model exactly only then)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,7 +201,7 @@ def main() -> None:
     results = []
     for preset in args.models.split(","):
         quants = [q.strip().lower() for q in args.llamacpp.split(",") if q.strip()]
-        r = bench(preset.strip(), args.tokens, args.prompt, args.rounds, quants, bw, args.group_size)
+        r = bench(preset.strip(), args.tokens, args.prompt, args.rounds, quants, bw, args.set)
         results.append(r)
         base = r["sides"]["model"]["tok_s"]
         print(f"\n{preset}: {args.tokens} greedy tokens after a {args.prompt}-token prompt, median of {args.rounds}")
