@@ -150,8 +150,12 @@ def _hf(path: Path, device: str) -> EvalModel:
         raise UserError(f"{path}: an HF model dir needs transformers: pip install 'nanochat-ternary[eval]'") from None
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"{path}: no tokenizer.json (eval scores text; export from a checkpoint with a tokenizer)")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    try:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r}: not a device (auto | cpu | cuda | cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
     except (OSError, ValueError, KeyError) as e:
