@@ -308,6 +308,31 @@ def test_eval_on_an_export_agrees_with_the_checkpoint(exported, eval_of_checkpoi
     assert abs(theirs[("next", "acc")] - ours[("next", "acc")]) <= 1 / len(items) + 1e-9  # one item may flip
 
 
+@pytest.mark.parametrize("name", ["tq2_0", "hf"])
+def test_humaneval_completion_on_an_export_is_its_greedy_continuation(exported, name):
+    """HumanEval samples through the export's own engine (llama.cpp's sampler, transformers'
+    generate); at temperature 0 that is the argmax continuation, recomputed here from its logits."""
+    from nanochat_ternary.eval.engines import open_eval_model
+    from nanochat_ternary.eval.humaneval import complete, truncate_at_stop
+
+    if name != "hf":
+        _needs_llamacpp()
+    m = open_eval_model(str(exported[name]), "cpu", threads=1)
+    prompt = "def add(a, b):\n"
+    seq = m.tokenizer.encode(prompt)
+    n0 = len(seq)
+    for _ in range(12):
+        if name == "hf":
+            with torch.no_grad():
+                nxt = int(m.scorer.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+        else:
+            nxt = int(np.argmax(m.scorer.llm.logits(seq, last=1)[-1]))
+        if nxt == m.tokenizer.eot_id:
+            break
+        seq.append(nxt)
+    assert complete(m, prompt, 12, 0.0, 0) == truncate_at_stop(m.tokenizer.decode(seq[n0:]))
+
+
 # ---------------------------------------------------------------------------------------------
 # the CFFI binding (llama-cpp-py-sync) where its own prebuilt libllama cannot load
 
