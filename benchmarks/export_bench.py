@@ -124,12 +124,23 @@ def our_decode_tok_s(model, n_tokens: int) -> float:
     return n_tokens / (time.perf_counter() - t0)
 
 
+def llamacpp_loads() -> bool:
+    from nanochat_ternary.checkpoint.llamacpp import binding
+    from nanochat_ternary.errors import UserError
+
+    try:
+        binding()
+    except UserError:
+        return False
+    return True
+
+
 def llamacpp_decode_tok_s(path: Path, n_tokens: int, threads: int) -> float:
-    from nanochat_ternary.export.run import open_gguf
+    from nanochat_ternary.checkpoint.llamacpp import open_gguf
 
     llm = open_gguf(path, n_ctx=n_tokens + 16, threads=threads)
-    prompt = [llm.token_eos()] * 8
-    it = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+    prompt = [llm.eos] * 8
+    it = llm.generate(prompt, n_tokens + 1, temperature=0)
     next(it)  # prefill + first token: excluded
     t0 = time.perf_counter()
     for _ in range(n_tokens):
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     res["ours_decode_tok_s"] = our_decode_tok_s(ck.model, args.decode_tokens)
     print(f"ours (PyTorch fp32, KV cache, {args.threads} thread): decode {res['ours_decode_tok_s']:.0f} tok/s",
           flush=True)
-    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    have_llama = llamacpp_loads()
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
         p = d / "m.safetensors"
@@ -202,17 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             res["sizes"][f"gguf_{q}"] = g.stat().st_size
             entry: dict = {"bytes": g.stat().st_size}
             if have_llama:
-                from nanochat_ternary.export.run import llamacpp_logits, open_gguf
+                from nanochat_ternary.checkpoint.llamacpp import open_gguf
 
-                llm = open_gguf(g, n_ctx=args.ctx, threads=args.threads, logits_all=True)
-                theirs = [torch.from_numpy(llamacpp_logits(llm, w)) for w in windows]
-                del llm
+                with open_gguf(g, n_ctx=args.ctx, threads=args.threads) as llm:
+                    theirs = [torch.from_numpy(llm.logits(w)) for w in windows]
                 entry.update(compare(ours, theirs, windows))
                 entry["decode_tok_s"] = llamacpp_decode_tok_s(g, args.decode_tokens, args.threads)
             res["gguf"][q] = entry
             print(f"gguf {q}: {json.dumps(entry)}", flush=True)
     if not have_llama:
-        print("llama-cpp-python not installed: no llama.cpp figures", file=sys.stderr)
+        print("no llama.cpp binding loads here (the llamacpp extra): no llama.cpp figures", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -209,13 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default stdlib-next-line; --quick: none; 'none': none)")
     p.add_argument("--task-items", type=int, help="items (bpb: documents) per task (default 200)")
     p = sub.add_parser("eval", help="score a model: bits per byte on text, multiple-choice tasks, HumanEval pass@k",
-                       description="Judge a checkpoint (run dir, step dir or packed .safetensors): bits per byte on "
+                       description="Judge a model (run dir, step dir, packed .safetensors, .gguf on llama.cpp or "
+                                   "an HF export dir on transformers): bits per byte on "
                                    "any text (tokenizer-independent), multiple-choice accuracy from a local JSONL "
                                    "or an lm-eval-harness task YAML, the built-in stdlib-next-line task, HumanEval "
                                    "pass@k in a sandbox. A table on stdout, --json with provenance. "
                                    "See docs/evaluation.md.")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint dir, run dir (latest checkpoint) or packed .safetensors")
+                   help="checkpoint dir, run dir (latest checkpoint), packed .safetensors, .gguf or HF export dir")
     p.add_argument("--text", action="append", default=[], metavar="PATH",
                    help="bits per byte on a file, dir, glob or prepared data dir (its val split); repeatable")
     p.add_argument("--tasks", action="append", default=[], metavar="TASK",

@@ -33,7 +33,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.gpt import GPT
 from .result import Result, ratio_stderr
-from .score import Request, score_requests
+from .score import Request, Scorer, as_scorer, score_requests
 
 
 @dataclass
@@ -103,12 +103,13 @@ def document_requests(ids: list[int], eot_id: int, context: int, stride: int) ->
     return reqs
 
 
-def bits_per_byte(model: GPT, tok: Tokenizer, texts: list[str], name: str, stride: int | None = None,
+def bits_per_byte(model: GPT | Scorer, tok: Tokenizer, texts: list[str], name: str, stride: int | None = None,
                   batch_size: int = 16, sink: list[tuple[float, int]] | None = None,
                   bar: Any = None) -> Result:
     """Score ``texts`` (see the module docstring); ``sink`` collects ``(nats, bytes)`` per finished
     document, so an interrupted run can still report what it scored."""
-    context = model.cfg.max_seq_len
+    model = as_scorer(model)  # our GPT, or a GGUF / HF export's scorer
+    context = model.max_seq_len
     stride = stride or max(1, context // 2)
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride}: must be between 1 and the model's context ({context})")

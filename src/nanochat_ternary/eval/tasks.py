@@ -147,11 +147,12 @@ def next_line_items(texts: list[str], n_items: int = N_ITEMS, seed: int = 0, fit
 
 
 def builtin_task(name: str, limit: int | None, opened) -> ChoiceTask:
-    """A built-in task for ``opened`` (its tokenizer and context length bound each item)."""
+    """A built-in task for ``opened`` (an EvalModel or an OpenedModel: its tokenizer and context
+    length bound each item)."""
     if name != "stdlib-next-line":
         raise UserError(f"--tasks {name}: no such built-in task ({', '.join(BUILTIN_TASKS)})")
     tok = opened.require_tokenizer()
-    max_len = opened.config.model.max_seq_len
+    max_len = opened.max_seq_len if hasattr(opened, "max_seq_len") else opened.config.model.max_seq_len
 
     def fits(context: str, choices: list[str]) -> bool:
         return all(sum(map(len, encode_pair(tok, context, c))) - 1 <= max_len for c in choices)
