@@ -3,10 +3,10 @@ serve, eval, benchmarks).
 
 Two Python bindings of llama.cpp's C API are accepted; the first that loads is used:
 
-1. ``llama_cpp_py_sync`` (PyPI ``llama-cpp-py-sync``, the ``llamacpp`` extra): a prebuilt CPU
+1. ``llama_cpp_py_sync`` (PyPI ``llama-cpp-py-sync``, the ``llamacpp-prebuilt`` extra): a prebuilt CPU
    ``libllama`` with CFFI bindings, nothing to compile. Its Linux build needs glibc >= 2.38
    (Debian 13, Ubuntu 24.04); on an older system the library does not load and the next one is tried.
-2. ``llama_cpp`` (PyPI ``llama-cpp-python``): ctypes bindings over a ``libllama`` it builds from
+2. ``llama_cpp`` (PyPI ``llama-cpp-python``, the ``llamacpp`` extra): ctypes bindings over a ``libllama`` it builds from
    source at install time (~20 min on 2 cores).
 
 Both run the same code below, on the C API (``llama_decode``, ``llama_get_logits``, the sampler
