@@ -101,8 +101,7 @@ def activation_bytes(trainer: Any) -> int:
 
     x, y = trainer.batches.get(0, 0)
     x, y = x.to(rt.device), y.to(rt.device)
-    if getattr(trainer, "distiller", None) is not None:  # a distillation run: its teacher's logits first
-        trainer.distiller.prepare(x)
+    trainer.objective.prepare(x)  # as the training loop does (a distillation run: its teacher's logits)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
         loss, _stats = model(x, targets=y, objective=trainer.objective)
