@@ -36,6 +36,7 @@ train: install
 	$(BIN)/nanochat-train train $(ARGS)
 
 test: install-dev
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -n 2 -m "numerics and not native_only" $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -n 2 -m "numerics and not native_only" $(PYTEST_ARGS)

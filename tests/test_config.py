@@ -131,7 +131,8 @@ def _state(tmp_path, toml: str | None = None, sets: list[str] | None = None, bas
 
 
 def test_use_8bit_adamw_is_adamw_state_8bit_in_toml_and_set(tmp_path):
-    for toml in ("use_8bit_adamw = true\n", "[training]\nuse_8bit_adamw = true\n", "[optimizer]\nuse_8bit_adamw = true\n",
+    for toml in ("use_8bit_adamw = true\n", "[training]\nuse_8bit_adamw = true\n",
+                 "[optimizer]\nuse_8bit_adamw = true\n",
                  'use_8bit_adamw = true\nadamw_state = "fp32"\n'):  # true over the same source's fp32, as before
         assert _state(tmp_path, toml) == "8bit", toml
     assert _state(tmp_path, "use_8bit_adamw = false\n") == "fp32"

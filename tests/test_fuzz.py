@@ -24,8 +24,8 @@ import pytest
 import torch
 from faults import TINY
 from hypothesis import HealthCheck, given, settings
-from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -88,7 +88,8 @@ def test_page_streams_a_reply(tmp_path, browser):
         for text in ("second message", "third message"):
             browser.find_element(By.ID, "input").send_keys(text)
             browser.find_element(By.ID, "send").click()
-            _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1 + len(users) and
+            n_users = len(users)
+            _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1 + n_users and  # noqa: B023
                   browser.find_element(By.ID, "send").is_enabled(), what=f"the reply to {text!r}")
             users = browser.find_elements(By.CSS_SELECTOR, ".msg.user")
         notes = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".note")]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SMALL_CPU_RUN, train_small, write_corpus
+
 from nanochat_ternary.cli import _cli_overrides, build_parser
 from nanochat_ternary.config import build_config
 from nanochat_ternary.train.guard import NonFiniteGuard

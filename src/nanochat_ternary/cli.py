@@ -573,8 +573,8 @@ def _write_crash_report(args: argparse.Namespace) -> str:
     import tempfile
     import traceback
 
-    text = (f"nanochat-ternary {__version__}\ncommand: {args.command}\nargv: {sys.argv if args.argv is None else args.argv}"
-            f"\n\n{traceback.format_exc()}")
+    argv = sys.argv if args.argv is None else args.argv
+    text = f"nanochat-ternary {__version__}\ncommand: {args.command}\nargv: {argv}\n\n{traceback.format_exc()}"
     try:
         fd, name = tempfile.mkstemp(prefix="nanochat-ternary-crash-", suffix=".txt",
                                     dir=os.environ.get("NANOCHAT_CRASH_DIR") or None)

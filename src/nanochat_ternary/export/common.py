@@ -36,7 +36,8 @@ from ..model.ternary import BLOCK_LINEARS, TernaryTensor, split_quantized
 LoadedCheckpoint = OpenedModel
 
 __all__ = ["BLOCK_LINEARS", "ExportError", "LoadedCheckpoint", "TernaryTensor", "atomic_output", "block_scales",
-           "check_not_overlapping", "file_size", "llama_qk_permutation", "load_checkpoint", "split_quantized", "ternary_weights"]
+           "check_not_overlapping", "file_size", "llama_qk_permutation", "load_checkpoint", "split_quantized",
+           "ternary_weights"]
 
 
 class ExportError(UserError):
