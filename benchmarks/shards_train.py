@@ -24,6 +24,8 @@ from prepare_bench import generate
 
 
 def prepare(corpus: Path, out: Path, tok: Path | None, shard_tokens: int) -> Path:
+    if (out / "meta.json").is_file():  # a finished prepare from an earlier run of this script (same --work)
+        return out
     args = ["prepare-data", str(corpus), "--out", str(out), "--shard-tokens", str(shard_tokens), "--no-progress",
             "--vocab-size", "4096"]
     if tok is not None:
