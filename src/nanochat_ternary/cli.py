@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameter counts and memory of a config (no big allocations)")
     _add_config_args(p)
+    p.add_argument("--ranks", type=int, default=0, help="also print per-rank params / grads / optimizer "
+                                                      "state at N ranks, ddp vs fsdp (size arithmetic)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("memory", help="measured peak memory of real training steps of a config on this device "
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=2, help="training steps to measure (default 2: the second runs "
                                                          "with the optimizer state in place)")
+    p.add_argument("--ranks", type=int, default=0, help="also print per-rank params / grads / optimizer "
+                                                      "state at N ranks, ddp vs fsdp (size arithmetic)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="matched benchmark of configurations (default: the E3 suite) -> REPORT.md",
@@ -361,6 +365,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, args.config_file, None, args.set)
     info = model_info(cfg)
     if args.json:
+        if args.ranks:
+            from .train.rank_memory import per_rank_memory
+
+            info["per_rank"] = per_rank_memory(cfg, args.ranks)
         print(json.dumps(info, indent=2))
         return 0
     print(format_config(cfg))
@@ -371,7 +379,15 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{info['ternary_packed_bytes'] / 2**20:,.1f} MiB packed ternary (2 bits/weight + scales)")
     print(f"optimizer state at fp32 (momentum 4 B + AdamW 8 B per param): "
           f"{info['fp32_optimizer_state_bytes'] / 2**20:,.1f} MiB (size arithmetic; measure it with training)")
+    _print_per_rank(cfg, args.ranks)
     return 0
+
+
+def _print_per_rank(cfg: Any, ranks: int) -> None:
+    if ranks:
+        from .train.rank_memory import format_per_rank, per_rank_memory
+
+        print("\n".join(format_per_rank(per_rank_memory(cfg, ranks))))
 
 
 def _available_memory_bytes() -> int | None:
@@ -392,10 +408,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from .model.info import model_info
     from .optim.factory import measure_optimizer_state
     from .train.memory import measure_training_step
+    from .train.rank_memory import format_per_rank, per_rank_memory
 
     cfg = build_config(args.config, args.config_file, None, args.set)
     if args.steps < 1:
         raise UserError(f"memory: --steps must be >= 1, got {args.steps}")
+    per_rank = per_rank_memory(cfg, args.ranks) if args.ranks else None  # bad input refused before measuring
     info = model_info(cfg)
     # a real step holds weights, grads, optimizer state (fp32: ~16 B/param) plus activations
     need = info["params"] * 16
@@ -417,6 +435,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     rep = measure_optimizer_state(model, cfg.training, baseline=True, seed=cfg.training.seed)
     rep["preset"] = cfg.preset
     rep["step"] = step
+    rep["per_rank"] = per_rank
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -441,6 +460,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     print(f"  fp32 Muon on the same params (measured): {rep['fp32_muon_state_bytes'] / mib:.2f} MiB -> "
           f"this variant's Muon state is {rep['muon_state_vs_fp32']:.1%} of it "
           f"({1 - rep['muon_state_vs_fp32']:.1%} less)")
+    if per_rank is not None:  # batch_size is per rank: each rank's activations are the ones measured above
+        print("\n".join(format_per_rank(per_rank)))
     return 0
 
 
