@@ -92,6 +92,78 @@ def test_sharded_muon_matches_float64_reference(tmp_path, world):
             assert ranks[r][(bucket_elements, nesterov)]["local_state_bytes"] == want
 
 
+# 8-bit: (64, 80), (80, 64), (64, 64) have >= 4096 values (int8 blocks of 96, the last one padded), the rest fp32
+SHAPES_8BIT = [(64, 80), (25, 40), (80, 64), (3, 20), (64, 64)]
+CASES_8BIT = [(1 << 20, False), (1000, True)]  # (bucket_elements, stochastic_rounding)
+
+
+def _grads_8bit():
+    g = torch.Generator().manual_seed(11)
+    init = [torch.randn(s, generator=g) for s in SHAPES_8BIT]
+    return init, [[torch.randn(s, generator=g) for s in SHAPES_8BIT] for _ in range(3)]
+
+
+def _sharded_8bit_worker(rank, world, port, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from nanochat_ternary.optim.sharded_muon import ShardedMuon8bit
+
+    torch.set_num_threads(1)
+    with gloo_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        for bucket_elements, sr in CASES_8BIT:
+            init, grads = _grads_8bit()
+            params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+            opt = ShardedMuon8bit(params, lr=0.02, weight_decay=0.1, block_size=96, stochastic_rounding=sr,
+                                  seed=3, bucket_elements=bucket_elements)
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt.step()
+            out[(bucket_elements, sr)] = {"params": [p.full_tensor() for p in params],
+                                          "state": [dict(opt.state[p]) for p in params]}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_muon_8bit_equals_one_process_muon8bit(tmp_path, world):
+    """The owner keeps each matrix's int8 momentum whole: after 3 steps on 2 or 4 gloo ranks the
+    weights equal one process's Muon8bit on the whole matrices to 1e-6 (the same computation on the
+    same values: the owner assembles the exact gradient; 1e-6 allows BLAS' alignment-dependent
+    blocking in Newton–Schulz, while one flipped int8 code moves a weight by ~lr * s_b ~ 1e-4 and a
+    wrong owner or row by ~lr), the owner's codes and scales equal one process's exactly, no other
+    rank holds them, and every rank counts the steps. With and without stochastic rounding (its
+    stream keyed by parameter index and step, as in one process), one bucket and one per matrix."""
+    from nanochat_ternary.optim.quantized import Muon8bit
+    from nanochat_ternary.optim.sharded_muon import balance_owners
+
+    ranks = spawn_ranks(_sharded_8bit_worker, tmp_path, world)
+    owners = balance_owners(SHAPES_8BIT, world)
+    for bucket_elements, sr in CASES_8BIT:
+        init, grads = _grads_8bit()
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = Muon8bit(params, lr=0.02, weight_decay=0.1, block_size=96, stochastic_rounding=sr, seed=3)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        assert sum("momentum_codes" in opt.state[p] for p in params) == 3
+        for r, got in enumerate(ranks):
+            case = got[(bucket_elements, sr)]
+            for i, (p, q) in enumerate(zip(params, case["params"])):
+                assert (p.detach() - q).abs().max() < 1e-6, (r, i, sr)
+                st = case["state"][i]
+                assert st["step"] == 3
+                if owners[i] == r:
+                    for key, want in opt.state[p].items():
+                        if key != "step":
+                            assert torch.equal(st[key], want), (r, i, key)
+                else:
+                    assert set(st) == {"step"}, (r, i, set(st))
+
+
 def test_owners_are_balanced_by_newton_schulz_flops():
     shapes = [(64, 64)] * 3 + [(256, 64)] * 2 + [(8, 8)]
     owners = balance_owners(shapes, 2)
@@ -112,7 +184,7 @@ def test_config_refuses_what_fsdp_does_not_serve():
     cfg.training.parallelism = "zero3"
     with pytest.raises(ConfigError, match="parallelism"):
         validate(cfg)
-    for key, value in [("optimizer_in_backward", True), ("use_8bit_optim", True), ("use_galore", True),
+    for key, value in [("optimizer_in_backward", True), ("use_galore", True),
                        ("adamw_state", "foam"), ("latent_dtype", "bfloat16"), ("compile", "true")]:
         cfg = Config()
         cfg.training.parallelism = "fsdp"
@@ -123,6 +195,8 @@ def test_config_refuses_what_fsdp_does_not_serve():
     cfg = Config()
     cfg.training.parallelism = "fsdp"
     validate(cfg)  # the defaults are served
+    cfg.training.use_8bit_optim = cfg.training.stochastic_rounding = True
+    validate(cfg)  # and 8-bit Muon (ShardedMuon8bit)
     assert TrainConfig().parallelism == "ddp"
 
 
