@@ -12,7 +12,9 @@ checks them byte for byte, tests/test_fsdp.py):
   buckets (another gradient copy unless ``gradient_as_bucket_view``) are not counted;
 * ``fsdp``: FSDP2 shards dim 0 as ``torch.chunk`` does (``c = ceil(rows / N)`` rows per rank, the
   last ranks fewer or none), parameters, gradients, sharded Muon's fp32 momentum and AdamW's
-  moments alike; the AdamW ``step`` stays a 4-byte scalar on every rank.
+  moments alike; the AdamW ``step`` stays a 4-byte scalar on every rank. With ``use_8bit_optim``
+  the owner rank of a matrix (``balance_owners``, as ShardedMuon8bit) holds its whole momentum
+  (int8 blocks or fp32 by Muon8bit's rule), the other ranks none of it.
 
 Activations are not here: ``batch_size`` is per rank, so a rank's activations are those one
 process measures at the same batch (``nanochat-train memory``).
@@ -29,6 +31,7 @@ from ..errors import UserError
 from ..model.gpt import GPT
 from ..optim.factory import split_params
 from ..optim.quantized import DEFAULT_MIN_QUANT_NUMEL, n_blocks_for
+from ..optim.sharded_muon import balance_owners
 
 MODES = ("ddp", "fsdp")
 ADAMW_STEP_BYTES = 4  # torch's (fused) AdamW keeps ``step`` as a 0-d fp32 tensor per parameter
@@ -71,8 +74,7 @@ def _check_served(cfg: Config) -> None:
 def per_rank_memory(cfg: Config, world: int) -> dict[str, Any]:
     """``{"world", "modes": {"ddp"|"fsdp": {"ranks": [per-rank bytes], "max": ..., "vs_ddp"}}}``;
     each per-rank entry has ``param_bytes``, ``grad_bytes``, ``muon_state_bytes``,
-    ``adamw_state_bytes``, ``optim_bytes``, ``total_bytes``. fsdp is ``None`` with ``use_8bit_optim``
-    (refused under fsdp; see config_checks)."""
+    ``adamw_state_bytes``, ``optim_bytes``, ``total_bytes``."""
     if world < 1:
         raise UserError(f"--ranks must be >= 1, got {world}")
     _check_served(cfg)
@@ -81,15 +83,18 @@ def per_rank_memory(cfg: Config, world: int) -> dict[str, Any]:
     muon, adamw = split_params(model)
     out: dict[str, Any] = {"world": world, "modes": {}}
     for mode in MODES:
-        if mode == "fsdp" and cfg.training.use_8bit_optim:
-            out["modes"][mode] = None
-            continue
+        owners = balance_owners([tuple(p.shape) for p in muon], world)  # ShardedMuon's, same order
         ranks = []
         for r in range(world):
             m = [_local_numel(tuple(p.shape), world, r, mode) for p in muon]
             a = [_local_numel(tuple(p.shape), world, r, mode) for p in adamw]
             params = 4 * (sum(m) + sum(a))
-            muon_b = sum(_muon_state_bytes(n, cfg) for n in m) if mode == "ddp" else 4 * sum(m)
+            if mode == "ddp":
+                muon_b = sum(_muon_state_bytes(n, cfg) for n in m)
+            elif cfg.training.use_8bit_optim:  # ShardedMuon8bit: the owner holds the matrix's momentum whole
+                muon_b = sum(_muon_state_bytes(p.numel(), cfg) for p, o in zip(muon, owners) if o == r)
+            else:  # ShardedMuon: fp32 momentum rows like the parameter's
+                muon_b = 4 * sum(m)
             adamw_b = 8 * sum(a) + ADAMW_STEP_BYTES * len(a)
             ranks.append({"param_bytes": params, "grad_bytes": params, "muon_state_bytes": muon_b,
                           "adamw_state_bytes": adamw_b, "optim_bytes": muon_b + adamw_b,
@@ -97,8 +102,7 @@ def per_rank_memory(cfg: Config, world: int) -> dict[str, Any]:
         out["modes"][mode] = {"ranks": ranks, "max": max(ranks, key=lambda x: x["total_bytes"])}
     base = out["modes"]["ddp"]["max"]["total_bytes"]
     for mode in MODES:
-        if out["modes"][mode] is not None:
-            out["modes"][mode]["vs_ddp"] = out["modes"][mode]["max"]["total_bytes"] / base
+        out["modes"][mode]["vs_ddp"] = out["modes"][mode]["max"]["total_bytes"] / base
     return out
 
 
@@ -110,9 +114,6 @@ def format_per_rank(rep: dict[str, Any]) -> list[str]:
              f"  {'mode':<5} {'params':>10} {'grads':>10} {'optimizer':>10} {'total':>10}  vs ddp"]
     for mode in MODES:
         m = rep["modes"][mode]
-        if m is None:
-            lines.append(f"  {mode:<5} not served with use_8bit_optim yet (use parallelism = 'ddp')")
-            continue
         x = m["max"]
         lines.append(f"  {mode:<5} {x['param_bytes'] / mib:>10.2f} {x['grad_bytes'] / mib:>10.2f} "
                      f"{x['optim_bytes'] / mib:>10.2f} {x['total_bytes'] / mib:>10.2f}  {m['vs_ddp']:.3f}  (MiB)")
