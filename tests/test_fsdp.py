@@ -467,6 +467,9 @@ def test_per_rank_memory_estimate_equals_ddp_rank(eight_bit):
         for key, value in _measured_bytes(model, opts).items():
             assert rep["modes"]["ddp"]["ranks"][r][key] == value, (key, eight_bit)
     assert rep["modes"]["fsdp"]["vs_ddp"] <= 0.3  # the 4-rank target, by the same arithmetic
+    # fsdp at 4 ranks: every matrix's momentum on exactly one owner (8-bit) or split in rows (fp32)
+    fsdp_ranks = rep["modes"]["fsdp"]["ranks"]
+    assert sum(x["muon_state_bytes"] for x in fsdp_ranks) == rep["modes"]["ddp"]["ranks"][0]["muon_state_bytes"]
 
 
 def test_info_and_memory_print_per_rank(capsys):
