@@ -95,6 +95,9 @@ def test_sharded_muon_matches_float64_reference(tmp_path, world):
 # 8-bit: (64, 80), (80, 64), (64, 64) have >= 4096 values (int8 blocks of 96, the last one padded), the rest fp32
 SHAPES_8BIT = [(64, 80), (25, 40), (80, 64), (3, 20), (64, 64)]
 CASES_8BIT = [(1 << 20, False), (1000, True)]  # (bucket_elements, stochastic_rounding)
+# GaLore: rank 8 projects (64, 80), (25, 40), (80, 64), (64, 64), not (3, 20); refreshed (and carried) at step 3
+GALORE = dict(lr=0.02, weight_decay=0.1, rank=8, min_dim=16, update_freq=2, block_size=96, seed=3,
+              proj_dtype="float32")
 
 
 def _grads_8bit():
@@ -107,7 +110,7 @@ def _sharded_8bit_worker(rank, world, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from nanochat_ternary.optim.sharded_muon import ShardedMuon8bit
+    from nanochat_ternary.optim.sharded_muon import ShardedGaLoreMuon, ShardedMuon8bit
 
     torch.set_num_threads(1)
     with gloo_group(rank, world, port):
@@ -124,6 +127,16 @@ def _sharded_8bit_worker(rank, world, port, out_dir):
                 opt.step()
             out[(bucket_elements, sr)] = {"params": [p.full_tensor() for p in params],
                                           "state": [dict(opt.state[p]) for p in params]}
+        for quantize in (False, True):
+            init, grads = _grads_8bit()
+            params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+            opt = ShardedGaLoreMuon(params, **GALORE, quantize=quantize)
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt.step()
+            out[("galore", quantize)] = {"params": [p.full_tensor() for p in params],
+                                         "state": [dict(opt.state[p]) for p in params]}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -162,6 +175,29 @@ def test_sharded_muon_8bit_equals_one_process_muon8bit(tmp_path, world):
                             assert torch.equal(st[key], want), (r, i, key)
                 else:
                     assert set(st) == {"step"}, (r, i, set(st))
+    from nanochat_ternary.optim.galore import GaLoreMuon
+
+    for quantize in (False, True):  # GaLore: projector and projected momentum on the owner, same tolerance
+        init, grads = _grads_8bit()
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = GaLoreMuon(params, **GALORE, quantize=quantize)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        assert sum("projector" in opt.state[p] for p in params) == 4
+        for r, got in enumerate(ranks):
+            case = got[("galore", quantize)]
+            for i, (p, q) in enumerate(zip(params, case["params"])):
+                assert (p.detach() - q).abs().max() < 1e-6, ("galore", quantize, r, i)
+                st = case["state"][i]
+                if owners[i] == r:
+                    assert st.keys() == opt.state[p].keys()
+                    for key, want in opt.state[p].items():
+                        if key != "step":
+                            assert torch.allclose(st[key], want, atol=1e-6), (r, i, key)
+                else:
+                    assert set(st) == {"step"}, (r, i, set(st))
 
 
 def test_owners_are_balanced_by_newton_schulz_flops():
@@ -184,7 +220,7 @@ def test_config_refuses_what_fsdp_does_not_serve():
     cfg.training.parallelism = "zero3"
     with pytest.raises(ConfigError, match="parallelism"):
         validate(cfg)
-    for key, value in [("optimizer_in_backward", True), ("use_galore", True),
+    for key, value in [("optimizer_in_backward", True),
                        ("adamw_state", "foam"), ("latent_dtype", "bfloat16"), ("compile", "true")]:
         cfg = Config()
         cfg.training.parallelism = "fsdp"
@@ -197,6 +233,8 @@ def test_config_refuses_what_fsdp_does_not_serve():
     validate(cfg)  # the defaults are served
     cfg.training.use_8bit_optim = cfg.training.stochastic_rounding = True
     validate(cfg)  # and 8-bit Muon (ShardedMuon8bit)
+    cfg.training.use_galore = True
+    validate(cfg)  # and GaLore (ShardedGaLoreMuon)
     assert TrainConfig().parallelism == "ddp"
 
 

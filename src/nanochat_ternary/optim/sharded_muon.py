@@ -29,9 +29,9 @@ rows together), which bounds the extra memory of a step.
 With the same inputs the owner's Newton–Schulz is the same computation as the single-process and
 DDP steps, so the weights differ from DDP's only by the gradient reduction's float summation order.
 
-Scope: fp32 Muon (Nesterov or not, any lr / weight decay per group) and 8-bit momentum
-(:class:`ShardedMuon8bit`: held whole by the owner). GaLore momentum and bf16 latents are refused
-under FSDP by the config checks for now.
+Scope: fp32 Muon (Nesterov or not, any lr / weight decay per group), 8-bit momentum
+(:class:`ShardedMuon8bit`: held whole by the owner) and GaLore momentum (:class:`ShardedGaLoreMuon`,
+the same way). bf16 latents are refused under FSDP by the config checks for now.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ..config import TrainConfig
 from .factory import split_params
 from .muon import STACK_ELEMENTS, Muon
+from .galore import GaLoreMuon
 from .quantized import Muon8bit
 
 
@@ -230,6 +231,18 @@ class ShardedMuon8bit(ShardedMuon, Muon8bit):
                 self.state[p]["step"] = self.state[p].get("step", 0) + 1
 
 
+class ShardedGaLoreMuon(ShardedMuon8bit, GaLoreMuon):
+    """GaLore Muon (int8 projected momentum or fp32) on ``fully_shard``-ed parameters, the
+    :class:`ShardedMuon8bit` way: the owner rank holds each owned matrix's projector and projected
+    momentum, projects the assembled gradient, orthogonalises, projects back and returns the rows."""
+
+    variant_name = "galore-muon"
+
+    def _owner_direction(self, p: DTensor, whole: Tensor, group: dict[str, Any]) -> Tensor:
+        update = self._momentum_update(p, whole, self.state[p], group)
+        return self._back_project(p, self._orthogonalize(update, group), group)
+
+
 def build_sharded_optimizers(model: torch.nn.Module, tcfg: TrainConfig,
                              bucket_elements: int = STACK_ELEMENTS) -> list[torch.optim.Optimizer]:
     """``[ShardedMuon(block matrices), AdamW(the rest)]`` for a ``fully_shard``-ed model, with the
@@ -240,7 +253,13 @@ def build_sharded_optimizers(model: torch.nn.Module, tcfg: TrainConfig,
     if muon_params:
         base = dict(lr=tcfg.lr, momentum=tcfg.muon_momentum, ns_steps=tcfg.ns_steps, weight_decay=tcfg.weight_decay,
                     nesterov=tcfg.muon_nesterov, seed=tcfg.seed, bucket_elements=bucket_elements)
-        if tcfg.use_8bit_optim:
+        if tcfg.use_galore:
+            optimizers.append(ShardedGaLoreMuon(
+                muon_params, **base, quantize=tcfg.use_8bit_optim, block_size=tcfg.quant_block_size,
+                stochastic_rounding=tcfg.stochastic_rounding, rank=tcfg.galore_rank,
+                update_freq=tcfg.galore_update_freq, min_dim=tcfg.galore_min_dim, scale=tcfg.galore_scale,
+                proj_dtype=tcfg.galore_proj_dtype))
+        elif tcfg.use_8bit_optim:
             optimizers.append(ShardedMuon8bit(muon_params, **base, block_size=tcfg.quant_block_size,
                                               stochastic_rounding=tcfg.stochastic_rounding))
         else:
