@@ -579,3 +579,23 @@ def test_fsdp_8bit_muon_equals_ddp_and_resumes(tmp_path):
         assert abs(b[s] - c[s]) < 1e-4, (s, b[s], c[s])
     print("8-bit fsdp vs ddp max |diff|", max(abs(a[s] - b[s]) for s in a),
           "resumed in one process", max(abs(b[s] - c[s]) for s in c))
+
+
+def test_fsdp_galore_8bit_equals_ddp(tmp_path):
+    """use_galore + use_8bit_optim (rank 8 projections of the dim-64 blocks' matrices, refreshed
+    every 2 steps) on 2 gloo ranks, unquantized model, 6 steps: fsdp (ShardedGaLoreMuon) equals ddp's
+    GaLoreMuon to 1e-4 (the same argument as test_fsdp_8bit_muon_equals_ddp_and_resumes)."""
+    six = [a if a != "12" else "6" for a in COMMON] + CONTINUOUS + [
+        "--set", "use_8bit_optim=true", "--set", "use_galore=true", "--set", "galore_rank=8",
+        "--set", "galore_min_dim=16", "--set", "galore_update_freq=2"]
+    procs = {m: _torchrun(*six, "--batch-size", "4", "--set", f"parallelism={m}", "--checkpoint-dir",
+                          str(tmp_path / m), "--log-file", str(tmp_path / f"{m}.jsonl")) for m in ("ddp", "fsdp")}
+    for name, p in procs.items():
+        out = _finish(p)
+        assert p.returncode == 0, f"{name}: {out[-3000:]}"
+    assert "galore-muon-8bit" in out
+    a, b = _losses(tmp_path / "ddp.jsonl"), _losses(tmp_path / "fsdp.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    print("galore 8-bit fsdp vs ddp max |diff|", max(abs(a[s] - b[s]) for s in a))
