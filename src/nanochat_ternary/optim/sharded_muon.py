@@ -46,8 +46,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..config import TrainConfig
 from .factory import split_params
-from .muon import STACK_ELEMENTS, Muon
 from .galore import GaLoreMuon
+from .muon import STACK_ELEMENTS, Muon
 from .quantized import Muon8bit
 
 

@@ -2,7 +2,7 @@
 
 Size arithmetic on the meta device (no allocation, works for the 7B preset on a laptop), using the
 rules the real run follows, so the figures are exact for the tensors they name (a 2-rank gloo run
-checks them byte for byte, tests/test_fsdp.py):
+checks them byte for byte, tests/test_rank_memory.py):
 
 * the optimizer split of :func:`~nanochat_ternary.optim.factory.split_params` (a tied weight once);
 * ``ddp``: every rank holds every parameter, its gradient and all optimizer state: fp32 Muon
