@@ -275,11 +275,11 @@ def test_epochs_and_tensorboard(tmp_path):
 
 
 def test_memory_command_json_and_too_big(capsys, monkeypatch):
-    from nanochat_ternary import cli
+    from nanochat_ternary.train import memory_report
 
     # the refusal compares the need with the host's available memory: pin that at 8 GiB so the
     # outcome does not depend on the machine running the test
-    monkeypatch.setattr(cli, "_available_memory_bytes", lambda: 8 * 2**30)
+    monkeypatch.setattr(memory_report, "_available_memory_bytes", lambda: 8 * 2**30)
     assert main(["memory", "--config", "tiny-cpu", "--set", "use_8bit_optim=true", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     for key in ("variant", "muon_params", "muon_state_bytes", "adamw_params", "adamw_state_bytes",
@@ -297,7 +297,7 @@ def test_memory_command_json_and_too_big(capsys, monkeypatch):
 def test_memory_command_out_of_memory_is_one_line(capsys, monkeypatch):
     """On CUDA the step itself finds out (no host-memory estimate applies): an OOM there is a one-line
     error that names the settings that help, not a traceback."""
-    import nanochat_ternary.train.memory as memory
+    import nanochat_ternary.train.memory_report as memory
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB.\nmore detail")

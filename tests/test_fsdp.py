@@ -1,5 +1,6 @@
 """parallelism = "fsdp": sharded Muon against a float64 reference, fsdp vs ddp losses under torchrun,
-DCP checkpoints that reshard (2 ranks -> 1 process), kill -9 during a DCP save, and the config checks.
+DCP checkpoints that reshard (2 -> 1, 4 -> 2), 8-bit and GaLore momentum, kill -9 during a DCP save,
+and the config checks.
 
 Every multi-rank test runs 2 gloo ranks on CPU with a tiny model (dim 64, 2 layers, seq 32)."""
 
@@ -92,6 +93,114 @@ def test_sharded_muon_matches_float64_reference(tmp_path, world):
             assert ranks[r][(bucket_elements, nesterov)]["local_state_bytes"] == want
 
 
+# 8-bit: (64, 80), (80, 64), (64, 64) have >= 4096 values (int8 blocks of 96, the last one padded), the rest fp32
+SHAPES_8BIT = [(64, 80), (25, 40), (80, 64), (3, 20), (64, 64)]
+CASES_8BIT = [(1 << 20, False), (1000, True)]  # (bucket_elements, stochastic_rounding)
+# GaLore: rank 8 projects (64, 80), (25, 40), (80, 64), (64, 64), not (3, 20); refreshed (and carried) at step 3
+GALORE = dict(lr=0.02, weight_decay=0.1, rank=8, min_dim=16, update_freq=2, block_size=96, seed=3,
+              proj_dtype="float32")
+
+
+def _grads_8bit():
+    g = torch.Generator().manual_seed(11)
+    init = [torch.randn(s, generator=g) for s in SHAPES_8BIT]
+    return init, [[torch.randn(s, generator=g) for s in SHAPES_8BIT] for _ in range(3)]
+
+
+def _sharded_8bit_worker(rank, world, port, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from nanochat_ternary.optim.sharded_muon import ShardedGaLoreMuon, ShardedMuon8bit
+
+    torch.set_num_threads(1)
+    with gloo_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        for bucket_elements, sr in CASES_8BIT:
+            init, grads = _grads_8bit()
+            params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+            opt = ShardedMuon8bit(params, lr=0.02, weight_decay=0.1, block_size=96, stochastic_rounding=sr,
+                                  seed=3, bucket_elements=bucket_elements)
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt.step()
+            out[(bucket_elements, sr)] = {"params": [p.full_tensor() for p in params],
+                                          "state": [dict(opt.state[p]) for p in params]}
+        for quantize in (False, True):
+            init, grads = _grads_8bit()
+            params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+            opt = ShardedGaLoreMuon(params, **GALORE, quantize=quantize)
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt.step()
+            out[("galore", quantize)] = {"params": [p.full_tensor() for p in params],
+                                         "state": [dict(opt.state[p]) for p in params]}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_muon_8bit_equals_one_process_muon8bit(tmp_path, world):
+    """The owner keeps each matrix's int8 momentum whole: after 3 steps on 2 or 4 gloo ranks the
+    weights equal one process's Muon8bit on the whole matrices to 1e-6 (the same computation on the
+    same values: the owner assembles the exact gradient; 1e-6 allows BLAS' alignment-dependent
+    blocking in Newton–Schulz, while one flipped int8 code moves a weight by ~lr * s_b ~ 1e-4 and a
+    wrong owner or row by ~lr), the owner's codes and scales equal one process's exactly, no other
+    rank holds them, and every rank counts the steps. With and without stochastic rounding (its
+    stream keyed by parameter index and step, as in one process), one bucket and one per matrix."""
+    from nanochat_ternary.optim.quantized import Muon8bit
+    from nanochat_ternary.optim.sharded_muon import balance_owners
+
+    ranks = spawn_ranks(_sharded_8bit_worker, tmp_path, world)
+    owners = balance_owners(SHAPES_8BIT, world)
+    for bucket_elements, sr in CASES_8BIT:
+        init, grads = _grads_8bit()
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = Muon8bit(params, lr=0.02, weight_decay=0.1, block_size=96, stochastic_rounding=sr, seed=3)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        assert sum("momentum_codes" in opt.state[p] for p in params) == 3
+        for r, got in enumerate(ranks):
+            case = got[(bucket_elements, sr)]
+            for i, (p, q) in enumerate(zip(params, case["params"])):
+                assert (p.detach() - q).abs().max() < 1e-6, (r, i, sr)
+                st = case["state"][i]
+                assert st["step"] == 3
+                if owners[i] == r:
+                    for key, want in opt.state[p].items():
+                        if key != "step":
+                            assert torch.equal(st[key], want), (r, i, key)
+                else:
+                    assert set(st) == {"step"}, (r, i, set(st))
+    from nanochat_ternary.optim.galore import GaLoreMuon
+
+    for quantize in (False, True):  # GaLore: projector and projected momentum on the owner, same tolerance
+        init, grads = _grads_8bit()
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = GaLoreMuon(params, **GALORE, quantize=quantize)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        assert sum("projector" in opt.state[p] for p in params) == 4
+        for r, got in enumerate(ranks):
+            case = got[("galore", quantize)]
+            for i, (p, q) in enumerate(zip(params, case["params"])):
+                assert (p.detach() - q).abs().max() < 1e-6, ("galore", quantize, r, i)
+                st = case["state"][i]
+                if owners[i] == r:
+                    assert st.keys() == opt.state[p].keys()
+                    for key, want in opt.state[p].items():
+                        if key != "step":
+                            assert torch.allclose(st[key], want, atol=1e-6), (r, i, key)
+                else:
+                    assert set(st) == {"step"}, (r, i, set(st))
+
+
 def test_owners_are_balanced_by_newton_schulz_flops():
     shapes = [(64, 64)] * 3 + [(256, 64)] * 2 + [(8, 8)]
     owners = balance_owners(shapes, 2)
@@ -112,7 +221,7 @@ def test_config_refuses_what_fsdp_does_not_serve():
     cfg.training.parallelism = "zero3"
     with pytest.raises(ConfigError, match="parallelism"):
         validate(cfg)
-    for key, value in [("optimizer_in_backward", True), ("use_8bit_optim", True), ("use_galore", True),
+    for key, value in [("optimizer_in_backward", True),
                        ("adamw_state", "foam"), ("latent_dtype", "bfloat16"), ("compile", "true")]:
         cfg = Config()
         cfg.training.parallelism = "fsdp"
@@ -123,6 +232,10 @@ def test_config_refuses_what_fsdp_does_not_serve():
     cfg = Config()
     cfg.training.parallelism = "fsdp"
     validate(cfg)  # the defaults are served
+    cfg.training.use_8bit_optim = cfg.training.stochastic_rounding = True
+    validate(cfg)  # and 8-bit Muon (ShardedMuon8bit)
+    cfg.training.use_galore = True
+    validate(cfg)  # and GaLore (ShardedGaLoreMuon)
     assert TrainConfig().parallelism == "ddp"
 
 
@@ -144,9 +257,10 @@ def _losses(log: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines())}
 
 
-def _torchrun(*args: str, script: list[str] | None = None) -> subprocess.Popen:
+def _torchrun(*args: str, script: list[str] | None = None, nproc: int = 2) -> subprocess.Popen:
     target = script or ["-m", "nanochat_ternary.cli"]
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", str(nproc),
                              *target, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=ENV)
 
@@ -302,3 +416,78 @@ def test_kill9_during_dcp_save_leaves_a_resumable_run(runs, tmp_path, point):
     assert sorted(b) == list(range(4, 13))
     for s in b:
         assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
+def test_dcp_saved_at_4_ranks_resumes_at_2(tmp_path):
+    """Saved by 4 fsdp ranks (x batch 2) at step 3, resumed by 2 fsdp ranks x batch 4 (the same
+    windows: rank r of 2 reads what ranks 2r, 2r+1 of 4 read, data/batches.py): DTensor shards of
+    4 ranks (e.g. 128 rows as 32 each) reloaded as shards of 2 (64 each), weights and both optimizers.
+    Steps 4-6 equal the uninterrupted 4-rank run's to 1e-4: the state is restored bit for bit; what
+    remains is the float summation order of the loss and gradient means over 4 x 2 against 2 x 4
+    windows (observed ~1e-7 as in test_dcp_resume_at_one_process). Unquantized, as test_fsdp_equals_ddp."""
+    six = [a if a != "12" else "6" for a in COMMON] + CONTINUOUS + ["--set", "parallelism=fsdp"]
+    proc = _torchrun(*six, "--batch-size", "2", "--checkpoint-interval", "3", "--checkpoint-dir",
+                     str(tmp_path / "four"), "--log-file", str(tmp_path / "four.jsonl"), nproc=4)
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    ckpt = tmp_path / "four" / "step_000003"
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 4
+    proc = _torchrun("--resume", str(ckpt), "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "two"),
+                     "--log-file", str(tmp_path / "two.jsonl"), "--threads", "1")
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    a, b = _losses(tmp_path / "four.jsonl"), _losses(tmp_path / "two.jsonl")
+    assert sorted(b) == [4, 5, 6]
+    for s in b:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    print("4 -> 2 max |diff|", max(abs(a[s] - b[s]) for s in b))
+
+
+def test_fsdp_8bit_muon_equals_ddp_and_resumes(tmp_path):
+    """use_8bit_optim on 2 gloo ranks, unquantized model (as test_fsdp_equals_ddp), 6 steps: fsdp
+    (ShardedMuon8bit, the owner's int8 momentum) equals ddp's Muon8bit to 1e-4 (observed below:
+    the gradient reduction's summation order is all that differs, and an int8 code it flips moves one
+    momentum value by one step s_b; the weights by lr * that, far below 1e-4 in the loss). The fsdp
+    run saves at step 3 (int8 codes written by their owners into DCP); one process x batch 8 resumes
+    it (Muon8bit loads the codes of every matrix) and steps 4-6 equal the 2-rank run to 1e-4."""
+    six = [a if a != "12" else "6" for a in COMMON] + CONTINUOUS + ["--set", "use_8bit_optim=true"]
+    procs = {"ddp": _torchrun(*six, "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ddp"),
+                              "--log-file", str(tmp_path / "ddp.jsonl")),
+             "fsdp": _torchrun(*six, "--batch-size", "4", "--set", "parallelism=fsdp", "--checkpoint-interval", "3",
+                               "--checkpoint-dir", str(tmp_path / "fsdp"), "--log-file", str(tmp_path / "fsdp.jsonl"))}
+    for name, p in procs.items():
+        out = _finish(p)
+        assert p.returncode == 0, f"{name}: {out[-3000:]}"
+    a, b = _losses(tmp_path / "ddp.jsonl"), _losses(tmp_path / "fsdp.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    log = tmp_path / "resumed.jsonl"
+    assert main(["train", "--resume", str(tmp_path / "fsdp" / "step_000003"), "--batch-size", "8",
+                 "--checkpoint-dir", str(tmp_path / "one"), "--log-file", str(log), "--threads", "1"]) == 0
+    c = _losses(log)
+    assert sorted(c) == [4, 5, 6]
+    for s in c:
+        assert abs(b[s] - c[s]) < 1e-4, (s, b[s], c[s])
+    print("8-bit fsdp vs ddp max |diff|", max(abs(a[s] - b[s]) for s in a),
+          "resumed in one process", max(abs(b[s] - c[s]) for s in c))
+
+
+def test_fsdp_galore_8bit_equals_ddp(tmp_path):
+    """use_galore + use_8bit_optim (rank 8 projections of the dim-64 blocks' matrices, refreshed
+    every 2 steps) on 2 gloo ranks, unquantized model, 6 steps: fsdp (ShardedGaLoreMuon) equals ddp's
+    GaLoreMuon to 1e-4 (the same argument as test_fsdp_8bit_muon_equals_ddp_and_resumes)."""
+    six = [a if a != "12" else "6" for a in COMMON] + CONTINUOUS + [
+        "--set", "use_8bit_optim=true", "--set", "use_galore=true", "--set", "galore_rank=8",
+        "--set", "galore_min_dim=16", "--set", "galore_update_freq=2"]
+    procs = {m: _torchrun(*six, "--batch-size", "4", "--set", f"parallelism={m}", "--checkpoint-dir",
+                          str(tmp_path / m), "--log-file", str(tmp_path / f"{m}.jsonl")) for m in ("ddp", "fsdp")}
+    for name, p in procs.items():
+        out = _finish(p)
+        assert p.returncode == 0, f"{name}: {out[-3000:]}"
+    assert "galore-muon-8bit" in out
+    a, b = _losses(tmp_path / "ddp.jsonl"), _losses(tmp_path / "fsdp.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    print("galore 8-bit fsdp vs ddp max |diff|", max(abs(a[s] - b[s]) for s in a))

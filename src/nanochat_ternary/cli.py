@@ -12,7 +12,6 @@ for data parallel training.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameter counts and memory of a config (no big allocations)")
     _add_config_args(p)
+    p.add_argument("--ranks", type=int, default=0, help="also print per-rank params / grads / optimizer "
+                                                      "state at N ranks, ddp vs fsdp (size arithmetic)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("memory", help="measured peak memory of real training steps of a config on this device "
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=2, help="training steps to measure (default 2: the second runs "
                                                          "with the optimizer state in place)")
+    p.add_argument("--ranks", type=int, default=0, help="also print per-rank params / grads / optimizer "
+                                                      "state at N ranks, ddp vs fsdp (size arithmetic)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="matched benchmark of configurations (default: the E3 suite) -> REPORT.md",
@@ -367,93 +370,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .config import build_config, format_config
-    from .model.info import model_info
+    from .config import build_config
+    from .train.memory_report import report_info
 
-    cfg = build_config(args.config, args.config_file, None, args.set)
-    info = model_info(cfg)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(format_config(cfg))
-    print(f"\nparameters: {info['params']:,} total, {info['non_embedding_params']:,} non-embedding "
-          f"({info['params'] / 1e6:.1f}M / {info['non_embedding_params'] / 1e6:.1f}M)")
-    print(f"  Muon (hidden matrices): {info['muon_params']:,}   AdamW (rest): {info['adamw_params']:,}")
-    print(f"weights: {info['fp32_weight_bytes'] / 2**20:,.1f} MiB fp32 shadow weights; "
-          f"{info['ternary_packed_bytes'] / 2**20:,.1f} MiB packed ternary (2 bits/weight + scales)")
-    print(f"optimizer state at fp32 (momentum 4 B + AdamW 8 B per param): "
-          f"{info['fp32_optimizer_state_bytes'] / 2**20:,.1f} MiB (size arithmetic; measure it with training)")
-    return 0
-
-
-def _available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return report_info(build_config(args.config, args.config_file, None, args.set), args.ranks, args.json)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    import torch
-
     from .config import build_config
-    from .model.gpt import GPT
-    from .model.info import model_info
-    from .optim.factory import measure_optimizer_state
-    from .train.memory import measure_training_step
+    from .train.memory_report import report_memory
 
-    cfg = build_config(args.config, args.config_file, None, args.set)
     if args.steps < 1:
         raise UserError(f"memory: --steps must be >= 1, got {args.steps}")
-    info = model_info(cfg)
-    # a real step holds weights, grads, optimizer state (fp32: ~16 B/param) plus activations
-    need = info["params"] * 16
-    avail = _available_memory_bytes()
-    on_cpu = cfg.training.device == "cpu" or (cfg.training.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and avail is not None and need > 0.8 * avail:
-        raise UserError(f"measuring {cfg.preset or 'this config'} ({info['params'] / 1e9:.2f}B params) needs "
-                        f"~{need / 2**30:.0f} GiB; this machine has {avail / 2**30:.0f} GiB available. "
-                        f"Not measured (run it on a bigger machine)")
-    try:
-        step = measure_training_step(cfg, steps=args.steps)
-    except torch.OutOfMemoryError as e:  # on CUDA there is no estimate to refuse with: the step itself says
-        first = str(e).splitlines()[0] if str(e) else "out of memory"
-        raise UserError(f"measuring {cfg.preset or 'this config'} ({info['params'] / 1e9:.2f}B params) ran out of "
-                        f"memory ({first}). Not measured: try a smaller batch_size, gradient_checkpointing=true, "
-                        f"use_8bit_optim=true or latent_dtype=bfloat16") from None
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    rep = measure_optimizer_state(model, cfg.training, baseline=True, seed=cfg.training.seed)
-    rep["preset"] = cfg.preset
-    rep["step"] = step
-    if args.json:
-        print(json.dumps(rep, indent=2))
-        return 0
-    mib = 2**20
-    b, s_len, k = step["batch"]
-    print(f"{step['steps']} training step(s) of {cfg.preset or 'custom'} ({step['params'] / 1e6:.1f}M params, "
-          f"batch {b} x {s_len} x {k} micro-batches) on {step['device']}, measured:")
-    print(f"  peak           {step['peak_bytes'] / mib:>10.1f} MiB   ({step['peak_source']})")
-    by = ", ".join(f"{v / mib:.1f} MiB {d}" for d, v in step["weights_by_dtype"].items())
-    print(f"  weights        {step['weights_bytes'] / mib:>10.1f} MiB   ({by})")
-    print(f"  gradients      {step['grads_peak_bytes'] / mib:>10.1f} MiB   (most alive at once in the backward)")
-    print(f"  optimizer      {step['optimizer_state_bytes'] / mib:>10.1f} MiB   (state tensors after the steps)")
-    print(f"  activations    {step['activations_saved_bytes'] / mib:>10.1f} MiB   (saved for the backward, one "
-          f"micro-batch)")
-    print("  options: " + ", ".join(f"{k}={v}" for k, v in step["options"].items()))
-    print(f"optimizer state after one step (measured from the state tensors), variant {rep['variant']}")
-    print(f"  Muon : {rep['muon_params']:>13,} params  {rep['muon_state_bytes'] / mib:>10.2f} MiB  "
-          f"{rep['bytes_per_muon_param']:.3f} B/param  (int8 momenta: {rep['muon_int8_tensors']}, "
-          f"GaLore-projected: {rep['galore_projected']})")
-    print(f"  AdamW: {rep['adamw_params']:>13,} params  {rep['adamw_state_bytes'] / mib:>10.2f} MiB")
-    print(f"  total: {rep['total_state_bytes'] / mib:.2f} MiB")
-    print(f"  fp32 Muon on the same params (measured): {rep['fp32_muon_state_bytes'] / mib:.2f} MiB -> "
-          f"this variant's Muon state is {rep['muon_state_vs_fp32']:.1%} of it "
-          f"({1 - rep['muon_state_vs_fp32']:.1%} less)")
-    return 0
+    return report_memory(build_config(args.config, args.config_file, None, args.set), args.steps, args.ranks,
+                         args.json)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

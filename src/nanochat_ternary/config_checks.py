@@ -175,8 +175,6 @@ def _validate_low_memory(t: TrainConfig) -> None:
 # what parallelism = "fsdp" does not serve yet: field, the value that is refused, why
 FSDP_UNSUPPORTED = (
     ("optimizer_in_backward", True, "the in-backward step needs whole gradients"),
-    ("use_8bit_optim", True, "the sharded Muon keeps fp32 momentum"),
-    ("use_galore", True, "the sharded Muon keeps unprojected momentum"),
     ("latent_dtype", "bfloat16", "sharded Muon matrices are fp32"),
     ("compile", "true", "compiled blocks under fully_shard are not tested yet"),
     ("init_from", None, "a warm start loads unsharded weights"),

@@ -209,12 +209,16 @@ class GaLoreMuon(Muon8bit):
         P = state["projector"].float()
         return P.T @ grad if p.size(0) <= p.size(1) else grad @ P
 
-    def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
+    def _back_project(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> Tensor:
+        """The orthogonalised projected update in ``p``'s shape (unchanged where ``p`` is not projected)."""
         if self.projected(p.shape, group):
             P = self.state[p]["projector"]
             P = P.float() * (group["scale"] * (P.size(0) / P.size(1)) ** 0.5)  # RMS match: sqrt(min(m,n)/r)
             direction = P @ direction if p.size(0) <= p.size(1) else direction @ P.T
-        super()._apply_update(p, direction, group)
+        return direction
+
+    def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
+        super()._apply_update(p, self._back_project(p, direction, group), group)
 
 
 def _projected_shape(shape: torch.Size, rank: int) -> torch.Size:

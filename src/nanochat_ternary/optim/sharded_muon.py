@@ -29,8 +29,9 @@ rows together), which bounds the extra memory of a step.
 With the same inputs the owner's Newton–Schulz is the same computation as the single-process and
 DDP steps, so the weights differ from DDP's only by the gradient reduction's float summation order.
 
-Scope: plain fp32 Muon (Nesterov or not, any lr / weight decay per group). 8-bit and GaLore
-momentum and bf16 latents are refused under FSDP by the config checks for now.
+Scope: fp32 Muon (Nesterov or not, any lr / weight decay per group), 8-bit momentum
+(:class:`ShardedMuon8bit`: held whole by the owner) and GaLore momentum (:class:`ShardedGaLoreMuon`,
+the same way). bf16 latents are refused under FSDP by the config checks for now.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..config import TrainConfig
 from .factory import split_params
+from .galore import GaLoreMuon
 from .muon import STACK_ELEMENTS, Muon
+from .quantized import Muon8bit
 
 
 def ns_flops(rows: int, cols: int) -> int:
@@ -117,6 +120,14 @@ class ShardedMuon(Muon):
         buf.lerp_(g, 1 - mu)
         return g.lerp(buf, mu) if group["nesterov"] else buf
 
+    def _send_rows(self, p: DTensor, group: dict[str, Any]) -> Tensor:
+        """This rank's rows of what the owner of ``p`` needs: the (Nesterov) momentum update here."""
+        return self._shard_momentum(p, group)
+
+    def _owner_direction(self, p: DTensor, whole: Tensor, group: dict[str, Any]) -> Tensor:
+        """On the owner: the orthogonalised update of ``p`` from the assembled ``whole`` ([rows, cols])."""
+        return self._orthogonalize(whole, group)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -149,7 +160,7 @@ class ShardedMuon(Muon):
         send = torch.zeros(sum(to_owner), dtype=torch.float32, device=device)
         offsets = _layout(owners, chunk, world)  # offsets[i]: where matrix i's rows sit in its owner's part
         for i, (p, group) in enumerate(bucket):
-            u = self._shard_momentum(p, group).reshape(-1)  # [local rows * cols]
+            u = self._send_rows(p, group).reshape(-1)  # [local rows * cols]
             start = sum(to_owner[:owners[i]]) + offsets[i]
             send[start:start + u.numel()].copy_(u)
         recv = torch.empty(sum(from_each), dtype=torch.float32, device=device)
@@ -164,7 +175,7 @@ class ShardedMuon(Muon):
             full = torch.stack([recv[s * per_rank + offsets[i]:s * per_rank + offsets[i] + chunk[i]]
                                 for s in range(world)]).view(world * c, cols)  # [world * c, cols]
             ortho = torch.zeros_like(full)
-            ortho[:rows] = self._orthogonalize(full[:rows], group)  # [rows, cols]
+            ortho[:rows] = self._owner_direction(p, full[:rows], group)  # [rows, cols]
             for s in range(world):
                 back[s * per_rank + offsets[i]:s * per_rank + offsets[i] + chunk[i]].copy_(
                     ortho[s * c:(s + 1) * c].reshape(-1))
@@ -191,6 +202,47 @@ def _layout(owners: list[int], chunk: list[int], world: int) -> list[int]:
     return offsets
 
 
+class ShardedMuon8bit(ShardedMuon, Muon8bit):
+    """8-bit Muon on ``fully_shard``-ed parameters: the owner rank keeps the int8 blockwise momentum
+    of each matrix it owns, whole (Muon8bit's blocks over the flattened matrix, so the same codes,
+    scales and stochastic-rounding streams as in one process or under DDP).
+
+    Each rank sends its rows of the *gradient* to the owner (the same all-to-all as
+    :class:`ShardedMuon`, which sends its momentum rows instead); the owner dequantises, advances
+    and requantises the momentum (``Muon8bit._momentum_update``), runs Newton–Schulz and returns the
+    rows. Per rank: ``1.03 B`` per value of the matrices it owns (owners balanced by Newton–Schulz
+    FLOPs, so about ``1 / world`` of the Muon values), against 8-bit DDP's ``1.03 B`` per value of
+    all of them. Every rank keeps the step counter of every matrix (identical everywhere), so no
+    rank's state is empty (torch's checkpoint helpers would otherwise run a lone fake step)."""
+
+    variant_name = "muon-8bit"
+
+    def _send_rows(self, p: DTensor, group: dict[str, Any]) -> Tensor:
+        return p.grad.to_local().float()
+
+    def _owner_direction(self, p: DTensor, whole: Tensor, group: dict[str, Any]) -> Tensor:
+        return self._orthogonalize(self._momentum_update(p, whole, self.state[p], group), group)
+
+    def _step_bucket(self, bucket: list[tuple[DTensor, dict[str, Any]]]) -> None:
+        super()._step_bucket(bucket)
+        world, rank = bucket[0][0].device_mesh.size(), bucket[0][0].device_mesh.get_local_rank()
+        for p, _ in bucket:  # the owner advanced it in _momentum_update; the others keep count
+            if self.owner_of(p, world) != rank:
+                self.state[p]["step"] = self.state[p].get("step", 0) + 1
+
+
+class ShardedGaLoreMuon(ShardedMuon8bit, GaLoreMuon):
+    """GaLore Muon (int8 projected momentum or fp32) on ``fully_shard``-ed parameters, the
+    :class:`ShardedMuon8bit` way: the owner rank holds each owned matrix's projector and projected
+    momentum, projects the assembled gradient, orthogonalises, projects back and returns the rows."""
+
+    variant_name = "galore-muon"
+
+    def _owner_direction(self, p: DTensor, whole: Tensor, group: dict[str, Any]) -> Tensor:
+        update = self._momentum_update(p, whole, self.state[p], group)
+        return self._back_project(p, self._orthogonalize(update, group), group)
+
+
 def build_sharded_optimizers(model: torch.nn.Module, tcfg: TrainConfig,
                              bucket_elements: int = STACK_ELEMENTS) -> list[torch.optim.Optimizer]:
     """``[ShardedMuon(block matrices), AdamW(the rest)]`` for a ``fully_shard``-ed model, with the
@@ -199,9 +251,19 @@ def build_sharded_optimizers(model: torch.nn.Module, tcfg: TrainConfig,
     muon_params, adamw_params = split_params(model)
     optimizers: list[torch.optim.Optimizer] = []
     if muon_params:
-        optimizers.append(ShardedMuon(muon_params, lr=tcfg.lr, momentum=tcfg.muon_momentum, ns_steps=tcfg.ns_steps,
-                                      weight_decay=tcfg.weight_decay, nesterov=tcfg.muon_nesterov,
-                                      seed=tcfg.seed, bucket_elements=bucket_elements))
+        base = dict(lr=tcfg.lr, momentum=tcfg.muon_momentum, ns_steps=tcfg.ns_steps, weight_decay=tcfg.weight_decay,
+                    nesterov=tcfg.muon_nesterov, seed=tcfg.seed, bucket_elements=bucket_elements)
+        if tcfg.use_galore:
+            optimizers.append(ShardedGaLoreMuon(
+                muon_params, **base, quantize=tcfg.use_8bit_optim, block_size=tcfg.quant_block_size,
+                stochastic_rounding=tcfg.stochastic_rounding, rank=tcfg.galore_rank,
+                update_freq=tcfg.galore_update_freq, min_dim=tcfg.galore_min_dim, scale=tcfg.galore_scale,
+                proj_dtype=tcfg.galore_proj_dtype))
+        elif tcfg.use_8bit_optim:
+            optimizers.append(ShardedMuon8bit(muon_params, **base, block_size=tcfg.quant_block_size,
+                                              stochastic_rounding=tcfg.stochastic_rounding))
+        else:
+            optimizers.append(ShardedMuon(muon_params, **base))
     if adamw_params:
         optimizers.append(torch.optim.AdamW(adamw_params, lr=tcfg.adam_lr, betas=tuple(tcfg.adam_betas),
                                             eps=tcfg.adam_eps, weight_decay=0.0, fused=True))
