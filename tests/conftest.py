@@ -11,7 +11,7 @@ import torch
 # that passes only with one CPU's kernels fails on every machine, not on whichever CPU CI draws.
 NUMERICS_MODULES = {"test_low_memory", "test_muon", "test_quantized", "test_galore", "test_act_quant",
                     "test_model", "test_adamw_state", "test_generate",
-                    "test_eval", "test_int8", "test_recipes"}
+                    "test_eval", "test_int8", "test_recipes", "test_llamacpp"}
 
 
 def pytest_collection_modifyitems(config, items):
