@@ -93,6 +93,18 @@ def test_pieces_encode_like_the_whole(tmp_path, tok_file):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_the_package_exports_the_streamed_prepare(tmp_path, tok_file):
+    """`from nanochat_ternary.data import prepare_stream` is the path prepare-data runs (docs/data.md)."""
+    import nanochat_ternary.data as data
+
+    assert data.prepare_stream is prepare_stream and data.PrepareSettings is PrepareSettings
+    src = _corpus(tmp_path / "src")
+    summary = data.prepare_stream([src], tmp_path / "out", data.PrepareSettings(vocab_size=400, shard_tokens=700),
+                                  tokenizer=tok_file, show_progress=False)
+    assert summary.meta["layout"] == "shards" and summary.meta["train_shards"] > 1
+    assert summary.lines()[0].startswith(f"wrote {tmp_path / 'out'}")
+
+
 def test_shards_concatenated_equal_single_file(tmp_path, tok_file):
     src = _corpus(tmp_path / "src")
     m_shard = _prep(src, tmp_path / "sh", tok_file, shard_tokens=700)

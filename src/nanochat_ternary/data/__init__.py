@@ -19,6 +19,7 @@ from .datasets import (
     synthetic_dataset,
     text_dataset,
 )
+from .stream import PrepareSettings, PrepareSummary, prepare_stream
 from .tokenfile import check_token_range, read_header, read_tokens, write_tokens
 from .tokenizer import EOT, Tokenizer, byte_tokenizer, load_tokenizer, train_tokenizer
 
@@ -27,6 +28,8 @@ __all__ = [
     "EOT",
     "PREPARED_FORMAT_VERSION",
     "Documents",
+    "PrepareSettings",
+    "PrepareSummary",
     "PreparedData",
     "TokenBatches",
     "Tokenizer",
@@ -39,6 +42,7 @@ __all__ = [
     "load_tokenizer",
     "prepare_data",
     "prepare_documents",
+    "prepare_stream",
     "read_header",
     "read_tokens",
     "stdlib_dataset",

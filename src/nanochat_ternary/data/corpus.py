@@ -393,7 +393,12 @@ def prepare_data(
     show_progress: bool = True,
     exclude_dirs: Iterable[str] = (),
 ) -> Path:
-    """Read text / code / parquet inputs and write a prepared data dir at ``out_dir``.
+    """Read text / code / parquet inputs and write a prepared data dir at ``out_dir``, in memory.
+
+    The whole decoded corpus is held at once (RSS ~2.3 bytes per corpus byte), and an existing
+    prepared ``out_dir`` is replaced atomically: for small corpora (the embedded datasets are made
+    this way). For a corpus of any size use :func:`~.stream.prepare_stream` (what ``prepare-data``
+    runs): streamed with bounded memory, sharded, resumable, never replacing a finished dir.
 
     Returns ``out_dir``. See ``collect_documents`` for what inputs may be and the module docstring
     for the layout. ``vocab_size`` is an upper bound: a small corpus can yield fewer BPE ids, and
