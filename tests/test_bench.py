@@ -272,6 +272,17 @@ def test_ternary_cost_states_the_gap_to_the_full_precision_twin():
     # the twin is the comparison's other side, not one more configuration read against the baseline
     assert not any(line.startswith("**baseline-float**") for line in report.reading(results))
     assert report.ternary_cost({"baseline": "baseline", "float_twin": None, "configs": results["configs"]}) == []
+    # task scores: beyond the seeds' spread but within the binomial error of 200 items is not real
+    for c, acc in ((results["configs"][0], (0.270, 0.266)), (twin, (0.262, 0.262))):
+        for r, a in zip(c["runs"], acc):
+            r["tasks"] = {"task_t_acc": a}
+        c["summary"] = report.summarize(c["runs"])
+    results["settings"] = {"task_items": 200}
+    row = next(r for r in report.ternary_cost(results) if r.startswith("| t acc |"))
+    assert "within sampling error" in row, row
+    results["settings"] = {"task_items": 100_000}
+    row = next(r for r in report.ternary_cost(results) if r.startswith("| t acc |"))
+    assert "beyond the spread" in row, row
 
 
 def test_reading_with_one_seed_judges_nothing_but_exact_state():

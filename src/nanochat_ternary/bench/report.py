@@ -284,8 +284,17 @@ def ternary_cost(results: dict[str, Any]) -> list[str]:
             continue
         rel = f" ({100 * cmp['diff'] / twin['summary'][metric]['mean']:+.1f}%)" \
             if twin["summary"][metric]["mean"] and not metric.startswith("task_") else ""
+        verdict = judged[cmp["beyond_noise"]]
+        items = (results.get("settings") or {}).get("task_items")
+        if metric.startswith("task_") and metric.endswith(("_acc", "_acc_norm")) and items:
+            # a score over n items varies by its binomial error whatever the seeds: a gap within two
+            # standard errors of a difference of two such scores is not called real
+            p = twin["summary"][metric]["mean"]
+            err = 2 * math.sqrt(2 * p * (1 - p) / (items * cmp["seeds"]))
+            if cmp["beyond_noise"] and abs(cmp["diff"]) <= err:
+                verdict = f"within sampling error (±{err:.3f})"
         rows.append(f"| {label} | {_fmt(base['summary'][metric], fmt)} | {_fmt(twin['summary'][metric], fmt)} | "
-                    f"{format(cmp['diff'], '+' + fmt)}{rel} | {judged[cmp['beyond_noise']]} |")
+                    f"{format(cmp['diff'], '+' + fmt)}{rel} | {verdict} |")
     speed = compare(twin, base, "tokens_per_s")
     if speed is not None and speed["ratio"] is not None:
         rows.append(f"| tokens/s | {_fmt(base['summary']['tokens_per_s'], ',.0f')} | "
