@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from nanochat_ternary.bench.runner import machine_info
+from nanochat_ternary.bench.worker import vm_hwm_bytes
 from nanochat_ternary.provenance import describe, provenance
 
 
@@ -123,15 +124,7 @@ def print_ratios(timings: dict[str, Timing], baseline: str, unit: str = "s/call"
         print(f"{name:<24} {t.median:>18.4f} {t.spread:>7.0%} {t.median / base:>13.3f}x")
 
 
-def _vm_hwm_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
+_vm_hwm_bytes = vm_hwm_bytes  # the bench worker's reader: one VmHWM parser
 
 def _reset_vm_hwm() -> bool:
     try:  # writing 5 to clear_refs resets the peak RSS (Linux >= 4.0)

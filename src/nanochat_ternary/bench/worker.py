@@ -46,17 +46,23 @@ def _peak_memory(device: Any) -> tuple[int, str]:
     return _peak_rss_bytes(), "rss"
 
 
-def _peak_rss_bytes() -> int:
-    """This process's own peak RSS: VmHWM, which starts afresh with the address space exec makes.
-    Not ru_maxrss where VmHWM can be read: Linux carries ru_maxrss across fork and exec, so a worker
-    would report at least the peak of the bench process that started it."""
+def vm_hwm_bytes() -> int | None:
+    """This process's own peak RSS (``VmHWM``), or None where /proc cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    """This process's own peak RSS: VmHWM, which starts afresh with the address space exec makes.
+    Not ru_maxrss where VmHWM can be read: Linux carries ru_maxrss across fork and exec, so a worker
+    would report at least the peak of the bench process that started it."""
+    hwm = vm_hwm_bytes()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
 
 
 class _ChildWatch:

@@ -13,6 +13,7 @@ do not lose digits.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -78,16 +79,16 @@ def split_scores(lp: np.ndarray, reqs: list[Request]) -> list[np.ndarray]:
     return out
 
 
-class Scorer:
+class Scorer(ABC):
     """What scoring needs of a model: its context length and the log-probabilities of the scored
     tokens of a batch of requests. Ours (:class:`GPTScorer`), a GGUF on llama.cpp and an HF export
     on transformers (eval/engines.py) each implement :meth:`batch_logprobs`; the task code is shared."""
 
     max_seq_len: int
 
+    @abstractmethod
     def batch_logprobs(self, reqs: list[Request]) -> list[np.ndarray]:
         """float64 ``[n_score]`` natural-log probabilities per request."""
-        raise NotImplementedError
 
 
 class GPTScorer(Scorer):
